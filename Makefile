@@ -1,0 +1,30 @@
+# The README's commands. `make install` builds .venv from nothing; the other targets install first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel goes in first: a bare `torch` requirement would pull several GB of CUDA packages.
+# On a GPU machine: `make install TORCH=torch` (or install your CUDA build into .venv first).
+TORCH  ?= torch==2.13.0
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install test test-fast bench demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev,demo]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not slurm"
+
+bench: install
+	$(PY) bench/shards.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache demo
