@@ -1,0 +1,764 @@
+"""Pack a folder of photos into WebDataset tar shards: `python shard_tools/make_shards.py`.
+
+Phases, each with a progress bar:
+  1. find   walk the sources (folders, image files, text files listing paths)
+  2. check  decode every image fully in worker processes; reject broken, fake, tiny or
+            bomb-sized files with a one-line reason; results are cached in DIR/.make_shards/
+            so a re-run does not decode again
+  3. plan   drop byte-identical duplicates, shuffle with --seed, split off validation,
+            optionally cut tiles, name every sample
+  4. write  shards in worker processes (their boundaries are planned from the file sizes),
+            each under a temporary name, flushed and renamed when complete; recorded per
+            shard, so a killed run writes only what is missing and yields the same bytes as
+            an uninterrupted one
+  5. manifest.json, written last and atomically: it only ever names complete shards.
+
+Samples keep the ORIGINAL file bytes (a re-encoded JPEG would be a worse training label) under
+the canonical extension of the real format, plus a `json` member with the source path, size,
+mode and sha256. Keys contain no dots: webdataset splits a member name at its first dot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from tqdm import tqdm
+
+from restorer.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    canonical_extension,
+    load_image,
+    oriented_size,
+    to_rgb_array,
+)
+from restorer.data.manifest import MANIFEST_NAME, FORMAT_NAME, FORMAT_VERSION, SPLITS, shard_name
+from restorer.fileio import atomic_open, atomic_write_json, commit, temp_path
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+STATE_DIR = ".make_shards"
+TAR_MTIME = 946684800  # fixed member time (2000-01-01): identical inputs give identical tars
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to a multiple of this
+PROG = "make_shards"
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line and exit code 2, before any work is done."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """Everything that decides the output. Two runs with equal options and inputs give equal shards."""
+
+    sources: tuple[str, ...]
+    val_fraction: float = 0.01
+    val_count: Optional[int] = None
+    maxcount: int = 1000
+    maxsize: int = 256 * 1024**2
+    min_side: int = 128
+    seed: int = 0
+    tile: Optional[int] = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def recorded(self) -> dict:
+        return asdict(self) | {"sources": list(self.sources)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="make_shards.py",
+        description="Pack photos into WebDataset tar shards (train-NNNNNN.tar, val-NNNNNN.tar, "
+        "manifest.json). Original bytes are kept; broken files are rejected with a reason.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC",
+                   help="folder (walked recursively), image file, or text file listing paths (one a line)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest.json")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, default=0.01,
+                     help="fraction of images held out for validation (default 0.01; at least 1 image "
+                     "when the fraction is > 0 and 2 or more images are kept)")
+    val.add_argument("--val-count", type=int, help="exact number of images held out for validation")
+    p.add_argument("--maxcount", type=int, default=1000, help="max samples per shard (default 1000)")
+    p.add_argument("--maxsize", type=_size, default="256M",
+                   help="max bytes per shard, e.g. 256M, 1G (default 256M; a single larger sample gets a shard of its own; "
+                   "with --tile, tiles count at their largest possible PNG size, so shards come out smaller)")
+    p.add_argument("--min-side", type=int, default=128, help="reject images whose short side is smaller (default 128)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"reject images with more pixels (decompression bombs; default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--tile", type=int, metavar="SIZE",
+                   help="cut each image into SIZExSIZE lossless PNG tiles (edge tiles aligned to the border); off by default")
+    p.add_argument("--workers", type=int, default=_cpu_count(), help="worker processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle and split seed (default 0)")
+    p.add_argument("--force", action="store_true", help="delete shards and manifest in DIR and start over")
+    return p
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500000, 256M, 1G)")
+    scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def options_from_args(a: argparse.Namespace) -> PackOptions:
+    if a.maxcount < 1:
+        raise UsageError(f"--maxcount must be >= 1, got {a.maxcount}")
+    if a.maxsize < 1:
+        raise UsageError(f"--maxsize must be > 0, got {a.maxsize}")
+    if a.min_side < 1:
+        raise UsageError(f"--min-side must be >= 1, got {a.min_side}")
+    if a.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {a.workers}")
+    if a.val_count is not None and a.val_count < 0:
+        raise UsageError(f"--val-count must be >= 0, got {a.val_count}")
+    if not 0.0 <= a.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
+    if a.tile is not None and a.tile < a.min_side:
+        raise UsageError(f"--tile {a.tile} is smaller than --min-side {a.min_side}")
+    sources = []
+    for s in a.sources:
+        if not os.path.exists(s):
+            raise UsageError(f"source does not exist: {s}")
+        sources.append(os.path.abspath(s))
+    return PackOptions(
+        sources=tuple(sources),
+        val_fraction=0.0 if a.val_count is not None else a.val_fraction,
+        val_count=a.val_count,
+        maxcount=a.maxcount,
+        maxsize=a.maxsize,
+        min_side=a.min_side,
+        seed=a.seed,
+        tile=a.tile,
+        max_pixels=a.max_pixels,
+    )
+
+
+# ----------------------------------------------------------------------------- 1. find
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # absolute, used to read
+    rel: str  # as shown to the user and stored in the sample's json
+
+
+def find_images(sources: Iterable[str]) -> tuple[list[SourceFile], list[dict]]:
+    """All image files under the sources (by extension, any case), and the paths that could not be read.
+
+    A folder contributes `<folder name>/<path inside it>`; a list file's entries are resolved
+    against the list's own folder and shown as written. A file reached twice is kept once.
+    """
+    found: dict[str, SourceFile] = {}
+    problems: list[dict] = []
+
+    def walk(root: str, shown: str) -> None:
+        def onerror(err: OSError) -> None:
+            problems.append({"path": _shown(root, shown, err.filename or root), "reason": f"unreadable folder: {err.strerror}"})
+
+        for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    full = os.path.join(dirpath, name)
+                    found.setdefault(full, SourceFile(full, _shown(root, shown, full)))
+
+    def add(path: str, shown: str, listed: bool) -> None:
+        if os.path.isdir(path):
+            walk(path, shown)
+        elif os.path.isfile(path) and (listed or os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS):
+            if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+                found.setdefault(path, SourceFile(path, shown))
+            # a listed file with another extension is ignored, like a non-image in a folder
+        elif listed:
+            problems.append({"path": shown, "reason": "missing file (named in a list)"})
+        else:
+            read_list(path)
+
+    def read_list(list_path: str) -> None:
+        try:
+            with open(list_path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError:
+            raise UsageError(f"{list_path} is neither an image (by extension) nor a text list of paths") from None
+        except OSError as e:
+            raise UsageError(f"cannot read {list_path}: {e.strerror}") from None
+        base = os.path.dirname(list_path)
+        for line in lines:
+            entry = line.strip()
+            if entry and not entry.startswith("#"):
+                add(os.path.normpath(os.path.join(base, entry)), os.path.normpath(entry), listed=True)
+
+    for src in sources:
+        add(src, os.path.basename(os.path.normpath(src)), listed=False)
+    files = sorted(found.values(), key=lambda s: (s.rel, s.path))
+    return files, problems
+
+
+def _shown(root: str, shown: str, path: str) -> str:
+    rel = os.path.relpath(path, root)
+    return shown if rel == "." else os.path.join(shown, rel)
+
+
+# ----------------------------------------------------------------------------- 2. check
+
+
+def check_image_file(path: str, min_side: int, max_pixels: int) -> dict:
+    """Fully decode one file; runs in a worker process. Returns its record (ok or with a reason)."""
+    record: dict = {"path": path}
+    try:
+        st = os.stat(path)
+        record.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return record | {"reason": f"unreadable: {e.strerror}"}
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        im = load_image(data, max_pixels=max_pixels)
+        ext = canonical_extension(im.format)
+        width, height = oriented_size(im)
+        if im.mode not in ("RGB", "L"):
+            to_rgb_array(im)  # the trainer converts these: prove it works now, not mid-training
+    except ImageDecodeError as e:
+        return record | {"reason": str(e)}
+    if min(width, height) < min_side:
+        return record | {"reason": f"too small: {width}x{height} (short side < {min_side})"}
+    return record | {"ext": ext, "width": width, "height": height, "mode": im.mode}
+
+
+def _check_star(task: tuple) -> dict:
+    return check_image_file(*task)
+
+
+class CheckCache:
+    """Check results of earlier runs into the same DIR, keyed by (path, size, mtime).
+
+    Appended line by line as results arrive, so a killed run keeps what it had checked.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if path.exists():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+                        rec = json.loads(line)
+                        self.records[rec["path"]] = rec
+
+    def lookup(self, path: str) -> Optional[dict]:
+        rec = self.records.get(path)
+        if rec is None or "size" not in rec:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return rec if (st.st_size, st.st_mtime_ns) == (rec["size"], rec["mtime_ns"]) else None
+
+    @contextlib.contextmanager
+    def appender(self) -> Iterator:
+        with open(self.path, "a", encoding="utf-8") as f:
+            def append(rec: dict) -> None:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            yield append
+
+
+def check_images(files: list[SourceFile], opts: PackOptions, workers: int, cache: CheckCache) -> list[dict]:
+    """Check records for `files`, in the same order, reusing the cache where the file is unchanged."""
+    records: dict[str, dict] = {}
+    todo = []
+    for sf in files:
+        rec = cache.lookup(sf.path)
+        if rec is not None:
+            records[sf.path] = rec
+        else:
+            todo.append((sf.path, opts.min_side, opts.max_pixels))
+    bar = tqdm(total=len(files), initial=len(records), desc="check", unit="img", disable=None, dynamic_ncols=True)
+    with bar, cache.appender() as append, _pool(workers) as pool:
+        results = pool.imap_unordered(_check_star, todo, chunksize=4) if pool else map(_check_star, todo)
+        for rec in results:
+            records[rec["path"]] = rec
+            append(rec)
+            bar.update()
+    return [records[sf.path] for sf in files]
+
+
+@contextlib.contextmanager
+def _pool(workers: int):
+    """A process pool, or None for one worker (no process start-up, easier to profile)."""
+    if workers <= 1:
+        yield None
+        return
+    pool = multiprocessing.Pool(workers)
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+# ----------------------------------------------------------------------------- 3. plan
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    path: str
+    rel: str
+    sha256: str
+    ext: str
+    width: int
+    height: int
+    mode: str
+    size: int  # file size and time when checked: the file must still be the one that was checked
+    mtime_ns: int
+    tile: Optional[tuple[int, int, int, int]] = None  # x, y, width, height in the oriented image
+
+
+@dataclass
+class Plan:
+    splits: dict[str, list[Sample]]
+    shards: dict[str, list[tuple[str, int, int]]]  # per split: (shard name, first sample, end)
+    images: dict[str, int]  # images (not tiles) per split
+    rejected: list[dict]
+    duplicates: list[dict]
+    found: int
+
+    def fingerprint(self) -> str:
+        """Identifies the output: equal fingerprints, byte-identical shards."""
+        h = hashlib.sha256()
+        for split, samples in self.splits.items():
+            h.update(f"{split} {self.shards[split]}\n".encode())
+            for s in samples:
+                h.update(f"{s.key} {s.sha256} {s.ext} {s.rel} {s.tile}\n".encode())
+        return h.hexdigest()
+
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sample_key(rel: str, sha256: str, tile: Optional[tuple[int, int, int, int]] = None) -> str:
+    """A readable, unique key without dots: `<file stem, sanitised>_<16 hex of sha256>[_y<Y>x<X>]`."""
+    stem = os.path.basename(rel)
+    stem = stem.rsplit(".", 1)[0] if "." in stem[1:] else stem
+    stem = _KEY_UNSAFE.sub("_", stem).strip("_")[:40] or "img"
+    key = f"{stem}_{sha256[:16]}"
+    if tile is not None:
+        key += f"_y{tile[1]:05d}x{tile[0]:05d}"
+    return key
+
+
+def tile_boxes(width: int, height: int, size: int) -> list[tuple[int, int, int, int]]:
+    """SIZExSIZE boxes covering the image; the last row/column is aligned to the border (overlapping
+    its neighbour) so no tile is smaller than SIZE unless the image itself is."""
+
+    def starts(length: int) -> list[int]:
+        if length <= size:
+            return [0]
+        s = list(range(0, length - size + 1, size))
+        return s if s[-1] == length - size else s + [length - size]
+
+    return [(x, y, min(size, width), min(size, height)) for y in starts(height) for x in starts(width)]
+
+
+def make_plan(files: list[SourceFile], records: list[dict], problems: list[dict], opts: PackOptions) -> Plan:
+    rejected = list(problems)
+    duplicates = []
+    kept: list[tuple[SourceFile, dict]] = []
+    first_by_sha: dict[str, str] = {}
+    for sf, rec in zip(files, records):  # files are sorted by rel: the first copy is kept
+        if "reason" in rec:
+            rejected.append({"path": sf.rel, "reason": rec["reason"]})
+        elif rec["sha256"] in first_by_sha:
+            duplicates.append({"path": sf.rel, "same_as": first_by_sha[rec["sha256"]]})
+        else:
+            first_by_sha[rec["sha256"]] = sf.rel
+            kept.append((sf, rec))
+    if not kept:
+        raise UsageError(f"no usable images: all {len(files)} found were rejected or duplicates")
+
+    random.Random(opts.seed).shuffle(kept)
+    n = len(kept)
+    if opts.val_count is not None:
+        n_val = opts.val_count
+    else:
+        n_val = round(n * opts.val_fraction)
+        if opts.val_fraction > 0 and n >= 2:
+            n_val = max(1, n_val)
+    if n_val >= n:
+        raise UsageError(f"a validation set of {n_val} leaves no training images ({n} usable images)")
+
+    splits: dict[str, list[Sample]] = {}
+    images = {}
+    for split, part in (("train", kept[n_val:]), ("val", kept[:n_val])):
+        samples = []
+        for sf, rec in part:
+            boxes = tile_boxes(rec["width"], rec["height"], opts.tile) if opts.tile else [None]
+            for box in boxes:
+                samples.append(Sample(
+                    key=sample_key(sf.rel, rec["sha256"], box), path=sf.path, rel=sf.rel,
+                    sha256=rec["sha256"], ext=rec["ext"], width=rec["width"], height=rec["height"],
+                    mode=rec["mode"], size=rec["size"], mtime_ns=rec["mtime_ns"], tile=box,
+                ))
+        splits[split] = samples
+        images[split] = len(part)
+    keys = [s.key for samples in splits.values() for s in samples]
+    if len(set(keys)) != len(keys):  # 64 bits of sha256 per key: practically impossible
+        raise RuntimeError("two samples got the same key; please report this")
+    shards = {split: [(shard_name(split, i), a, b) for i, (a, b) in
+                      enumerate(shard_ranges(samples, opts.maxcount, opts.maxsize))]
+              for split, samples in splits.items()}
+    return Plan(splits, shards, images, rejected, duplicates, found=len(files) + len(problems))
+
+
+# ----------------------------------------------------------------------------- 4. write
+
+
+class FileChangedError(Exception):
+    """A source changed between its check and its packing: the plan no longer holds."""
+
+
+def read_checked(s: Sample) -> bytes:
+    """The source's bytes, if it is still the file that was checked (same size and modification time).
+
+    Comparing the stat is what make and rsync do; hashing the bytes again would cost a third of
+    all hashing for a case that a re-run handles anyway.
+    """
+    try:
+        with open(s.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_size, st.st_mtime_ns) == (s.size, s.mtime_ns):
+                return f.read()
+    except OSError:
+        pass
+    raise FileChangedError(f"{s.rel} changed or vanished since it was checked; run the same command again")
+
+
+def _meta(s: Sample, tile_sha256: str = "") -> dict:
+    if s.tile is None:
+        return {"source": s.rel, "width": s.width, "height": s.height, "mode": s.mode, "sha256": s.sha256}
+    x, y, w, h = s.tile
+    return {"source": s.rel, "width": w, "height": h, "mode": "RGB", "sha256": tile_sha256,
+            "tile": {"x": x, "y": y}, "source_width": s.width, "source_height": s.height,
+            "source_mode": s.mode, "source_sha256": s.sha256}
+
+
+def _json_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def _png_bound(width: int, height: int) -> int:
+    """Most bytes a PNG of an RGB tile can take: raw rows with their filter byte, zlib's worst-case
+    growth, and chunk headers. A bound, because tile sizes must be known before they are encoded."""
+    raw = height * (3 * width + 1)
+    return raw + (raw >> 12) + (raw >> 14) + 64 + 12 * (raw // 8192 + 1) + 256
+
+
+def _block(n: int) -> int:
+    """Bytes a tar member of n bytes takes: its header plus the data padded to whole blocks."""
+    return TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK
+
+
+def _archive_size(content: int) -> int:
+    """Final size of a tar whose members take `content` bytes: end marker, padded to a record."""
+    return -(-(content + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
+
+
+def sample_tar_size(s: Sample) -> int:
+    """Bytes the sample adds to a shard: exact for whole images, an upper bound for tiles."""
+    if s.tile is None:
+        return _block(s.size) + _block(len(_json_bytes(_meta(s))))
+    return _block(_png_bound(s.tile[2], s.tile[3])) + _block(len(_json_bytes(_meta(s, "0" * 64))))
+
+
+def shard_ranges(samples: list[Sample], maxcount: int, maxsize: int) -> list[tuple[int, int]]:
+    """Cut a split into shards of at most maxcount samples and maxsize bytes ([first, end) each).
+
+    Planned before writing, so shards can be written in parallel and a resumed run knows exactly
+    which ones are missing. A single sample larger than maxsize gets a shard of its own.
+    """
+    ranges, first, content = [], 0, 0
+    for i, s in enumerate(samples):
+        size = sample_tar_size(s)
+        if i > first and (i - first >= maxcount or _archive_size(content + size) > maxsize):
+            ranges.append((first, i))
+            first, content = i, 0
+        content += size
+    if samples:
+        ranges.append((first, len(samples)))
+    return ranges
+
+
+def _members(samples: list[Sample]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every tar member of the samples, in order. An image cut into tiles is
+    decoded once for all its tiles in this run of samples."""
+    from PIL import Image
+
+    pixels, pixels_of = None, None
+    for s in samples:
+        if s.tile is None:
+            yield f"{s.key}.{s.ext}", read_checked(s)
+            yield f"{s.key}.json", _json_bytes(_meta(s))
+            continue
+        if pixels_of != s.sha256:
+            pixels, pixels_of = to_rgb_array(load_image(read_checked(s), max_pixels=sys.maxsize)), s.sha256
+        x, y, w, h = s.tile
+        buf = io.BytesIO()
+        # compress_level 1: lossless all the same, several times faster to write than the default
+        Image.fromarray(pixels[y:y + h, x:x + w]).save(buf, format="PNG", compress_level=1)
+        png = buf.getvalue()
+        yield f"{s.key}.png", png
+        yield f"{s.key}.json", _json_bytes(_meta(s, hashlib.sha256(png).hexdigest()))
+
+
+def write_shard(out: str, name: str, samples: list[Sample]) -> dict:
+    """Write one shard to its temporary name (runs in a worker process); the caller commits it.
+
+    Members are written straight to the file, hashing and counting on the way: the same bytes
+    tarfile writes (USTAR headers, 512-byte blocks, a padded end) without its 16 KiB copy loop.
+    """
+    tmp = temp_path(Path(out) / name)
+    sha256, size = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as f:
+            def put(b: bytes) -> None:
+                nonlocal size
+                f.write(b)
+                sha256.update(b)
+                size += len(b)
+
+            for member, data in _members(samples):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
+                put(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+                put(data)
+                put(bytes(-len(data) % TAR_BLOCK))
+            put(bytes(_archive_size(size) - size))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"name": name, "samples": len(samples), "bytes": size, "sha256": sha256.hexdigest(), "tmp": str(tmp)}
+
+
+def _write_shard_star(task: tuple) -> dict:
+    return write_shard(*task)
+
+
+class Progress:
+    """Shards committed so far, one fsynced json line each; valid for one plan fingerprint only.
+
+    A shard counts as done if its line is here and its file has the recorded size: a file is
+    only ever renamed to a shard's name once complete and flushed, so that is enough.
+    """
+
+    def __init__(self, state_dir: Path, fingerprint: str, out: Path):
+        self.path = state_dir / "progress.jsonl"
+        self.shards: dict[str, dict] = {}  # shard name -> record
+        lines = []
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+                        lines.append(json.loads(line))
+        if lines and lines[0].get("plan") == fingerprint:
+            for rec in lines[1:]:
+                path = out / rec["name"]
+                if path.is_file() and path.stat().st_size == rec["bytes"]:
+                    self.shards[rec["name"]] = rec
+        with atomic_open(self.path, "w") as f:
+            f.write(json.dumps({"plan": fingerprint}) + "\n")
+            for rec in self.shards.values():
+                f.write(json.dumps(rec) + "\n")
+
+    def add(self, rec: dict) -> None:
+        self.shards[rec["name"]] = rec
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_shards(out: Path, todo: list[tuple[str, list[Sample]]], workers: int, progress: Progress) -> None:
+    """Write the shards in `todo` in worker processes; commit each (fsync, rename, record) on a
+    background thread, so the disk flush of one shard overlaps the writing of the next."""
+    bar = tqdm(total=sum(len(s) for _, s in todo), desc="write", unit="sample", disable=None, dynamic_ncols=True)
+    tasks = [(str(out), name, samples) for name, samples in todo]
+    committer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+    commits: list[concurrent.futures.Future] = []
+
+    def commit_shard(rec: dict) -> None:
+        commit(rec.pop("tmp"), out / rec["name"])
+        progress.add(rec)
+
+    try:
+        with bar, _pool(workers) as pool:
+            results = pool.imap_unordered(_write_shard_star, tasks) if pool else map(_write_shard_star, tasks)
+            for rec in results:
+                commits.append(committer.submit(commit_shard, rec))
+                bar.update(rec["samples"])
+                if commits[0].done():
+                    commits.pop(0).result()  # a failed commit stops the run now, not at the end
+    finally:
+        committer.shutdown(wait=True)  # what was written completely is kept, even on Ctrl-C
+    for f in commits:
+        f.result()
+
+
+# ----------------------------------------------------------------------------- the run
+
+_SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
+_OUR_FILE = re.compile(r"^((train|val)-\d{6}\.tar|manifest\.json|\.((train|val)-\d{6}\.tar|manifest\.json)\.tmp\d+)$")
+
+
+def _our_files(out: Path) -> list[Path]:
+    """Files this tool writes into DIR: shards, the manifest, and temporaries of either."""
+    return [p for p in out.iterdir() if _OUR_FILE.match(p.name)]
+
+
+def prepare_out_dir(out: Path, opts: PackOptions, force: bool) -> Path:
+    """Check DIR can take this run (or wipe it with --force); returns the state folder."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    state_dir = out / STATE_DIR
+    if force:
+        for p in _our_files(out):
+            p.unlink()
+        shutil.rmtree(state_dir, ignore_errors=True)
+    state_dir.mkdir(exist_ok=True)
+    recorded = None
+    for source in (state_dir / "options.json", out / MANIFEST_NAME):
+        if source.exists():
+            try:
+                data = json.loads(source.read_text(encoding="utf-8"))
+                recorded = data["args"] if source.name == MANIFEST_NAME else data
+            except (json.JSONDecodeError, OSError, KeyError, TypeError):
+                raise UsageError(f"{source} is unreadable; use --force to start over") from None
+            break
+    if recorded is not None and recorded != opts.recorded():
+        diff = sorted(k for k in set(recorded) | set(opts.recorded()) if recorded.get(k) != opts.recorded().get(k))
+        raise UsageError(f"{out} holds shards made with other arguments ({', '.join(diff)} differ); "
+                         "use --force to start over")
+    if recorded is None and any(_SHARD_FILE.match(p.name) for p in out.iterdir()):
+        raise UsageError(f"{out} holds shards this tool did not record; use --force to start over")
+    atomic_write_json(state_dir / "options.json", opts.recorded())
+    return state_dir
+
+
+def run(opts: PackOptions, out: Path, workers: int, force: bool, log=print) -> dict:
+    """Pack `opts.sources` into `out`. Returns the manifest."""
+    t0 = time.perf_counter()
+    files, problems = find_images(opts.sources)
+    if not files:
+        raise UsageError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(opts.sources)}")
+    state_dir = prepare_out_dir(out, opts, force)
+
+    records = check_images(files, opts, workers, CheckCache(state_dir / "checks.jsonl"))
+    t_check = time.perf_counter()
+    plan = make_plan(files, records, problems, opts)
+    fingerprint = plan.fingerprint()
+    progress = Progress(state_dir, fingerprint, out)
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.exists():
+        if json.loads(manifest_path.read_text(encoding="utf-8")).get("plan") != fingerprint:
+            log(f"{PROG}: the images changed since {out} was written: rewriting its shards")
+            manifest_path.unlink()  # a manifest must never name a shard that is being rewritten
+    elif progress.shards:
+        log(f"{PROG}: resuming: {len(progress.shards)} shards already written")
+    todo = [(name, plan.splits[split][first:end]) for split in SPLITS
+            for name, first, end in plan.shards[split] if name not in progress.shards]
+    write_shards(out, todo, workers, progress)
+    t_write = time.perf_counter()
+
+    # shards left over from an earlier plan with more of them, and temporaries of killed runs
+    for p in _our_files(out):
+        if p.name != MANIFEST_NAME and p.name not in progress.shards:
+            p.unlink()
+
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "args": opts.recorded(),
+        "plan": fingerprint,
+        "splits": {split: _split_entry([progress.shards[name] for name, _, _ in plan.shards[split]], plan.images[split])
+                   for split in SPLITS},
+        "images": {"found": plan.found, "kept": sum(plan.images.values()),
+                   "rejected": len(plan.rejected), "duplicates": len(plan.duplicates)},
+        "rejected": plan.rejected,
+        "duplicates": plan.duplicates,
+    }
+    atomic_write_json(manifest_path, manifest)
+    log(summary(manifest, t_check - t0, t_write - t_check))
+    return manifest
+
+
+def _split_entry(shards: list[dict], images: int) -> dict:
+    return {"samples": sum(sh["samples"] for sh in shards), "images": images,
+            "bytes": sum(sh["bytes"] for sh in shards),
+            "shards": [{k: sh[k] for k in ("name", "samples", "bytes", "sha256")} for sh in shards]}
+
+
+def summary(m: dict, check_s: float, write_s: float) -> str:
+    im = m["images"]
+    lines = [f"kept {im['kept']} of {im['found']} images ({im['rejected']} rejected, {im['duplicates']} duplicates)"]
+    for split, s in m["splits"].items():
+        lines.append(f"  {split:5s} {s['samples']:7d} samples from {s['images']} images in "
+                     f"{len(s['shards'])} shards, {s['bytes'] / 1e6:,.1f} MB")
+    if m["rejected"]:
+        reasons = collections.Counter(r["reason"].split(":")[0].split(" (")[0] for r in m["rejected"])
+        lines.append("  rejected: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common()))
+        lines.append("  (every rejected file and its reason: 'rejected' in manifest.json)")
+    total_bytes = sum(s["bytes"] for s in m["splits"].values())
+    lines.append(f"  check {check_s:.1f} s ({im['found'] / max(check_s, 1e-9):.1f} images/s), "
+                 f"write {write_s:.1f} s ({total_bytes / 1e6 / max(write_s, 1e-9):.1f} MB/s)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        opts = options_from_args(args)
+        run(opts, Path(args.out), args.workers, args.force)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except FileChangedError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,59 @@
+"""Atomic file writes: a reader never sees a half-written file under its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Iterator, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def fsync_dir(directory: PathLike) -> None:
+    """Make a rename inside `directory` durable (a crash right after it cannot undo it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path(path: PathLike) -> Path:
+    """Where `path` is written before its rename: same folder (a rename across file systems is
+    not atomic), hidden, and unique per process so two writers cannot interleave."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def commit(tmp: PathLike, path: PathLike) -> None:
+    """Flush a finished temporary file to disk and rename it to its final name, durably."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write to `temp_path(path)`, then `commit` it. On any error, including KeyboardInterrupt,
+    the temporary file is removed and `path` is left as it was."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    commit(tmp, path)
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")

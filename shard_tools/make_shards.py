@@ -1,0 +1,16 @@
+#!/usr/bin/env python3
+"""Pack photos into WebDataset tar shards. Usage: python shard_tools/make_shards.py SRC [SRC ...] --out DIR
+
+The logic lives in restorer.data.sharding (shared with the trainer and tested there).
+"""
+
+import os
+import sys
+
+# Run from a checkout without installing: make the repo root importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from restorer.data.sharding import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Small real images for tests: textured so JPEG and PNG sizes are realistic, generated on the fly."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def photo_like(width: int, height: int, seed: int, channels: int = 3) -> np.ndarray:
+    """Smooth gradients plus some noise: compresses like a photo, not like flat colour or pure noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = np.empty((height, width, channels), np.float32)
+    for c in range(channels):
+        fx, fy, ph = rng.uniform(0.01, 0.08, 2).tolist() + [rng.uniform(0, 6.28)]
+        out[..., c] = 128 + 80 * np.sin(xx * fx + ph) * np.cos(yy * fy) + rng.normal(0, 12, (height, width))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im = Image.fromarray(arr.squeeze() if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def make_shards_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "shard_tools" / "make_shards.py"), *map(str, args)]
+
+
+def run_make_shards(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(make_shards_cmd(*args), capture_output=True, text=True, env=env, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"make_shards failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def messy_photo_folder(root: Path) -> dict:
+    """A folder like a real one: formats, case, unicode and dotted names, broken files, duplicates.
+
+    Returns {"good": {relative path: bytes}, "rejected": {relative path: reason prefix},
+    "duplicates": set of relative paths dropped as copies}. Paths are relative to root's parent,
+    the way the shard tool shows them.
+    """
+    name = root.name
+    good: dict[str, bytes] = {}
+    rejected: dict[str, str] = {}
+    duplicates: set[str] = set()
+
+    def put(rel: str, data: bytes) -> bytes:
+        write(root / rel, data)
+        return data
+
+    good[f"{name}/a.jpg"] = put("a.jpg", encode(photo_like(200, 160, 1), "JPEG", quality=95))
+    good[f"{name}/b.png"] = put("b.png", encode(photo_like(160, 180, 2), "PNG"))
+    good[f"{name}/sub/c.webp"] = put("sub/c.webp", encode(photo_like(180, 150, 3), "WEBP", quality=90))
+    good[f"{name}/sub/d.bmp"] = put("sub/d.bmp", encode(photo_like(150, 150, 4), "BMP"))
+    good[f"{name}/sub/deeper/e.tif"] = put("sub/deeper/e.tif", encode(photo_like(140, 160, 5), "TIFF"))
+    good[f"{name}/UPPER.JPG"] = put("UPPER.JPG", encode(photo_like(170, 130, 6), "JPEG", quality=90))
+    good[f"{name}/photo.2023.01.01.jpeg"] = put("photo.2023.01.01.jpeg", encode(photo_like(160, 140, 7), "JPEG"))
+    good[f"{name}/ünïcødé фото.png"] = put("ünïcødé фото.png", encode(photo_like(150, 170, 8), "PNG"))
+    good[f"{name}/gray.png"] = put("gray.png", encode(photo_like(160, 160, 9, channels=1), "PNG"))
+    good[f"{name}/jpeg_named.png"] = put("jpeg_named.png", encode(photo_like(130, 130, 10), "JPEG"))
+    good[f"{name}/rgba.png"] = put("rgba.png", encode(photo_like(150, 130, 11, channels=4), "PNG"))
+
+    full = encode(photo_like(300, 240, 12), "JPEG", quality=95)
+    rejected[f"{name}/truncated.jpg"] = "truncated or corrupt"
+    put("truncated.jpg", full[: len(full) // 2])
+    png = bytearray(encode(photo_like(200, 200, 13), "PNG"))
+    idat = png.index(b"IDAT")
+    for i in range(idat + 200, idat + 260):
+        png[i] ^= 0x5A
+    rejected[f"{name}/damaged.png"] = "truncated or corrupt"
+    put("damaged.png", bytes(png))
+    rejected[f"{name}/empty.jpg"] = "empty file"
+    put("empty.jpg", b"")
+    rejected[f"{name}/fake.jpg"] = "not an image"
+    put("fake.jpg", b"this is a text file pretending to be a photo\n" * 10)
+    rejected[f"{name}/tiny.png"] = "too small"
+    put("tiny.png", encode(photo_like(100, 300, 14), "PNG"))
+    rejected[f"{name}/anim.gif.png"] = "unsupported format"
+    put("anim.gif.png", encode(photo_like(150, 150, 15), "GIF"))
+
+    put("copy_of_a.jpg", good[f"{name}/a.jpg"])
+    duplicates.add(f"{name}/copy_of_a.jpg")
+    put("sub/b_again.png", good[f"{name}/b.png"])
+    duplicates.add(f"{name}/sub/b_again.png")
+
+    put("notes.txt", b"not an image, ignored")
+    put("sub/.hidden_dir/readme.md", b"ignored")
+    return {"good": good, "rejected": rejected, "duplicates": duplicates}
