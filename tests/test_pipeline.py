@@ -1,0 +1,292 @@
+"""The streaming pipeline: the degradation distribution, seeding, equal work per rank, exact
+validation coverage, corrupt data, URL patterns. Real tar shards, real JPEG bytes, real
+multi-process DataLoaders."""
+
+from __future__ import annotations
+
+import collections
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import encode, photo_like, write
+from restorer.data.degrade import PatchSpec, center_pair, jpeg_decode, jpeg_encode, random_patch
+from restorer.data.manifest import load_manifest, shard_paths
+from restorer.data.pipeline import DataConfig, steps_per_epoch, train_loader, val_loader
+from restorer.data.sharding import PackOptions, run
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255**2 / mse)
+
+
+# ----------------------------------------------------------------------------- the patch distribution
+
+RAMP = 0.75  # grey levels per source pixel: fine enough to read a scale to 1%
+
+
+@pytest.fixture(scope="module")
+def ramp_image() -> np.ndarray:
+    """R grows with x, G with y: a target patch tells where it came from, its scale and rotation."""
+    yy, xx = np.mgrid[0:300, 0:320].astype(np.float64)
+    return np.stack([xx * RAMP, yy * RAMP, np.full_like(xx, 128)], -1).astype(np.uint8)
+
+
+def _geometry(target: np.ndarray) -> tuple[float, int]:
+    """(scale, rotation in quarter turns) from a ramp patch's gradients."""
+    t = target[8:-8, 8:-8].astype(np.float64)  # away from rounding at the borders
+    d_col = np.mean(np.diff(t[..., 0], axis=1))
+    d_row = np.mean(np.diff(t[..., 0], axis=0))
+    grad = max(abs(d_col), abs(d_row))
+    quarter = {(True, True): 0, (False, False): 1, (True, False): 2, (False, True): 3}[
+        (abs(d_col) > abs(d_row), (d_col if abs(d_col) > abs(d_row) else d_row) > 0)]
+    return RAMP / grad, quarter
+
+
+def test_rescale_and_rotation_follow_the_seed_distribution(ramp_image):
+    rng = np.random.default_rng(0)
+    scales, quarters = collections.Counter(), collections.Counter()
+    n = 1600
+    for _ in range(n):
+        jpeg, target = random_patch(ramp_image, PatchSpec(), rng)
+        assert target.shape == (128, 128, 3) and target.dtype == np.uint8 and target.flags.c_contiguous
+        scale, quarter = _geometry(target)
+        nearest = min((1.0, 0.9, 0.8, 0.7, 0.6), key=lambda s: abs(s - scale))
+        assert abs(nearest - scale) < 0.02, scale
+        scales[nearest] += 1
+        quarters[quarter] += 1
+    # binomial standard deviations: 0.0125 for p=0.5, 0.008 for p=0.125 and 0.009 for p=1/6
+    assert abs(scales[1.0] / n - 0.5) < 0.05
+    for s in (0.9, 0.8, 0.7, 0.6):
+        assert abs(scales[s] / n - 0.125) < 0.035
+    assert abs(quarters[0] / n - 0.5) < 0.05
+    for q in (1, 2, 3):
+        assert abs(quarters[q] / n - 1 / 6) < 0.04
+
+
+def test_crops_cover_the_whole_image(ramp_image):
+    rng = np.random.default_rng(1)
+    spec = PatchSpec(rescale_p=0.0, rotate_p=0.0)
+    xs, ys = [], []
+    for _ in range(400):
+        _, target = random_patch(ramp_image, spec, rng)
+        xs.append(target[0, 0, 0] / RAMP)
+        ys.append(target[0, 0, 1] / RAMP)
+    h, w = ramp_image.shape[:2]
+    for pos, limit in ((xs, w - 128), (ys, h - 128)):
+        assert min(pos) < 0.03 * limit + 5 and max(pos) > 0.97 * limit - 5
+        assert abs(np.mean(pos) / limit - 0.5) < 0.06  # uniform, not centred or cornered
+
+
+def test_flips_give_all_eight_dihedral_modes(ramp_image):
+    rng = np.random.default_rng(2)
+    spec = PatchSpec(rescale_p=0.0, rotate_p=0.75, flip_p=0.5)
+    modes = set()
+    for _ in range(200):
+        _, t = random_patch(ramp_image, spec, rng)
+        c = t[1:-1, 1:-1, :2].astype(int)
+        # direction of the R and G ramps along columns and rows identifies the dihedral element
+        modes.add(tuple(np.sign([np.diff(c[..., k], axis=a).mean() for k in (0, 1) for a in (0, 1)]).astype(int)))
+    assert len(modes) == 8
+
+
+def test_input_is_exactly_the_jpeg_of_the_target():
+    image = photo_like(400, 300, 3)
+    rng = np.random.default_rng(3)
+    for quality in (10, 40):
+        jpeg, target = random_patch(image, PatchSpec(quality=(quality, quality)), rng)
+        assert jpeg == jpeg_encode(target, quality)  # re-encoding matches byte for byte
+        decoded = jpeg_decode(jpeg)
+        assert decoded.shape == target.shape
+        band = (22, 34) if quality == 10 else (28, 42)
+        assert band[0] < psnr(decoded, target) < band[1], psnr(decoded, target)
+
+
+def test_quality_range_and_grayscale():
+    image = photo_like(300, 300, 4)
+    rng = np.random.default_rng(4)
+    sizes = {len(random_patch(image, PatchSpec(quality=(10, 60)), rng)[0]) for _ in range(30)}
+    assert len(sizes) > 10  # qualities vary
+    jpeg, target = random_patch(image, PatchSpec(grayscale=True), rng)
+    assert target.shape == (128, 128, 1) and jpeg_decode(jpeg).shape == (128, 128, 1)
+
+
+@pytest.mark.parametrize("shape", [(50, 70), (128, 128), (130, 400), (90, 1000)])
+def test_small_images_are_upscaled_not_refused(shape):
+    image = photo_like(shape[1], shape[0], 5)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        jpeg, target = random_patch(image, PatchSpec(), rng)
+        assert target.shape == (128, 128, 3) and jpeg_decode(jpeg).shape == (128, 128, 3)
+
+
+def test_center_pair_is_block_aligned_and_deterministic():
+    image = photo_like(301, 203, 6)
+    a, b = center_pair(image, 256, 10), center_pair(image, 256, 10)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1])
+    assert a[1].shape == (200, 256, 3)
+    np.testing.assert_array_equal(a[1], image[1:201, 22:278])
+
+
+# ----------------------------------------------------------------------------- shards and loaders
+
+
+def _flat_images(folder: Path, n: int, size=(160, 140)) -> dict[int, int]:
+    """n images of one flat colour each (any crop, rescale or JPEG keeps its mean): colour -> index."""
+    colours = {}
+    for i in range(n):
+        v = 20 + 25 * i
+        arr = np.zeros((size[1], size[0], 3), np.uint8) + np.array([v % 256, (v * 7) % 256, 128], np.uint8)
+        write(folder / f"flat{i:02d}.png", encode(arr, "PNG"))
+        colours[i] = v % 256
+    return colours
+
+
+def _pack(src: Path, out: Path, **kw) -> Path:
+    run(PackOptions(sources=(str(src),), **kw), out, workers=1, force=True, log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(10):
+        write(root / "src" / f"p{i}.jpg", encode(photo_like(260, 200, 40 + i), "JPEG", quality=95))
+    return _pack(root / "src", root / "shards", val_count=4, maxcount=2)
+
+
+def _cfg(shards: Path, **kw) -> DataConfig:
+    base = dict(shards=str(shards), workers=2, shuffle_buffer=16, patches_per_image=4)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _batches(cfg: DataConfig, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(train_loader(cfg, **{"batch_size": 4, "seed": 0, **kw}))
+
+
+def test_batches_are_uint8_nchw_and_the_input_is_the_targets_jpeg(photo_shards):
+    cfg = _cfg(photo_shards)
+    batches = _batches(cfg, steps=6)
+    assert len(batches) == 6
+    for inputs, targets in batches:
+        assert inputs.shape == targets.shape == (4, 3, 128, 128)
+        assert inputs.dtype == targets.dtype == torch.uint8
+        for x, y in zip(inputs, targets):
+            y_hwc = np.ascontiguousarray(y.permute(1, 2, 0).numpy())
+            assert np.array_equal(x.permute(1, 2, 0).numpy(), jpeg_decode(jpeg_encode(y_hwc, 10)))
+
+
+def test_same_seed_reproduces_and_workers_epochs_seeds_differ(photo_shards):
+    cfg = _cfg(photo_shards)
+    a, b = _batches(cfg, steps=6), _batches(cfg, steps=6)
+    assert all(torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    # the DataLoader takes batches from its 2 workers in turn: 0 and 1 come from different workers
+    flat = lambda batches: {t.numpy().tobytes() for _, ts in batches for t in ts}  # noqa: E731
+    assert not flat(a[0:6:2]) & flat(a[1:6:2])
+    assert not flat(a) & flat(_batches(cfg, steps=6, epoch=1))
+    assert not flat(a) & flat(_batches(cfg, steps=6, seed=1))
+
+
+def test_steps_per_epoch_follows_the_manifest(photo_shards):
+    m = load_manifest(photo_shards)
+    assert m["splits"]["train"]["samples"] == 6
+    cfg = _cfg(photo_shards)
+    assert steps_per_epoch(cfg, batch_size=2, world_size=1) == 3
+    assert steps_per_epoch(cfg, batch_size=2, world_size=2) == 1
+    assert len(train_loader(cfg, batch_size=1, seed=0, world_size=2)) == 3
+
+
+@pytest.mark.parametrize("n_images, maxcount", [(9, 3), (9, 9)])  # 3 shards, and 1 shard, for 2 ranks x 2 workers
+def test_every_rank_gets_the_same_steps_and_streams_share_no_image(tmp_path, n_images, maxcount):
+    colours = _flat_images(tmp_path / "src", n_images)
+    shards = _pack(tmp_path / "src", tmp_path / "shards", val_fraction=0.0, maxcount=maxcount)
+    assert len(shard_paths(shards, "train")) == -(-n_images // maxcount)
+    cfg = _cfg(shards, patches_per_image=1, shuffle_buffer=1)
+    seen = collections.defaultdict(set)  # stream -> image indices
+    for rank in (0, 1):
+        batches = _batches(cfg, batch_size=1, rank=rank, world_size=2, steps=24)
+        assert len(batches) == 24
+        for i, (inputs, targets) in enumerate(batches):
+            red = int(targets[0, 0].float().mean().round())
+            seen[(rank, i % 2)].add(next(k for k, v in colours.items() if abs(v - red) <= 1))
+    streams = list(seen.values())
+    assert len(streams) == 4 and all(streams)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not streams[i] & streams[j]
+    assert set().union(*streams) == set(colours)
+
+
+def test_val_split_is_covered_exactly_once_across_ranks(photo_shards):
+    cfg = _cfg(photo_shards)
+    keys, per_rank = [], []
+    for rank in (0, 1):
+        per_rank.append(0)
+        for inputs, targets, key in val_loader(cfg, rank=rank, world_size=2):
+            assert inputs.shape == targets.shape == (1, 3, 200, 256)
+            keys.append(key)
+            per_rank[-1] += 1
+    assert min(per_rank) >= 1  # shared, not all on one rank
+    expected = sorted(key for url in shard_paths(photo_shards, "val")
+                      for key in {Path(n).name.split(".")[0] for n in tarfile.open(url).getnames()})
+    assert sorted(keys) == expected and len(expected) == 4
+    again = [t for r in (0, 1) for _, t, _ in val_loader(cfg, rank=r, world_size=2)]
+    first = [t for r in (0, 1) for _, t, _ in val_loader(cfg, rank=r, world_size=2)]
+    assert all(torch.equal(a, b) for a, b in zip(again, first))
+
+
+def test_corrupt_members_and_truncated_shards_are_skipped_and_counted(tmp_path, capfd):
+    good = [encode(photo_like(200, 180, 60 + i), "JPEG") for i in range(4)]
+
+    def shard(path: Path, samples: list[tuple[str, bytes]], cut: int = 0) -> str:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, data in samples:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        data = buf.getvalue()
+        path.write_bytes(data[: len(data) - cut] if cut else data)
+        return str(path)
+
+    urls = [
+        shard(tmp_path / "a.tar", [("g0.jpg", good[0]), ("g0.json", b"{}"), ("bad.jpg", b"not a jpeg at all"),
+                                   ("bad.json", b"{}"), ("g1.jpg", good[1]), ("nojpg.json", b"{}")]),
+        shard(tmp_path / "b.tar", [("g2.jpg", good[2]), ("g2.json", b"{}"), ("g3.jpg", good[3])], cut=len(good[3]) // 2 + 600),
+    ]
+    cfg = DataConfig(train_urls=" ".join(urls).replace(" ", "::"), epoch_samples=40, workers=0,
+                     shuffle_buffer=4, patches_per_image=2)
+    batches = _batches(cfg, steps=10)
+    assert len(batches) == 10
+    err = capfd.readouterr().err
+    assert "skipped bad in" in err and "not an image" in err
+    assert "skipped nojpg in" in err and "no image member" in err
+    assert "skipped so far by rank 0 worker 0" in err
+
+
+def test_url_patterns_and_pipe_commands(photo_shards):
+    urls = shard_paths(photo_shards, "train")
+    folder = Path(urls[0]).parent
+    brace = str(folder / "train-{000000..000002}.tar")
+    pipe = "::".join(f"pipe:cat {u}" for u in urls)
+    for pattern in (brace, pipe):
+        cfg = DataConfig(train_urls=pattern, epoch_samples=8, workers=2, shuffle_buffer=8, patches_per_image=2)
+        batches = _batches(cfg)
+        assert len(batches) == 2 and batches[0][0].shape == (4, 3, 128, 128)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="shards"):
+        DataConfig().validate()
+    with pytest.raises(ValueError, match="epoch_samples"):
+        DataConfig(train_urls="x-{0..1}.tar").validate()
+    with pytest.raises(ValueError, match="quality"):
+        DataConfig(shards="x", patch=PatchSpec(quality=(60, 10))).validate()
+    with pytest.raises(ValueError, match="size must be a multiple of 8"):
+        PatchSpec(size=100).validate()
