@@ -25,6 +25,7 @@ test-fast: install
 
 bench: install
 	$(PY) bench/shards.py
+	$(PY) bench/loader.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache demo

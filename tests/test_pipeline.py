@@ -137,10 +137,10 @@ def test_center_pair_is_block_aligned_and_deterministic():
 
 
 def _flat_images(folder: Path, n: int, size=(160, 140)) -> dict[int, int]:
-    """n images of one flat colour each (any crop, rescale or JPEG keeps its mean): colour -> index."""
+    """n images of one flat colour each (any crop, rescale or JPEG keeps its mean): index -> red."""
     colours = {}
     for i in range(n):
-        v = 20 + 25 * i
+        v = 20 + 21 * i
         arr = np.zeros((size[1], size[0], 3), np.uint8) + np.array([v % 256, (v * 7) % 256, 128], np.uint8)
         write(folder / f"flat{i:02d}.png", encode(arr, "PNG"))
         colours[i] = v % 256
@@ -189,17 +189,40 @@ def test_same_seed_reproduces_and_workers_epochs_seeds_differ(photo_shards):
     # the DataLoader takes batches from its 2 workers in turn: 0 and 1 come from different workers
     flat = lambda batches: {t.numpy().tobytes() for _, ts in batches for t in ts}  # noqa: E731
     assert not flat(a[0:6:2]) & flat(a[1:6:2])
-    assert not flat(a) & flat(_batches(cfg, steps=6, epoch=1))
+    assert not flat(a) & flat(_batches(cfg, steps=6, epoch=1))  # a run resumed at epoch 1
     assert not flat(a) & flat(_batches(cfg, steps=6, seed=1))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epochs_continue_through_the_shards(tmp_path, workers):
+    """One patch per image: the next epoch takes the images the last one had not reached yet."""
+    colours = _flat_images(tmp_path / "src", 30, size=(130, 130))
+    shards = _pack(tmp_path / "src", tmp_path / "shards", val_fraction=0.0, maxcount=1)
+    cfg = _cfg(shards, patches_per_image=1, shuffle_buffer=1, workers=workers)
+    loader = train_loader(cfg, batch_size=1, seed=0, steps=workers or 1)
+    seen: dict[int, list] = collections.defaultdict(list)  # stream -> images, in order
+    for _ in range(3):
+        epoch = [int(t[0, 0].float().mean().round()) for _, t in loader]
+        assert len(epoch) == (workers or 1)
+        for i, c in enumerate(epoch):
+            seen[i].append(c)
+    # each stream (15 images at 2 workers, 30 at 0) takes a new image every epoch; a stream that
+    # started over each epoch would repeat its first. (At 2 workers each epoch also drops the
+    # batches the workers had prefetched: 1 + 4 images per epoch at most here, 15 in all.)
+    for images in seen.values():
+        assert len(set(images)) == 3
+    assert set().union(*map(set, seen.values())) <= set(colours.values())
 
 
 def test_steps_per_epoch_follows_the_manifest(photo_shards):
     m = load_manifest(photo_shards)
     assert m["splits"]["train"]["samples"] == 6
-    cfg = _cfg(photo_shards)
+    cfg = _cfg(photo_shards, patches_per_image=1)  # the seed's epoch: one patch per image
     assert steps_per_epoch(cfg, batch_size=2, world_size=1) == 3
     assert steps_per_epoch(cfg, batch_size=2, world_size=2) == 1
     assert len(train_loader(cfg, batch_size=1, seed=0, world_size=2)) == 3
+    cfg = _cfg(photo_shards, patches_per_image=10)  # every image once, 10 patches each
+    assert steps_per_epoch(cfg, batch_size=4, world_size=2) == 60 // 8
 
 
 @pytest.mark.parametrize("n_images, maxcount", [(9, 3), (9, 9)])  # 3 shards, and 1 shard, for 2 ranks x 2 workers

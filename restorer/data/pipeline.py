@@ -38,10 +38,10 @@ class DataConfig:
     shards: str = ""  # a shard folder or its manifest.json
     train_urls: str = ""  # instead of the manifest's list: any URL pattern webdataset reads
     val_urls: str = ""  # (brace patterns, pipe:aws s3 cp s3://... -, http://...)
-    epoch_samples: int = 0  # patches per epoch; 0: the manifest's train sample count (the seed's epoch)
+    epoch_samples: int = 0  # patches per epoch; 0: every training image once, patches_per_image each
     patch: PatchSpec = field(default_factory=PatchSpec)
-    patches_per_image: int = 128  # patches cut from each decoded image; decoding costs 100x a patch
-    shuffle_buffer: int = 1024  # patches held per stream, ~50 KB each at patch 128
+    patches_per_image: int = 256  # patches cut from each decoded image: a decode costs ~100 patches
+    shuffle_buffer: int = 2048  # patches held per stream, ~50 KB each at patch 128
     workers: int = 4  # DataLoader worker processes per rank
     val_crop: int = 256  # validation: centre crop of at most this side ...
     val_quality: int = 10  # ... JPEG-encoded at this quality
@@ -75,8 +75,11 @@ def split_urls(cfg: DataConfig, split: str) -> list[str]:
 
 
 def epoch_samples(cfg: DataConfig) -> int:
-    """Patches per epoch (all ranks together)."""
-    return cfg.epoch_samples or load_manifest(cfg.shards)["splits"]["train"]["samples"]
+    """Patches per epoch (all ranks together): by default every training image is visited once and
+    gives `patches_per_image` patches. With patches_per_image 1 that is the seed's epoch."""
+    if cfg.epoch_samples:
+        return cfg.epoch_samples
+    return load_manifest(cfg.shards)["splits"]["train"]["samples"] * cfg.patches_per_image
 
 
 def steps_per_epoch(cfg: DataConfig, batch_size: int, world_size: int) -> int:
@@ -130,16 +133,37 @@ def read_images(urls: list[str], skip: SkipLog, keep=None) -> Iterator[tuple[str
             skip(f"{key} in {sample.get('__url__')}", str(e))
 
 
-def _batch(pairs: list[tuple[bytes, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(pairs: list[tuple[bytes, np.ndarray]], out: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) as uint8 N x H x W x C arrays, written into `out` (2 x N x H x W x C) if given."""
+    if out is None:
+        out = np.empty((2, len(pairs), *pairs[0][1].shape), np.uint8)
+    for i, (jpeg, target) in enumerate(pairs):
+        out[0, i] = jpeg_decode(jpeg)
+        out[1, i] = target
+    return out[0], out[1]
+
+
+def to_tensors(inputs: np.ndarray, targets: np.ndarray, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 N x C x P x P tensors in channels-last memory (a permuted NHWC buffer): what the GPU's
-    channels_last convolutions read, and no transpose on the CPU."""
-    inputs = torch.from_numpy(np.stack([jpeg_decode(b) for b, _ in pairs])).permute(0, 3, 1, 2)
-    targets = torch.from_numpy(np.stack([t for _, t in pairs])).permute(0, 3, 1, 2)
-    return inputs, targets
+    channels_last convolutions read, with no transpose on the CPU. Pinned for non-blocking copies."""
+    out = tuple(torch.from_numpy(a).permute(0, 3, 1, 2) for a in (inputs, targets))
+    return tuple(t.pin_memory() for t in out) if pin_memory else out
+
+
+PREFETCH = 4  # batches in flight per worker
+RING = PREFETCH + 3  # batch slots per worker: those in flight, one being copied out, spares
 
 
 class TrainPatches(IterableDataset):
-    """An endless stream of training batches for one rank; the DataLoader takes as many as it needs."""
+    """An endless stream of training batches for one rank; the DataLoader takes as many as it needs.
+
+    DataLoader workers write each batch into a slot of a shared-memory ring made once per epoch
+    and hand over only (worker, slot). Pickling 1.5 MB batches through a pipe, or torch's fresh
+    shared-memory segment per tensor, cost 15-25% of the workers' time (bench/loader.py). The
+    main process copies a slot out (into pinned memory on CUDA) before the worker can reuse it:
+    a worker has at most PREFETCH batches in flight, and the ring has more slots than that.
+    Without workers (workers=0) the batches are plain arrays.
+    """
 
     def __init__(self, urls: list[str], cfg: DataConfig, *, batch_size: int, seed: int, rank: int,
                  world_size: int, epoch: int = 0):
@@ -147,8 +171,28 @@ class TrainPatches(IterableDataset):
             raise ValueError("no training shards")
         self.urls, self.cfg, self.batch_size = list(urls), cfg, batch_size
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, epoch
+        self._stream: Optional[Iterator] = None
+        p, c = cfg.patch.size, cfg.patch.channels
+        self.ring = (torch.empty((cfg.workers, RING, 2, batch_size, p, p, c), dtype=torch.uint8).share_memory_()
+                     if cfg.workers else None)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batch(self, item) -> tuple[np.ndarray, np.ndarray]:
+        """The (inputs, targets) an item of this dataset stands for; a ring slot is copied out."""
+        if self.ring is None:
+            return item
+        worker, slot = item
+        pair = self.ring[worker, slot].numpy()
+        return pair[0].copy(), pair[1].copy()
+
+    def __iter__(self) -> Iterator:
+        """The stream goes on where the last epoch left it (the DataLoader keeps its workers, and
+        each worker its copy of this object), so the shards are read through in turn over a run
+        rather than from the start of a fresh shuffle every epoch."""
+        if self._stream is None:
+            self._stream = self._generate()
+        return self._stream
+
+    def _generate(self) -> Iterator:
         worker, workers, stream, streams = _stream_id(self.rank, self.world_size)
         rng = np.random.default_rng([self.seed, self.rank, worker, self.epoch])
         skip = SkipLog(f"rank {self.rank} worker {worker}")
@@ -171,8 +215,10 @@ class TrainPatches(IterableDataset):
                 elif n == 0:
                     raise RuntimeError(f"no usable samples in {len(mine)} shards ({skip.count} skipped): {mine[:3]}")
 
+        ring = self.ring[worker].numpy() if self.ring is not None else None
         buffer: list[tuple[bytes, np.ndarray]] = []
         batch: list[tuple[bytes, np.ndarray]] = []
+        made = 0
         for image in images():
             for _ in range(k):
                 pair = random_patch(image, cfg.patch, rng)
@@ -183,7 +229,12 @@ class TrainPatches(IterableDataset):
                 buffer[i], pair = pair, buffer[i]
                 batch.append(pair)
                 if len(batch) == self.batch_size:
-                    yield _batch(batch)
+                    if ring is None:
+                        yield _batch(batch)
+                    else:
+                        _batch(batch, out=ring[made % RING])
+                        yield worker, made % RING
+                    made += 1
                     batch = []
 
 
@@ -198,38 +249,46 @@ class ValPairs(IterableDataset):
         worker, _, stream, streams = _stream_id(self.rank, self.world_size)
         skip = SkipLog(f"rank {self.rank} val worker {worker}")
         for key, image in read_images(self.urls, skip, keep=lambda key: _owner(key, streams) == stream):
-            inputs, targets = _batch([center_pair(image, self.cfg.val_crop, self.cfg.val_quality, self.cfg.patch.grayscale)])
-            yield inputs, targets, key
+            yield *_batch([center_pair(image, self.cfg.val_crop, self.cfg.val_quality, self.cfg.patch.grayscale)]), key
+
+
+def _as_is(batch):
+    """collate_fn: keep numpy arrays as they are (the default converts them to tensors in the worker)."""
+    return batch
 
 
 class EpochLoader:
     """Exactly `steps` batches of one epoch: `len()` is the step count, iteration ends there."""
 
-    def __init__(self, loader: DataLoader, steps: int):
-        self.loader, self.steps = loader, steps
+    def __init__(self, loader: DataLoader, steps: int, pin_memory: bool):
+        self.loader, self.steps, self.pin_memory = loader, steps, pin_memory
 
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self):
-        return itertools.islice(iter(self.loader), self.steps)
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for item in itertools.islice(iter(self.loader), self.steps):
+            yield to_tensors(*self.loader.dataset.batch(item), self.pin_memory)
 
 
 def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  epoch: int = 0, steps: Optional[int] = None, pin_memory: bool = False) -> EpochLoader:
-    """One epoch of training batches for this rank: (input, target) uint8 N x C x P x P.
+    """Training batches for this rank, epoch after epoch: each `iter()` yields one epoch of
+    (input, target) uint8 N x C x P x P, and the next one continues the same streams.
 
-    `steps` defaults to `steps_per_epoch`; it is the same on every rank whatever the shards.
-    Workers start anew each epoch, seeded with the epoch, so no epoch repeats another's patches.
+    `steps` (per epoch) defaults to `steps_per_epoch`; it is the same on every rank whatever the
+    shards. `epoch` is where the run starts (a resumed run starts later): it seeds the streams.
     """
     dataset = TrainPatches(split_urls(cfg, "train"), cfg, batch_size=batch_size, seed=seed, rank=rank,
                            world_size=world_size, epoch=epoch)
-    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
-                        prefetch_factor=4 if cfg.workers else None)
-    return EpochLoader(loader, steps if steps is not None else steps_per_epoch(cfg, batch_size, world_size))
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=cfg.workers,
+                        prefetch_factor=PREFETCH if cfg.workers else None, persistent_workers=cfg.workers > 0)
+    return EpochLoader(loader, steps if steps is not None else steps_per_epoch(cfg, batch_size, world_size), pin_memory)
 
 
-def val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+def val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
+               pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
     """This rank's share of the validation images: (input, target, key), batch 1, deterministic."""
     dataset = ValPairs(split_urls(cfg, "val"), cfg, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=None, num_workers=min(cfg.workers, 2), pin_memory=pin_memory)
+    for inputs, targets, key in DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=min(cfg.workers, 2)):
+        yield *to_tensors(inputs, targets, pin_memory), key

@@ -194,14 +194,13 @@ def find_images(sources: Iterable[str]) -> tuple[list[SourceFile], list[dict]]:
     def add(path: str, shown: str, listed: bool) -> None:
         if os.path.isdir(path):
             walk(path, shown)
-        elif os.path.isfile(path) and (listed or os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS):
-            if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
-                found.setdefault(path, SourceFile(path, shown))
-            # a listed file with another extension is ignored, like a non-image in a folder
-        elif listed:
-            problems.append({"path": shown, "reason": "missing file (named in a list)"})
-        else:
+        elif os.path.isfile(path) and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+            found.setdefault(path, SourceFile(path, shown))
+        elif not listed:
             read_list(path)
+        elif not os.path.exists(path):
+            problems.append({"path": shown, "reason": "missing file (named in a list)"})
+        # a listed file that is not an image is ignored, like one in a folder
 
     def read_list(list_path: str) -> None:
         try:
