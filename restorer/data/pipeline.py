@@ -15,6 +15,7 @@ does what it is best at: URL expansion (brace patterns, `pipe:`, http) and tar r
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -61,7 +62,10 @@ class DataConfig:
             raise ValueError(f"val_crop must be >= 8; got {self.val_crop}")
         if not 1 <= self.val_quality <= 100:
             raise ValueError(f"val_quality must be in [1, 100]; got {self.val_quality}")
-        self.patch.validate()
+        try:
+            self.patch.validate()
+        except ValueError as e:
+            raise ValueError(f"patch.{e}") from None
 
 
 def split_urls(cfg: DataConfig, split: str) -> list[str]:
@@ -100,14 +104,18 @@ def _owner(key: str, streams: int) -> int:
 
 
 class SkipLog:
-    """Counts samples that could not be used and says so on stderr: the first few, then at 10, 100, ..."""
+    """Counts samples that could not be used and says so on stderr: the first of each kind of
+    reason, the first few, then at 10, 100, 1000 and every 10,000."""
 
     def __init__(self, where: str):
-        self.where, self.count = where, 0
+        self.where, self.count, self.kinds = where, 0, set()
 
     def __call__(self, what: str, reason: str) -> None:
         self.count += 1
-        if self.count <= 3 or self.count in (10, 100, 1000) or self.count % 10000 == 0:
+        kind = reason.split(":")[0]
+        new_kind = kind not in self.kinds
+        self.kinds.add(kind)
+        if new_kind or self.count <= 3 or self.count in (10, 100, 1000) or self.count % 10000 == 0:
             print(f"restorer: warning: skipped {what}: {reason} ({self.count} skipped so far by {self.where})",
                   file=sys.stderr, flush=True)
 
@@ -166,11 +174,11 @@ class TrainPatches(IterableDataset):
     """
 
     def __init__(self, urls: list[str], cfg: DataConfig, *, batch_size: int, seed: int, rank: int,
-                 world_size: int, epoch: int = 0):
+                 world_size: int, epoch: int = 0, step: int = 0):
         if not urls:
             raise ValueError("no training shards")
         self.urls, self.cfg, self.batch_size = list(urls), cfg, batch_size
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, epoch
+        self.seed, self.rank, self.world_size, self.epoch, self.step = seed, rank, world_size, epoch, step
         self._stream: Optional[Iterator] = None
         p, c = cfg.patch.size, cfg.patch.channels
         self.ring = (torch.empty((cfg.workers, RING, 2, batch_size, p, p, c), dtype=torch.uint8).share_memory_()
@@ -194,7 +202,7 @@ class TrainPatches(IterableDataset):
 
     def _generate(self) -> Iterator:
         worker, workers, stream, streams = _stream_id(self.rank, self.world_size)
-        rng = np.random.default_rng([self.seed, self.rank, worker, self.epoch])
+        rng = np.random.default_rng([self.seed, self.rank, worker, self.epoch, self.step])
         skip = SkipLog(f"rank {self.rank} worker {worker}")
         if len(self.urls) >= streams:
             mine, keep = self.urls[stream::streams], None
@@ -252,6 +260,14 @@ class ValPairs(IterableDataset):
             yield *_batch([center_pair(image, self.cfg.val_crop, self.cfg.val_quality, self.cfg.patch.grayscale)]), key
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: torchrun and SLURM signal the whole process group; the trainer decides when to
+    stop (after saving) and its DataLoader ends the workers. A worker killed by that SIGTERM would
+    crash the trainer before it could save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _as_is(batch):
     """collate_fn: keep numpy arrays as they are (the default converts them to tensors in the worker)."""
     return batch
@@ -272,16 +288,17 @@ class EpochLoader:
 
 
 def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0, steps: Optional[int] = None, pin_memory: bool = False) -> EpochLoader:
+                 epoch: int = 0, step: int = 0, steps: Optional[int] = None, pin_memory: bool = False) -> EpochLoader:
     """Training batches for this rank, epoch after epoch: each `iter()` yields one epoch of
     (input, target) uint8 N x C x P x P, and the next one continues the same streams.
 
     `steps` (per epoch) defaults to `steps_per_epoch`; it is the same on every rank whatever the
-    shards. `epoch` is where the run starts (a resumed run starts later): it seeds the streams.
+    shards. `epoch` and `step` say where the run starts (a resumed run starts later); with the
+    seed, the rank and the worker they seed the streams, so a resumed run does not replay patches.
     """
     dataset = TrainPatches(split_urls(cfg, "train"), cfg, batch_size=batch_size, seed=seed, rank=rank,
-                           world_size=world_size, epoch=epoch)
-    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=cfg.workers,
+                           world_size=world_size, epoch=epoch, step=step)
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_ignore_stop_signals, num_workers=cfg.workers,
                         prefetch_factor=PREFETCH if cfg.workers else None, persistent_workers=cfg.workers > 0)
     return EpochLoader(loader, steps if steps is not None else steps_per_epoch(cfg, batch_size, world_size), pin_memory)
 
@@ -290,5 +307,5 @@ def val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
                pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
     """This rank's share of the validation images: (input, target, key), batch 1, deterministic."""
     dataset = ValPairs(split_urls(cfg, "val"), cfg, rank=rank, world_size=world_size)
-    for inputs, targets, key in DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=min(cfg.workers, 2)):
+    for inputs, targets, key in DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_ignore_stop_signals, num_workers=min(cfg.workers, 2)):
         yield *to_tensors(inputs, targets, pin_memory), key

@@ -1,0 +1,257 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden by `section.key=value` arguments,
+checked before anything starts. Every mistake becomes one ConfigError line naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from restorer.data.pipeline import DataConfig
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "seed"  # a key of restorer.models.MODELS
+    residual: bool = True  # output = input + network(input); the seed had none (false in seed.yaml)
+
+    def validate(self) -> None:
+        from restorer.models import MODELS
+
+        if self.name not in MODELS:
+            raise ValueError(f"name: unknown model {self.name!r}; choose from: {', '.join(sorted(MODELS))}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw
+    lr: float = 5e-4
+    last_lr_scale: float = 0.5  # the `last` layer's lr = lr x this (the seed: 0.5)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    loss: str = "mse_sum"  # mse_sum (the seed's MSELoss(reduction='sum')) | mse | l1
+    grad_clip: float = 0.0  # max gradient norm; 0: off
+    schedule: str = "constant"  # constant (the seed) | cosine | step
+    warmup_steps: int = 0
+    min_lr_scale: float = 0.0  # cosine: the lr it ends at, as a fraction of lr
+    step_every: int = 0  # step schedule: multiply the lr by step_gamma every this many steps
+    step_gamma: float = 0.5
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0: off
+
+    def validate(self) -> None:
+        choices = {"name": ("adam", "adamw"), "loss": ("mse_sum", "mse", "l1"),
+                   "schedule": ("constant", "cosine", "step")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema: must be in [0, 1), got {self.ema}")
+        if self.schedule == "step" and self.step_every <= 0:
+            raise ValueError("step_every: the step schedule needs step_every > 0")
+        for key in ("warmup_steps", "grad_clip", "weight_decay", "last_lr_scale", "min_lr_scale"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"  # the run directory: config.yaml, metrics.jsonl, last.pt, best.pt
+    epochs: int = 100
+    max_steps: int = 0  # stop after this many optimizer steps; > 0 takes precedence over epochs
+    batch_size: int = 8  # per rank and per micro-step: the global batch is x ranks x grad_accum
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto (cuda when available) | cuda | cpu
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; a GradScaler only for fp16)
+    channels_last: bool = False
+    compile: bool = False
+    resume: bool = True  # continue from out_dir/last.pt when it exists; false starts fresh
+    max_nonfinite: int = 20  # this many non-finite losses in a row stop the run
+    stop_grace_s: float = 25.0  # after SIGTERM/SIGUSR1, exit by force if a step never ends
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device: {self.device!r} is not one of auto, cuda, cpu")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision: {self.precision!r} is not one of fp32, bf16, fp16")
+        for key in ("epochs", "batch_size", "grad_accum", "max_nonfinite"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps: must be >= 0, got {self.max_steps}")
+        if not self.out_dir:
+            raise ValueError("out_dir: must be set")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # write last.pt every this many steps (and at the end)
+    keep: int = 0  # also keep step-NNNNNNNN.pt copies of the last this many saves; 0: none
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every: must be >= 1, got {self.every}")
+        if self.keep < 0:
+            raise ValueError(f"keep: must be >= 0, got {self.keep}")
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # a metrics.jsonl line every this many steps
+    val_every: int = 1000  # validate every this many steps (and at the end); 0: only at the end
+    progress: bool = True  # rank 0's tqdm bar
+    tensorboard: bool = True  # scalars into out_dir/tb when the tensorboard package is installed
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every: must be >= 1, got {self.every}")
+        if self.val_every < 0:
+            raise ValueError(f"val_every: must be >= 0, got {self.val_every}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            try:
+                getattr(self, f.name).validate()
+            except ValueError as e:
+                raise ConfigError(f"{f.name}.{e}") from None
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists, recursively: YAML- and torch.load(weights_only)-friendly."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as type `hint`, or ConfigError naming `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return from_dict(hint, value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {list(value)}")
+        item_hints = [args[0]] * len(value) if (origin is list or args[-1] is Ellipsis) else list(args)
+        items = [_coerce(v, h, f"{key}[{i}]") for i, (v, h) in enumerate(zip(value, item_hints))]
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def from_dict(cls: type, values: dict, prefix: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys are errors that list the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {full}; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (10, 1e-3, true, [10, 60])."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not key=value (for example train.max_steps=100)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """The config file (if any) with the overrides applied, validated."""
+    raw: dict = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected sections (data, model, optim, train, checkpoint, log) at the top")
+    for override in overrides:
+        apply_override(raw, override)
+    cfg = from_dict(Config, raw)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(values: dict) -> Config:
+    """A Config saved by `to_dict` (in a checkpoint), rebuilt."""
+    return from_dict(Config, values)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,218 @@
+"""The trainer, for real: torchrun with gloo on the CPU, tiny shards, real signals and kills."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, encode, photo_like, write
+from restorer.checkpoint import load_checkpoint, save_checkpoint
+from restorer.data.sharding import PackOptions, run
+from restorer.models import build_model
+
+# tiny and fast: patch 32, batch 2, one DataLoader worker per rank
+TINY = ["data.patch.size=32", "data.patches_per_image=8", "data.shuffle_buffer=16", "data.workers=1",
+        "data.val_crop=64", "train.batch_size=2", "log.every=2", "log.progress=false", "log.tensorboard=false"]
+
+
+def _pack(root: Path, n_images: int, maxcount: int, val: int = 2) -> Path:
+    for i in range(n_images):
+        write(root / "src" / f"p{i:02d}.jpg", encode(photo_like(120, 100, 100 + i), "JPEG", quality=95))
+    run(PackOptions(sources=(str(root / "src"),), val_count=val, maxcount=maxcount, min_side=64),
+        root / "shards", workers=1, force=True, log=lambda *a: None)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return _pack(tmp_path_factory.mktemp("train"), 10, maxcount=3)  # 8 train images in 3 shards
+
+
+def _cmd(nproc: int, shards: Path, out: Path, *overrides: str, torchrun_args: tuple = ()) -> list[str]:
+    launch = [str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "cpu.yaml"),
+              f"data.shards={shards}", f"train.out_dir={out}", *TINY, *overrides]
+    if nproc == 0:
+        return [sys.executable, *launch]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--standalone", *torchrun_args, *launch]
+
+
+def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return p
+
+
+def _ok(p: subprocess.CompletedProcess) -> None:
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_lines(out: Path) -> list[dict]:
+    return [m for m in _metrics(out) if "loss" in m]
+
+
+# ----------------------------------------------------------------------------- fast: one process
+
+
+def test_bad_config_and_missing_shards_exit_2_with_one_line(tmp_path, shards):
+    for overrides, message in (
+        (["train.max_step=5"], "unknown key train.max_step"),
+        ([f"data.shards={tmp_path}/nothing"], "no shard manifest at"),
+        (["optim.lr=fast"], "optim.lr: expected a number"),
+    ):
+        p = _run(_cmd(0, shards, tmp_path / "out", *overrides))
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.startswith("train: error: ") and p.stderr.count("\n") == 1, p.stderr
+        assert message in p.stderr and "Traceback" not in p.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_one_process_trains_validates_and_checkpoints(tmp_path, shards):
+    out = tmp_path / "run"
+    _ok(_run(_cmd(0, shards, out, "train.max_steps=6", "log.val_every=3", "checkpoint.every=3")))
+    state = load_checkpoint(out / "last.pt")
+    assert state["step"] == 6 and state["model_name"] == "seed"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    model = build_model(state["model_name"], **state["model_args"])
+    model.load_state_dict(state["model"])  # the network rebuilds from the checkpoint alone
+    vals = [m for m in _metrics(out) if "val_psnr" in m]
+    assert [v["step"] for v in vals] == [3, 6] and all(v["val_images"] == 2 for v in vals)
+    assert (out / "best.pt").exists() and (out / "config.yaml").exists()
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.slow
+def test_two_ranks_learn_and_only_rank0_writes(tmp_path, shards):
+    out = tmp_path / "run"
+    _ok(_run(_cmd(2, shards, out, "train.max_steps=30", "log.val_every=0", "checkpoint.every=10",
+                  "checkpoint.keep=2", "optim.lr=2e-3")))
+    lines = _train_lines(out)
+    assert [m["step"] for m in lines] == list(range(2, 31, 2))  # one writer: no step logged twice
+    first, last = lines[0]["loss"], sum(m["loss"] for m in lines[-3:]) / 3
+    assert last < first, (first, last)
+    events = [m["event"] for m in _metrics(out) if "event" in m]
+    assert events == ["start", "finished"]
+    start = _metrics(out)[0]
+    assert start["world_size"] == 2 and start["total_steps"] == 30
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt", "step-00000020.pt", "step-00000030.pt"]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    assert load_checkpoint(out / "last.pt")["step"] == 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("maxcount", [3, 8])  # 3 shards, then 1 shard, for 2 ranks x 2 workers
+def test_uneven_shards_never_hang(tmp_path, maxcount):
+    data = _pack(tmp_path, 10, maxcount=maxcount)
+    out = tmp_path / "run"
+    # an epoch is 8 images x 8 patches / (2 per batch x 2 ranks) = 16 steps: run past one epoch
+    _ok(_run(_cmd(2, data, out, "data.workers=2", "train.max_steps=20", "log.val_every=0"), timeout=180))
+    assert load_checkpoint(out / "last.pt")["step"] == 20
+    assert _metrics(out)[0]["steps_per_epoch"] == 16
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                kids.append(int(stat.parent.name))
+    return kids
+
+
+def _wait_for(cond, proc: subprocess.Popen, what: str, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert proc.poll() is None, f"ended before {what}: {proc.communicate()[1][-4000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # polling an observable file, not guessing a duration
+
+
+def _logged_step(out: Path) -> int:
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        lines = _train_lines(out)
+        return lines[-1]["step"] if lines else 0
+    return 0
+
+
+@pytest.mark.slow
+def test_sigterm_saves_now_and_a_restart_resumes_to_the_same_end(tmp_path, shards):
+    common = ("train.max_steps=40", "log.val_every=0", "checkpoint.every=1000", "optim.schedule=cosine",
+              "optim.warmup_steps=4")
+    reference = tmp_path / "reference"
+    _ok(_run(_cmd(2, shards, reference, *common)))
+
+    out = tmp_path / "run"
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_cmd(2, shards, out, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    _wait_for(lambda: _logged_step(out) >= 10, proc, "step 10")
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - t < 25, "did not stop within the grace period"
+    # torchrun forwards SIGTERM to the ranks, waits for them, then exits 1 itself (it was signalled)
+    assert "stopped by SIGTERM at step" in stderr, stderr[-4000:]
+    assert str(REPO / "restorer") not in stderr  # the only traceback is torchrun's own SignalException
+    stopped = load_checkpoint(out / "last.pt")["step"]
+    assert 10 <= stopped < 40 and _metrics(out)[-1] == {"event": "stopped", "step": stopped,
+                                                         "signal": "SIGTERM", "nonfinite": 0}
+
+    _ok(_run(_cmd(2, shards, out, *common)))
+    resumed = [m for m in _metrics(out) if m.get("event") == "resume"]
+    assert resumed and resumed[0]["step"] == stopped
+    steps = [m["step"] for m in _train_lines(out)]
+    assert len(steps) == len(set(steps)) and steps[-1] == 40  # no step done twice
+    assert _train_lines(out)[-1]["lr"] == pytest.approx(_train_lines(reference)[-1]["lr"])
+    assert load_checkpoint(out / "last.pt")["step"] == 40
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, shards):
+    out = tmp_path / "run"
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # stop_grace_s: the surviving rank is stuck in a collective with the dead one; torchrun SIGTERMs it
+    proc = subprocess.Popen(_cmd(2, shards, out, "train.max_steps=30", "checkpoint.every=4", "log.val_every=0",
+                                 "train.stop_grace_s=5",
+                                 torchrun_args=("--max_restarts", "1")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(lambda: (out / "last.pt").exists() and _logged_step(out) >= 8, proc, "a checkpoint")
+    workers = [pid for pid in _children(proc.pid) if b"launch/train.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-4000:]
+    events = [m.get("event") for m in _metrics(out) if "event" in m]
+    assert events[:2] == ["start", "resume"] and events[-1] == "finished"
+    assert load_checkpoint(out / "last.pt")["step"] == 30
+
+
+@pytest.mark.slow
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    script = (f"import torch, sys; sys.path.insert(0, {str(REPO)!r}); "
+              "from restorer.checkpoint import save_checkpoint; "
+              f"save_checkpoint({str(path)!r}, {{'step': 2, 'w': torch.zeros(150_000_000)}})")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    _wait_for(lambda: any(p.name.startswith(".last.pt.tmp") and p.stat().st_size > 1_000_000
+                          for p in tmp_path.iterdir()), proc, "the temporary file")
+    proc.kill()
+    proc.wait()
+    state = load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
