@@ -26,6 +26,7 @@ test-fast: install
 bench: install
 	$(PY) bench/shards.py
 	$(PY) bench/loader.py
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache demo

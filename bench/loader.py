@@ -34,12 +34,10 @@ import multiprocessing
 import os
 import pstats
 import random
-import struct
 import sys
 import tarfile
 import tempfile
 import time
-import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,6 +49,7 @@ from restorer.data import decode_image  # noqa: E402
 from restorer.data.degrade import PatchSpec, jpeg_decode, random_patch  # noqa: E402
 from restorer.data.pipeline import DataConfig, train_loader  # noqa: E402
 from restorer.data.sharding import PackOptions, run  # noqa: E402
+from shards import unique_variant  # noqa: E402  (bench/shards.py: this folder is on sys.path)
 
 SIZES = {"PNG": (2040, 1360), "JPEG": (2560, 1600)}  # 2.8 MP and 4.1 MP
 SOURCES = ["astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg",
@@ -87,16 +86,6 @@ def base_photo(task: tuple[str, str, int]) -> tuple[str, bytes]:
     Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).save(
         buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     return fmt, buf.getvalue()
-
-
-def unique_variant(data: bytes, fmt: str, tag: int) -> bytes:
-    """The same picture with a different byte string: a JPEG COM segment or a PNG tEXt chunk."""
-    text = f"bench copy {tag}".encode()
-    if fmt == "JPEG":  # after SOI (FFD8)
-        return data[:2] + b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text + data[2:]
-    body = b"tEXt" + b"Comment\x00" + text  # before IEND (the last 12 bytes)
-    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
-    return data[:-12] + chunk + data[-12:]
 
 
 def make_photos(folder: Path, count: int, workers: int) -> list[Path]:

@@ -98,7 +98,7 @@ def validate(model: nn.Module, cfg: Config, info: dist.DistInfo) -> dict:
     validation images, summed over all ranks: exact means, whatever the split."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # psnr, psnr_jpeg, ssim, ssim_jpeg, images
+    sums = torch.zeros(5, dtype=torch.float64, device=info.device)  # psnr, psnr_jpeg, ssim, ssim_jpeg, images
     for inputs, targets, _ in val_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                                          pin_memory=info.device.type == "cuda"):
         x = to_model_input(inputs, info.device, cfg.train.channels_last)
@@ -106,8 +106,8 @@ def validate(model: nn.Module, cfg: Config, info: dist.DistInfo) -> dict:
         with autocast(info.device, cfg.train.precision):
             out = model(x)
         out = out.float().clamp_(0, 1)
-        sums += torch.tensor([psnr(out, y).sum(), psnr(x, y).sum(), ssim(out, y).sum(), ssim(x, y).sum(),
-                              len(x)], dtype=torch.float64)
+        sums += torch.stack([psnr(out, y).sum(), psnr(x, y).sum(), ssim(out, y).sum(), ssim(x, y).sum(),
+                             torch.tensor(float(len(x)), device=info.device)]).double()
     model.train(was_training)
     dist.all_reduce(sums)
     n = max(sums[4].item(), 1)
@@ -223,6 +223,9 @@ def train(cfg: Config) -> dict:
     step, best_psnr = 0, -math.inf
     if cfg.train.resume and (out_dir / LAST).exists():
         state = load_checkpoint(out_dir / LAST)
+        if (state["model_name"], state["model_args"]) != (cfg.model.name, model_args):
+            raise TrainingError(f"{out_dir / LAST} is a {state['model_name']} {state['model_args']} checkpoint, "
+                                f"not {cfg.model.name} {model_args}: use another train.out_dir, or train.resume=false")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -298,9 +301,10 @@ def train(cfg: Config) -> dict:
                 with torch.no_grad():
                     target_sum += criterion(x, y)
             # one collective a step: did any rank get a signal, or a non-finite loss?
-            flags = dist.all_reduce(torch.tensor([float(stop.signal is not None),
-                                                  float(not torch.isfinite(torch.as_tensor(loss_sum)).item())]),
-                                    op=torch.distributed.ReduceOp.MAX)
+            # (on the device: nccl reduces CUDA tensors only)
+            flags = dist.all_reduce(torch.stack([torch.tensor(float(stop.signal is not None), device=info.device),
+                                                 (~torch.isfinite(torch.as_tensor(loss_sum, device=info.device))).float()]),
+                                    op=torch.distributed.ReduceOp.MAX).tolist()
             if flags[1]:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_in_row += 1
@@ -320,6 +324,7 @@ def train(cfg: Config) -> dict:
                     with torch.no_grad():
                         for e, p in zip(ema.parameters(), model.parameters()):
                             e.lerp_(p, 1 - cfg.optim.ema)
+            step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used
             scheduler.step()
             step += 1
             window["loss"] += float(loss_sum) / cfg.train.grad_accum
@@ -330,7 +335,7 @@ def train(cfg: Config) -> dict:
             if info.is_main and (step % cfg.log.every == 0 or step == total_steps):
                 now = time.perf_counter()
                 record = {"step": step, "epoch": step / steps_epoch, "loss": window["loss"] / window["steps"],
-                          "target": window["target"] / window["steps"], "lr": scheduler.get_last_lr()[0],
+                          "target": window["target"] / window["steps"], "lr": step_lr,
                           "patches_per_s": window["patches"] / (now - window["t"]), "nonfinite": nonfinite_total}
                 log.write(record)
                 if bar is not None:

@@ -91,6 +91,29 @@ def test_one_process_trains_validates_and_checkpoints(tmp_path, shards):
     vals = [m for m in _metrics(out) if "val_psnr" in m]
     assert [v["step"] for v in vals] == [3, 6] and all(v["val_images"] == 2 for v in vals)
     assert (out / "best.pt").exists() and (out / "config.yaml").exists()
+    # resuming into a run of another network is refused, not half-loaded
+    p = _run(_cmd(0, shards, out, "train.max_steps=8", "model.residual=false"))
+    assert p.returncode == 1 and "use another train.out_dir, or train.resume=false" in p.stderr
+
+
+def test_the_loop_switches_work_together(tmp_path, shards):
+    out = tmp_path / "run"
+    _ok(_run(_cmd(0, shards, out, "train.max_steps=4", "train.grad_accum=2", "train.precision=bf16",
+                  "train.channels_last=true", "optim.ema=0.9", "optim.schedule=cosine", "optim.warmup_steps=2",
+                  "optim.grad_clip=0.5", "optim.name=adamw", "log.val_every=2", "log.every=1")))
+    state = load_checkpoint(out / "last.pt")
+    assert state["step"] == 4 and "ema" in state
+    lines = _train_lines(out)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert lines[0]["lr"] == pytest.approx(5e-4 * 0.5)  # warmup: step 1 of 2
+    assert lines[0]["patches_per_s"] > 0 and all(m["nonfinite"] == 0 for m in lines)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path, shards):
+    p = _run(_cmd(0, shards, tmp_path / "run", "train.max_steps=50", "optim.lr=1e12", "optim.loss=mse_sum",
+                  "train.max_nonfinite=3", "log.val_every=0"))
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "non-finite losses in a row" in p.stderr and "Traceback" not in p.stderr
 
 
 # ----------------------------------------------------------------------------- torchrun
