@@ -1,0 +1,113 @@
+"""SLURM jobs on a real controller and compute daemon (started by the fixture), CPU and gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import slurm_cluster
+from helpers import REPO
+from restorer.checkpoint import load_checkpoint
+from test_train import TINY, _metrics, _pack, _train_lines
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = slurm_cluster.missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SLURM tests: {why}")
+        pytest.skip(why)
+    c = slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return _pack(tmp_path_factory.mktemp("slurmdata"), 10, maxcount=3)
+
+
+def _args(shards: Path, out: Path, *overrides: str) -> list[str]:
+    return ["--config", str(REPO / "configs" / "cpu.yaml"), f"data.shards={shards}", f"train.out_dir={out}",
+            *TINY, "log.val_every=0", *overrides]
+
+
+def _sbatch(cluster, out: Path, *args: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    p = cluster.run("sbatch", "--parsable", "--cpus-per-task=2", f"--output={out}/slurm-%j.out",
+                    f"--export=ALL,NPROC_PER_NODE=2,PYTHON={sys.executable},RESTORER_DIR={REPO}",
+                    str(REPO / "launch" / "slurm" / "train.sbatch"), *args)
+    return p.stdout.strip().split(";")[0]
+
+
+def _wait(cluster, job: str, until, what: str, limit: float = 240) -> dict:
+    deadline = time.monotonic() + limit
+    while True:
+        state = cluster.job_state(job)
+        if until(state):
+            return state
+        assert state.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), state
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {state}"
+        time.sleep(0.5)  # polling the controller, not guessing a duration
+
+
+def _log(out: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in out.glob("slurm-*.out"))
+
+
+def test_sbatch_trains_two_ranks_to_the_end(cluster, shards, tmp_path):
+    out = tmp_path / "run"
+    job = _sbatch(cluster, out, *_args(shards, out, "train.max_steps=8"))
+    state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED", "the job to complete")
+    assert state["ExitCode"] == "0:0", _log(out)
+    assert load_checkpoint(out / "last.pt")["step"] == 8
+    assert _metrics(out)[0]["world_size"] == 2
+    assert f"restorer: job {job} restart 0: 1 node(s) x 2" in _log(out)
+
+
+def test_time_limit_warning_requeues_and_the_job_resumes(cluster, shards, tmp_path):
+    out = tmp_path / "run"
+    job = _sbatch(cluster, out, *_args(shards, out, "train.max_steps=60", "checkpoint.every=1000"))
+
+    def logged_step() -> int:
+        try:
+            lines = _train_lines(out)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0
+        return lines[-1]["step"] if lines else 0
+
+    _wait(cluster, job, lambda s: logged_step() >= 6, "training to reach step 6")
+    # what --signal=B:USR1@N does before the time limit: USR1 to the batch shell only
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+    state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1",
+                  "the requeued job to complete")
+    assert state["ExitCode"] == "0:0", _log(out)
+    log = _log(out)
+    assert f"requeueing job {job}" in log and f"restorer: job {job} restart 1:" in log
+    events = [m for m in _metrics(out) if "event" in m]
+    assert [e["event"] for e in events] == ["start", "stopped", "resume", "finished"]
+    stopped = events[1]["step"]
+    assert 6 <= stopped < 60 and events[2]["step"] == stopped  # resumed where it saved
+    steps = [m["step"] for m in _train_lines(out)]
+    assert len(steps) == len(set(steps)) and steps[-1] == 60  # no step done twice
+    assert load_checkpoint(out / "last.pt")["step"] == 60
+
+
+def test_srun_one_task_per_rank_without_torchrun(cluster, shards, tmp_path):
+    out = tmp_path / "run"
+    p = cluster.run("srun", "--ntasks=2", "--cpus-per-task=1", f"--chdir={REPO}", "--export=ALL,OMP_NUM_THREADS=1",
+                    sys.executable, str(REPO / "launch" / "train.py"), *_args(shards, out, "train.max_steps=6"),
+                    check=False)
+    assert p.returncode == 0, p.stderr[-4000:]
+    start = _metrics(out)[0]
+    assert start["world_size"] == 2 and start["event"] == "start"
+    assert [m["step"] for m in _train_lines(out)] == [2, 4, 6]
+    assert load_checkpoint(out / "last.pt")["step"] == 6
