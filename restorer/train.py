@@ -277,7 +277,9 @@ def train(cfg: Config) -> dict:
     if info.is_main and cfg.log.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        # in a log file (SLURM, nohup) a redraw every minute, not ten a second
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   mininterval=0.5 if sys.stderr.isatty() else 60)
     window = {"loss": 0.0, "target": 0.0, "steps": 0, "patches": 0, "t": time.perf_counter()}
     nonfinite_in_row = nonfinite_total = 0
     stopped_by = None

@@ -1,0 +1,227 @@
+"""restorer.restore: tiled inference, the CLI, the compare picture, the memory bound."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from helpers import encode, photo_like, write
+from restorer.checkpoint import save_checkpoint
+from restorer.models import build_model
+from restorer.restore import LABEL_H, compare_size, load_model, main, restore_array
+
+
+def _model(std: float = 0.005, seed: int = 0, in_channels: int = 3) -> nn.Module:
+    """A residual seed net whose last layer is perturbed: clearly not the identity."""
+    torch.manual_seed(seed)
+    m = build_model("seed", in_channels=in_channels, residual=True)
+    with torch.no_grad():
+        m.last.weight.normal_(0, std)
+    return m.eval()
+
+
+def _ckpt(path, model: nn.Module, grayscale: bool = False, ema: nn.Module | None = None):
+    state = {
+        "model": model.state_dict(),
+        "model_name": "seed",
+        "model_args": {"in_channels": 1 if grayscale else 3, "residual": True},
+        "config": {"data": {"patch": {"grayscale": grayscale}}},
+    }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    save_checkpoint(path, state)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return _ckpt(tmp_path_factory.mktemp("ckpt") / "best.pt", _model())
+
+
+def _jpeg(path, w, h, seed=1, gray=False, quality=30):
+    arr = photo_like(w, h, seed, channels=1 if gray else 3)
+    return write(path, encode(arr, "JPEG", quality=quality))
+
+
+def _decode_png(path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im)
+
+
+def test_round_trip_file_matches_array(tmp_path, ckpt):
+    src = _jpeg(tmp_path / "in" / "photo.jpg", 200, 150)
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(ckpt), str(src), "--out", str(out), "--tile", "64", "--overlap", "16"]) == 0
+    model, gray = load_model(ckpt, "cpu")
+    assert gray is False
+    with Image.open(src) as im:
+        image = np.asarray(im.convert("RGB"))
+    expected = restore_array(model, image, tile=64, overlap=16, batch=8, device="cpu")
+    assert expected.shape == (150, 200, 3) and expected.dtype == np.uint8
+    png = _decode_png(out / "photo.png")
+    assert png.shape == (150, 200, 3) and png.dtype == np.uint8
+    np.testing.assert_array_equal(png, expected)
+    assert np.abs(expected.astype(int) - image).mean() > 1  # the model does something
+
+
+@pytest.mark.parametrize(("std", "overlap", "max_diff"), [(0.005, 16, 2), (0.05, 32, 1)])
+def test_tiled_equals_whole(std, overlap, max_diff):
+    model = _model(std)
+    image = photo_like(200, 150, 3)
+    whole = restore_array(model, image, tile=256, overlap=32)
+    tiled = restore_array(model, image, tile=64, overlap=overlap, batch=3)
+    assert np.abs(whole.astype(int) - image).mean() > 3  # not the identity
+    diff = np.abs(whole.astype(int) - tiled)
+    assert diff.max() <= max_diff
+    assert diff.mean() < 0.5
+
+
+def test_load_model_prefers_ema(tmp_path):
+    plain, ema = _model(0.005, seed=0), _model(0.005, seed=1)
+    path = _ckpt(tmp_path / "c.pt", plain, ema=ema)
+    model, _ = load_model(path, "cpu")
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+
+
+@pytest.mark.parametrize(("h", "w"), [(37, 53), (129, 257), (1, 1), (5, 300)])
+def test_odd_sizes(h, w):
+    model = _model()
+    image = photo_like(w, h, 4)
+    out = restore_array(model, image, tile=64, overlap=16)
+    assert out.shape == (h, w, 3) and out.dtype == np.uint8
+
+
+def test_grayscale_stays_grayscale(tmp_path, ckpt):
+    src = _jpeg(tmp_path / "in" / "gray.jpg", 129, 97, gray=True)
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(ckpt), str(src), "--out", str(out), "--tile", "64", "--overlap", "16"]) == 0
+    with Image.open(out / "gray.png") as im:
+        assert im.mode == "L" and im.size == (129, 97)
+
+
+def test_grayscale_model(tmp_path):
+    path = _ckpt(tmp_path / "g.pt", _model(in_channels=1), grayscale=True)
+    _, gray = load_model(path, "cpu")
+    assert gray is True
+    _jpeg(tmp_path / "in" / "g.jpg", 70, 50, gray=True)
+    _jpeg(tmp_path / "in" / "c.jpg", 70, 50)
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(path), str(tmp_path / "in"), "--out", str(out), "--tile", "64", "--overlap", "16"]) == 0
+    with Image.open(out / "g.png") as im:
+        assert im.mode == "L"
+    with Image.open(out / "c.png") as im:
+        assert im.mode == "RGB" and im.size == (70, 50)
+
+
+def test_skipped_inputs_reported_others_restored(tmp_path, ckpt, capsys):
+    inp = tmp_path / "in"
+    _jpeg(inp / "good.jpg", 80, 60)
+    _jpeg(inp / "sub" / "Other.JPEG", 40, 30, seed=2)
+    write(inp / "text.jpg", b"this is not a picture\n")
+    write(inp / "empty.png", b"")
+    write(inp / "notes.txt", b"ignored: not an image extension")
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(ckpt), str(inp), "--out", str(out), "--tile", "64", "--overlap", "16"]) == 0
+    captured = capsys.readouterr()
+    skips = [line for line in captured.err.splitlines() if line.startswith("skipped ")]
+    assert len(skips) == 2
+    assert any("text.jpg" in s for s in skips) and any("empty.png" in s for s in skips)
+    assert sorted(p.name for p in out.iterdir()) == ["Other.png", "good.png"]
+    assert "restored 2, skipped 2" in captured.out
+
+
+def test_all_skipped_exit_1(tmp_path, ckpt, capsys):
+    bad = write(tmp_path / "bad.jpg", b"nope")
+    assert main(["--ckpt", str(ckpt), str(bad), "--out", str(tmp_path / "out")]) == 1
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_argument_errors_exit_2_one_line(tmp_path, ckpt, capsys):
+    src = _jpeg(tmp_path / "a.jpg", 40, 30)
+    assert main(["--ckpt", str(tmp_path / "missing.pt"), str(src), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.pt" in err and "Traceback" not in err
+    (tmp_path / "empty_dir").mkdir()
+    assert main(["--ckpt", str(ckpt), str(tmp_path / "empty_dir"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no input" in err
+    assert main(["--ckpt", str(ckpt), str(src), "--out", str(tmp_path / "o"), "--tile", "60"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_subprocess_missing_ckpt(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    r = subprocess.run([sys.executable, "-m", "restorer.restore", "--ckpt", str(tmp_path / "x.pt"),
+                        str(tmp_path), "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("with_reference", [True, False])
+def test_compare_picture(tmp_path, ckpt, with_reference):
+    w, h = 200, 150
+    original = photo_like(w, h, 5)
+    src = write(tmp_path / "in" / "pic.jpg", encode(original, "JPEG", quality=20))
+    args = ["--ckpt", str(ckpt), str(src), "--out", str(tmp_path / "out"), "--tile", "64", "--overlap", "16",
+            "--compare"]
+    if with_reference:
+        write(tmp_path / "ref" / "pic.PNG", encode(original, "PNG"))
+        args += ["--reference", str(tmp_path / "ref")]
+    assert main(args) == 0
+    n = 3 if with_reference else 2
+    # Documented geometry: column = max(panel_w, 4 * min(64, W)); height = 16 + panel_h + 4 * min(64, H).
+    col_w = max(w, 4 * 64)
+    assert compare_size(w, h, with_reference) == (n * col_w, LABEL_H + h + 4 * 64)
+    with Image.open(tmp_path / "out" / "pic_compare.png") as im:
+        assert im.size == (n * col_w, 16 + h + 256)
+        pic = np.asarray(im.convert("RGB"))
+    restored = _decode_png(tmp_path / "out" / "pic.png")
+    np.testing.assert_array_equal(pic[16:16 + h, col_w:col_w + w], restored)  # the restored panel, 1:1
+    if with_reference:
+        np.testing.assert_array_equal(pic[16:16 + h, 2 * col_w:2 * col_w + w], original)
+
+
+def test_compare_size_wide_images():
+    assert compare_size(2048, 1000, True) == (3 * 1024, 16 + 500 + 256)
+    assert compare_size(30, 20, False) == (2 * 120, 16 + 20 + 80)
+
+
+class _Tiny(nn.Module):
+    in_channels = 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return x + 0.01 * self.conv(x)
+
+
+def test_memory_bounded_by_tile():
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    h, w = 900, 1200
+    image = photo_like(w, h, 6)
+    full_float = h * w * 3 * 4
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        out = restore_array(model, image, tile=128, overlap=32, batch=4)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (h, w, 3)
+    # the uint8 output (3.24 MB) plus band-sized buffers; one float32 copy would be 12.96 MB
+    assert peak < out.nbytes + full_float / 2, peak
