@@ -341,9 +341,9 @@ def train(cfg: Config) -> dict:
                           "patches_per_s": window["patches"] / (now - window["t"]), "nonfinite": nonfinite_total}
                 log.write(record)
                 if bar is not None:
-                    bar.set_description(f"epoch {epoch}")
+                    bar.set_description(f"epoch {epoch}", refresh=False)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", target=f"{record['target']:.4g}",
-                                    patches_s=f"{record['patches_per_s']:.0f}")
+                                    patches_s=f"{record['patches_per_s']:.0f}", refresh=False)
                 window = {"loss": 0.0, "target": 0.0, "steps": 0, "patches": 0, "t": now}
             if bar is not None:
                 bar.update()
