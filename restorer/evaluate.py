@@ -41,13 +41,13 @@ import numpy as np
 import torch
 
 from restorer.data import decode_image
+from restorer.data.decode import IMAGE_EXTENSIONS
 from restorer.data.degrade import jpeg_decode, jpeg_encode, to_gray
 from restorer.fileio import atomic_write_json
 from restorer.metrics import psnr, psnr_b, ssim
 from restorer.restore import load_model as restore_load_model
-from restorer.restore import resolve_device
+from restorer.restore import find_inputs, resolve_device
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 METRICS = ("psnr", "ssim", "psnrb")
 KEYS = tuple(f"{m}_{s}" for m in METRICS for s in ("jpeg", "model"))
 DEFAULT_MAX_SIDE = 1024
@@ -82,10 +82,6 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
 def luma_to_y(x: torch.Tensor) -> torch.Tensor:
     """Full-range luma in [0, 1] -> MATLAB-convention Y in [16/255, 235/255]."""
     return _Y_OFFSET + (219.0 / 255.0) * x
-
-
-def find_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def prepare_clean(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
@@ -153,7 +149,7 @@ def _evaluate(ckpt_path, images_dir, qualities, y_channel, device, max_side) -> 
     root = Path(images_dir)
     if not root.is_dir():
         raise EvaluateError(f"image directory not found: {root}")
-    paths = find_images(root)
+    paths = find_inputs([str(root)])[0]
     if not paths:
         raise EvaluateError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
 

@@ -61,11 +61,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from restorer.checkpoint import load_checkpoint
-from restorer.data.decode import ImageDecodeError, load_image, to_rgb_array
+from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, load_image, to_rgb_array
 from restorer.fileio import atomic_open
 from restorer.models import build_model
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
 MIN_WEIGHT = 1e-3
 

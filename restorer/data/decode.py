@@ -44,6 +44,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 120_000_000
+# File name extensions taken as images everywhere (shard tool, restore, evaluate), any case.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 _EXTENSIONS = {
     "JPEG": "jpg",

@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
-from restorer.data.decode import ImageDecodeError, decode_image
+from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 from restorer.data.degrade import PatchSpec, center_pair, jpeg_decode, random_patch
 from restorer.data.manifest import load_manifest, shard_paths
 
-IMAGE_MEMBERS = ("jpg", "png", "webp", "bmp", "tif", "jpeg", "tiff")
+IMAGE_MEMBERS = tuple(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))  # webdataset member names: no dot
 
 
 @dataclass

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from restorer.data.decode import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
     ImageDecodeError,
     canonical_extension,
     load_image,
@@ -52,7 +53,6 @@ from restorer.data.decode import (
 from restorer.data.manifest import MANIFEST_NAME, FORMAT_NAME, FORMAT_VERSION, SPLITS, shard_name
 from restorer.fileio import atomic_open, atomic_write_json, commit, temp_path
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 STATE_DIR = ".make_shards"
 TAR_MTIME = 946684800  # fixed member time (2000-01-01): identical inputs give identical tars
 TAR_BLOCK = 512
