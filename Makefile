@@ -7,14 +7,14 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install test test-fast bench demo clean
+.PHONY: install test test-fast bench gpu-check demo clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev,demo]"
+	$(PIP) -e ".[dev,demo,plot,export,bench]"
 	touch $@
 
 test: install
@@ -27,6 +27,11 @@ bench: install
 	$(PY) bench/shards.py
 	$(PY) bench/loader.py
 	$(PY) bench/train_step.py
+	$(PY) bench/models.py
+
+# on a machine with CUDA: train step, is the GPU fed, nccl, a 24 MP restore (bench/gpu_check.py)
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache demo

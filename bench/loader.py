@@ -18,6 +18,9 @@ packed with the real shard tool.
              patches/s / workers (the main process only collects batches)
   floor      random_patch + jpeg_decode on an image already decoded in memory, one process
   amortized  ours with patches_per_image = 100000: one decode per worker, then only patch work
+  chroma     ours with data.patch.chroma = random (4:4:4, 4:2:2 or 4:2:0 per patch)
+  double     ours with data.patch.double_p = 1: every patch JPEG-compressed twice (FBCNN's recipe:
+             q1 in [10, 95], a 0-7 px shift, then q10), the worst case of that setting
 
 The alternatives run in turn, `--rounds` times; each figure is the best round (this machine's speed
 drifts, and noise only ever slows a run down). The last line printed is one JSON object of the figures.
@@ -310,20 +313,22 @@ def main() -> None:
 
         cfg = DataConfig(shards=str(out), workers=args.workers)
         amortized_cfg = replace(cfg, patches_per_image=AMORTIZED_PATCHES_PER_IMAGE)
+        chroma_cfg = replace(cfg, patch=replace(cfg.patch, chroma="random"))
+        double_cfg = replace(cfg, patch=replace(cfg.patch, double_p=1.0))
         # start-up: until every worker's shuffle buffer is full and its prefetch queue has turned over
         warmup = math.ceil(cfg.shuffle_buffer * args.workers / BATCH) + 4 * args.workers + 8
         spec = cfg.patch
 
-        rows: dict[str, list[float]] = {"seed": [], "ours": [], "floor": [], "amortized": []}
-        cpu: dict[str, list[float]] = {"ours": [], "amortized": []}
-        main_share: dict[str, list[float]] = {"ours": [], "amortized": []}
+        rows: dict[str, list[float]] = {"seed": [], "ours": [], "floor": [], "amortized": [], "chroma": [], "double": []}
+        cpu: dict[str, list[float]] = {"ours": [], "amortized": [], "chroma": [], "double": []}
+        main_share: dict[str, list[float]] = {"ours": [], "amortized": [], "chroma": [], "double": []}
         floor_split = []
         for r in range(args.rounds):
             rows["seed"].append(bench_seed(paths, args.seed_samples, r))
             fps, cut_ms, dec_ms, jpeg_bytes = bench_floor(images, args.floor_patches, spec, r, cfg.patches_per_image)
             rows["floor"].append(fps)
             floor_split.append((cut_ms, dec_ms, jpeg_bytes))
-            for name, c in (("ours", cfg), ("amortized", amortized_cfg)):
+            for name, c in (("ours", cfg), ("amortized", amortized_cfg), ("chroma", chroma_cfg), ("double", double_cfg)):
                 pps, per_cpu, share = bench_loader(c, warmup, args.steps, r)
                 rows[name].append(pps / args.workers)
                 cpu[name].append(per_cpu)
@@ -355,8 +360,10 @@ def main() -> None:
         "floor": "",
         "amortized": f">= {GOAL_AMORTIZED_VS_FLOOR} of floor: {amortized_vs_floor:.2f} "
                      f"{'ok' if amortized_vs_floor >= GOAL_AMORTIZED_VS_FLOOR else 'BELOW'}",
+        "chroma": f"{best['chroma'] / best['ours']:.2f}x ours (the cost of that setting)",
+        "double": f"{best['double'] / best['ours']:.2f}x ours (the cost of that setting)",
     }
-    for name in ("seed", "ours", "floor", "amortized"):
+    for name in ("seed", "ours", "floor", "amortized", "chroma", "double"):
         per_cpu = f"{max(cpu[name]):10.0f}" if max(cpu.get(name, [0])) > 0 else f"{'':>10}"
         share = f"{max(main_share[name]):8.0%}" if name in main_share else f"{'':>8}"
         rounds = " ".join(f"{v:.0f}" for v in rows[name])
@@ -379,6 +386,8 @@ def main() -> None:
         "amortized_vs_floor": round(amortized_vs_floor, 3), "ours_vs_seed": round(ours_vs_seed, 1),
         "amortized": round(best["amortized"], 1), "ours_per_cpu_s": round(max(cpu["ours"]), 1),
         "amortized_per_cpu_s": round(max(cpu["amortized"]), 1),
+        "chroma_random": round(best["chroma"], 1), "double_jpeg": round(best["double"], 1),
+        "double_vs_ours": round(best["double"] / best["ours"], 3),
         "decode_ms": round(decode_ms, 2), "floor_ms": round(floor_ms, 4),
         "buffer_mib_per_worker": round(buffer_mb, 1), "patches_per_image": cfg.patches_per_image,
         "workers": args.workers, "photos": args.photos, "steps": args.steps, "rounds": args.rounds,

@@ -1,14 +1,16 @@
-"""Benchmark one full training step of the seed network, side by side in one run: fp32 eager
-against bf16 autocast, channels_last memory and torch.compile, alone and combined.
+"""Benchmark one full training step, side by side in one run: fp32 eager against bf16 autocast,
+channels_last memory and torch.compile, alone and combined.
 
-    python bench/train_step.py [--device auto|cpu|cuda] [--batch N] [--patch 128] [--steps N]
+    python bench/train_step.py [--model seed|dncnn|unet|nafnet] [--preset cpu|gpu]
+                               [--device auto|cpu|cuda] [--batch N] [--patch 128] [--steps N]
                                [--warmup N] [--rounds N] [--variants a,b,...]
                                [--compile-timeout S] [--threads N]
 
-A step is what the trainer does per batch: uint8 input and target batches already on the device
-are converted there (x.float() / 255), then forward, MSE loss (reduction='sum', in fp32), backward
-and an Adam step (``last`` at half the learning rate, as the trainer sets it). Every variant starts
-from the same weights with a fresh optimizer.
+A step is the trainer's own (restorer.train.train_step on a restorer.train.Training built from the
+config, as the trainer builds it): uint8 input and target batches already on the device are
+converted there (x.float() / 255), then forward, the loss (configs/cpu.yaml's), backward, the
+non-finite check, and the fused Adam step (``last`` at half the learning rate for the seed).
+Every variant starts from the same weights with a fresh optimizer.
 
   fp32_eager        the baseline: NCHW, fp32 (on CUDA, cuDNN convolutions use TF32 if PyTorch's
                     default torch.backends.cudnn.allow_tf32 is on; the header says)
@@ -24,11 +26,10 @@ set up and warmed up first (compiling included: that time is shown for the compi
 then the timed steps run in turn, --rounds passes over the variants, so a drift in the machine's
 speed touches all of them alike. Each step is timed alone (synchronised on CUDA); the figures are
 the fastest step of each variant (noise only ever slows a step down), the median is shown beside.
-TFLOP/s counts forward + backward as 3 x the forward FLOPs, 2 x MACs per output pixel summed over
-the convolutions (printed).
+TFLOP/s counts forward + backward as 3 x the forward FLOPs, 2 x the convolutions' MACs per pixel.
 
-Defaults: on CPU batch 4, 3 steps after 1 warm-up, in 3 rounds, all cores (about 75 s on 2 cores,
-half of it compiling); on CUDA batch 128, 20 steps after 5 warm-ups, in 4 rounds.
+Defaults: the seed network; on CPU batch 4, 3 steps after 1 warm-up, in 3 rounds, all cores (about
+75 s on 2 cores, half of it compiling); on CUDA batch 128, 20 steps after 5 warm-ups, in 4 rounds.
 The last line printed is one JSON object of the figures.
 """
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import signal
@@ -46,11 +46,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from restorer.models import SeedNet  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from restorer.config import load_config  # noqa: E402
+from restorer.models import MODELS, macs_per_pixel  # noqa: E402
+from restorer.train import Training, train_step  # noqa: E402
 
 VARIANTS = {  # name: (autocast bf16, channels_last, compile)
     "fp32_eager": (False, False, False),
@@ -60,17 +62,6 @@ VARIANTS = {  # name: (autocast bf16, channels_last, compile)
     "compile_fp32_cl": (False, True, True),
     "compile_bf16_cl": (True, True, True),
 }
-
-
-def forward_flops_per_pixel(model: nn.Module) -> int:
-    """2 x multiply-accumulates per output pixel, over every convolution (all stride 1, 'same')."""
-    total = 0
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            assert m.stride == (1, 1), "the count assumes full-resolution convolutions"
-            kh, kw = m.kernel_size
-            total += 2 * m.in_channels * m.out_channels * kh * kw // m.groups
-    return total
 
 
 def cores() -> int:
@@ -110,28 +101,26 @@ def one_line(exc: BaseException) -> str:
 
 
 class Variant:
-    """One variant's model, optimizer and device-resident batches, warmed up and ready to time."""
+    """One variant's Training (as the trainer builds it) and device-resident batches, warmed up."""
 
     def __init__(self, name: str, base_model: nn.Module, device: torch.device, args) -> None:
         bf16, channels_last, compiled = VARIANTS[name]
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.device = device
-        model = copy.deepcopy(base_model).to(device=device, memory_format=fmt)
-        groups = [
-            {"params": list(model.base.parameters()), "lr": 1e-4},
-            {"params": list(model.last.parameters()), "lr": 0.5e-4},
-        ]
-        self.opt = torch.optim.Adam(groups)
-        self.model = torch.compile(model) if compiled else model
+        cfg = load_config(str(REPO / "configs" / "cpu.yaml"), [
+            f"model.name={args.model}", *([f"model.preset={args.preset}"] if MODELS[args.model].PRESETS else []),
+            f"train.precision={'bf16' if bf16 else 'fp32'}", f"train.channels_last={str(channels_last).lower()}",
+            f"train.compile={str(compiled).lower()}", f"train.batch_size={args.batch}", f"data.patch.size={args.patch}",
+            f"train.device={device.type}"])
+        self.training = Training.build(cfg, device)
+        self.training.model.load_state_dict(base_model.state_dict())
         gen = torch.Generator(device="cpu").manual_seed(0)
         shape = (args.batch, 3, args.patch, args.patch)
-        # uint8 batches resident on the device, as the loader's (pinned) batches arrive there
+        # uint8 batches resident on the device, as the loader's uploads arrive there (channels-last strides)
         self.batches = []
         for _ in range(2):
             target = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
             noisy = (target.short() + torch.randint(-12, 13, shape, generator=gen)).clamp(0, 255).to(torch.uint8)
-            self.batches.append(tuple(t.to(device).contiguous(memory_format=fmt) for t in (noisy, target)))
-        self.autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+            self.batches.append(tuple(t.to(device).contiguous(memory_format=torch.channels_last) for t in (noisy, target)))
         self.calls = 0
         self.times: list[float] = []
         t0 = time.perf_counter()
@@ -146,16 +135,8 @@ class Variant:
             torch.cuda.synchronize(self.device)
 
     def step(self) -> None:
-        x8, y8 = self.batches[self.calls % len(self.batches)]
+        train_step(self.training, [self.batches[self.calls % len(self.batches)]])
         self.calls += 1
-        x = x8.float().div_(255)
-        y = y8.float().div_(255)
-        with self.autocast:
-            out = self.model(x)
-        loss = F.mse_loss(out.float(), y, reduction="sum")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
 
     def timed_steps(self, n: int) -> None:
         self.sync()
@@ -168,6 +149,8 @@ class Variant:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="seed", choices=sorted(MODELS), help="the network (default: seed)")
+    ap.add_argument("--preset", default="cpu", choices=("cpu", "gpu"), help="its preset (default cpu; the seed has none)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     ap.add_argument("--batch", type=int, help="patches per step (default: 4 on CPU, 128 on CUDA)")
     ap.add_argument("--patch", type=int, default=128)
@@ -200,8 +183,10 @@ def main() -> None:
     torch.set_num_threads(args.threads or cores())
 
     torch.manual_seed(0)
-    base_model = SeedNet(3)
-    flops_px = forward_flops_per_pixel(base_model)
+    base_cfg = load_config(str(REPO / "configs" / "cpu.yaml"), [
+        f"model.name={args.model}", *([f"model.preset={args.preset}"] if MODELS[args.model].PRESETS else [])])
+    base_model = Training.build(base_cfg, torch.device("cpu")).model
+    flops_px = 2 * round(macs_per_pixel(base_model, 3))
     px_per_step = args.batch * args.patch * args.patch
     train_flops = 3 * flops_px * px_per_step
 
@@ -212,7 +197,7 @@ def main() -> None:
     else:
         hw = f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} on {device} ({hw})")
-    print(f"SeedNet: {sum(p.numel() for p in base_model.parameters()):,} parameters, "
+    print(f"{args.model}: {sum(p.numel() for p in base_model.parameters()):,} parameters, "
           f"{flops_px / 1e6:.4f} MFLOP per output pixel forward (2 x {flops_px // 2:,} MACs); "
           f"a training step ~ 3x = {3 * flops_px / 1e6:.4f} MFLOP per pixel")
     print(f"batch {args.batch} x 3 x {args.patch} x {args.patch}, {args.warmup} warm-up + {args.steps} timed steps, "
@@ -270,7 +255,7 @@ def main() -> None:
 
     ok = {n: r for n, r in results.items() if "step_s" in r}
     best = min(ok, key=lambda n: ok[n]["step_s"]) if ok else None
-    summary = {"device": str(device) if not cuda else f"{device} ({torch.cuda.get_device_name(device)})",
+    summary = {"model": args.model, "device": str(device) if not cuda else f"{device} ({torch.cuda.get_device_name(device)})",
                "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
                "patch": args.patch, "steps": args.steps, "rounds": args.rounds,
                "mflop_per_pixel_forward": round(flops_px / 1e6, 6)}

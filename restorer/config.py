@@ -12,6 +12,7 @@ from typing import Any, Optional
 import yaml
 
 from restorer.data.pipeline import DataConfig
+from restorer.models import MODELS, DnCNNOptions, NAFNetOptions, SeedOptions, UNetOptions
 
 
 class ConfigError(ValueError):
@@ -20,14 +21,48 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """The network: `name` picks it, its own section holds its options (defaults: its CPU budget),
+    `preset` fills that section from the network's named presets (keys given explicitly win)."""
+
     name: str = "seed"  # a key of restorer.models.MODELS
-    residual: bool = True  # output = input + network(input); the seed had none (false in seed.yaml)
+    preset: str = ""  # cpu | gpu (see each network's PRESETS); "" = the section as written
+    seed: SeedOptions = field(default_factory=SeedOptions)
+    dncnn: DnCNNOptions = field(default_factory=DnCNNOptions)
+    unet: UNetOptions = field(default_factory=UNetOptions)
+    nafnet: NAFNetOptions = field(default_factory=NAFNetOptions)
 
     def validate(self) -> None:
-        from restorer.models import MODELS
-
         if self.name not in MODELS:
             raise ValueError(f"name: unknown model {self.name!r}; choose from: {', '.join(sorted(MODELS))}")
+        options = getattr(self, self.name)
+        if hasattr(options, "validate"):
+            try:
+                options.validate()
+            except ValueError as e:
+                raise ValueError(f"{self.name}.{e}") from None
+
+    def options(self) -> dict:
+        """The chosen network's options as plain values (what build_model takes, and checkpoints keep)."""
+        return _plain(dataclasses.asdict(getattr(self, self.name)))
+
+
+def apply_preset(raw: dict) -> None:
+    """Fill raw["model"][name] from the network's preset named by raw["model"]["preset"], under the
+    keys the file and the overrides give explicitly."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or not model.get("preset"):
+        return
+    name, preset = model.get("name", ModelConfig.name), model["preset"]
+    presets = getattr(MODELS.get(name), "PRESETS", None)
+    if presets is None:
+        return  # an unknown name: validate() says so
+    if preset not in presets:
+        choices = ", ".join(presets) or "none: its layers are fixed"
+        raise ConfigError(f"model.preset: {name} has no preset {preset!r} (presets: {choices})")
+    own = model.get(name) or {}
+    if not isinstance(own, dict):
+        raise ConfigError(f"model.{name}: expected a section (mapping), got {own!r}")
+    model[name] = {**presets[preset], **own}
 
 
 @dataclass
@@ -37,7 +72,8 @@ class OptimConfig:
     last_lr_scale: float = 0.5  # the `last` layer's lr = lr x this (the seed: 0.5)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    loss: str = "mse_sum"  # mse_sum (the seed's MSELoss(reduction='sum')) | mse | l1
+    loss: str = "mse_sum"  # mse_sum (the seed's MSELoss(reduction='sum')) | mse | l1 | charbonnier
+    charbonnier_eps: float = 1e-3  # charbonnier: mean of sqrt((out - target)^2 + eps^2)
     grad_clip: float = 0.0  # max gradient norm; 0: off
     schedule: str = "constant"  # constant (the seed) | cosine | step
     warmup_steps: int = 0
@@ -47,7 +83,7 @@ class OptimConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0: off
 
     def validate(self) -> None:
-        choices = {"name": ("adam", "adamw"), "loss": ("mse_sum", "mse", "l1"),
+        choices = {"name": ("adam", "adamw"), "loss": ("mse_sum", "mse", "l1", "charbonnier"),
                    "schedule": ("constant", "cosine", "step")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -58,7 +94,7 @@ class OptimConfig:
             raise ValueError(f"ema: must be in [0, 1), got {self.ema}")
         if self.schedule == "step" and self.step_every <= 0:
             raise ValueError("step_every: the step schedule needs step_every > 0")
-        for key in ("warmup_steps", "grad_clip", "weight_decay", "last_lr_scale", "min_lr_scale"):
+        for key in ("warmup_steps", "grad_clip", "weight_decay", "last_lr_scale", "min_lr_scale", "charbonnier_eps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
 
@@ -68,6 +104,8 @@ class TrainConfig:
     out_dir: str = "runs/default"  # the run directory: config.yaml, metrics.jsonl, last.pt, best.pt
     epochs: int = 100
     max_steps: int = 0  # stop after this many optimizer steps; > 0 takes precedence over epochs
+    max_minutes: float = 0.0  # also stop after this much training time (resumes add up); the lr schedule
+    #                           then runs by the time spent or the steps done, whichever is further on
     batch_size: int = 8  # per rank and per micro-step: the global batch is x ranks x grad_accum
     grad_accum: int = 1
     seed: int = 0
@@ -76,6 +114,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     resume: bool = True  # continue from out_dir/last.pt when it exists; false starts fresh
+    overwrite: bool = False  # starting fresh in a folder that holds another run deletes that run's files
     max_nonfinite: int = 20  # this many non-finite losses in a row stop the run
     stop_grace_s: float = 25.0  # after SIGTERM/SIGUSR1, exit by force if a step never ends
 
@@ -89,6 +128,10 @@ class TrainConfig:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.max_steps < 0:
             raise ValueError(f"max_steps: must be >= 0, got {self.max_steps}")
+        if self.stop_grace_s <= 0:
+            raise ValueError(f"stop_grace_s: must be > 0, got {self.stop_grace_s}")
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes: must be >= 0, got {self.max_minutes}")
         if not self.out_dir:
             raise ValueError("out_dir: must be set")
 
@@ -243,6 +286,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: expected sections (data, model, optim, train, checkpoint, log) at the top")
     for override in overrides:
         apply_override(raw, override)
+    apply_preset(raw)
     cfg = from_dict(Config, raw)
     cfg.validate()
     return cfg

@@ -6,12 +6,18 @@ One process without either is a world of one: no process group, the same code pa
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+
+
+class LaunchError(Exception):
+    """The processes were started in a way that cannot work; one line saying how to launch."""
 
 
 @dataclass(frozen=True)
@@ -26,10 +32,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def _env_int(*names: str) -> int | None:
+def _env_int(env: Mapping[str, str], *names: str) -> int | None:
     for name in names:
-        if os.environ.get(name, "").strip():
-            return int(os.environ[name])
+        if env.get(name, "").strip():
+            return int(env[name])
     return None
 
 
@@ -43,16 +49,48 @@ def _slurm_master_addr() -> str:
         return "127.0.0.1"
 
 
-def rank_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank): torchrun's variables, else srun's (one task per GPU), else 0, 1, 0."""
-    if _env_int("RANK") is not None:
-        return _env_int("RANK"), _env_int("WORLD_SIZE") or 1, _env_int("LOCAL_RANK") or 0
-    if _env_int("SLURM_PROCID") is not None and (_env_int("SLURM_NTASKS") or 1) > 1:
-        # srun started every rank itself: give torch.distributed what torchrun would have
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
-        os.environ.setdefault("MASTER_PORT", str(20000 + (_env_int("SLURM_JOB_ID") or 0) % 20000))
-        return _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS"), _env_int("SLURM_LOCALID") or 0
+def slurm_port(job_id: int) -> int:
+    """A rendezvous port every task of a SLURM job derives alike, in 20000-59999. A hash of the job id,
+    not the id modulo the range: consecutive or regularly spaced job ids (arrays, requeues of
+    neighbours) then rarely share a port on one node."""
+    return 20000 + int.from_bytes(hashlib.sha256(str(job_id).encode()).digest()[:4], "big") % 40000
+
+
+def rank_env(env: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
+    """(rank, world size, local rank): torchrun's variables, else srun's (one task per GPU), else 0, 1, 0.
+
+    SLURM's task variables without srun's step variables mean a batch script ran the trainer itself
+    (`python launch/train.py` in an `sbatch --ntasks=N` script): one process that would wait for N-1
+    peers that never come. That is a LaunchError.
+    """
+    if _env_int(env, "RANK") is not None:
+        return _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE") or 1, _env_int(env, "LOCAL_RANK") or 0
+    tasks = _env_int(env, "SLURM_NTASKS") or 1
+    if _env_int(env, "SLURM_PROCID") is not None and tasks > 1:
+        if _env_int(env, "SLURM_STEP_ID", "SLURM_STEPID") is None:
+            raise LaunchError(f"this job has {tasks} SLURM tasks but this process was not started by srun: "
+                              "run it as `srun python launch/train.py ...` (one task per GPU), or submit "
+                              "launch/slurm/train.sbatch (torchrun per node)")
+        return _env_int(env, "SLURM_PROCID"), tasks, _env_int(env, "SLURM_LOCALID") or 0
     return 0, 1, 0
+
+
+def cuda_device_index(local_rank: int, visible: int, sharing: int = 1) -> int:
+    """This process's CUDA device among the `visible` ones. torchrun (or srun with all of a node's
+    GPUs per task) shows every GPU to every process: take the local rank's. srun with
+    `--gpus-per-task=1` shows each task only its own GPU, as device 0. `sharing`: the processes on
+    this node that see the same devices (torchrun's LOCAL_WORLD_SIZE; 1 under srun)."""
+    if visible < 1:
+        raise LaunchError("train.device is cuda but no CUDA device is visible to this process")
+    if visible == 1 and sharing > 1:
+        raise LaunchError(f"{sharing} processes on this node share the one visible CUDA device: start one "
+                          "process per GPU (torchrun --nproc_per_node = the GPUs), or train.device=cpu")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise LaunchError(f"local rank {local_rank} but only {visible} CUDA devices are visible: "
+                          "start at most one process per GPU on each node")
+    return local_rank
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 600) -> DistInfo:
@@ -60,11 +98,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 600) -> DistInfo:
     rank, world_size, local_rank = rank_env()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        sharing = (_env_int(os.environ, "LOCAL_WORLD_SIZE") or 1) if _env_int(os.environ, "RANK") is not None else 1
+        dev = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count(), sharing))
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        if _env_int(os.environ, "RANK") is None:  # srun started every rank: give torch what torchrun would
+            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+            os.environ.setdefault("MASTER_PORT", str(slurm_port(_env_int(os.environ, "SLURM_JOB_ID") or 0)))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, store=_attempt_store(world_size, rank, timeout),
@@ -92,6 +134,24 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (any picklable object; checkpoints included)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: Any) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Optional[Any]] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -1,64 +1,70 @@
-"""Evaluate a checkpoint on a folder of clean images: PSNR, SSIM and PSNR-B of the JPEG input and of
-the model's output, per JPEG quality.
+"""Evaluate a network the way the JPEG-restoration papers do: PSNR, SSIM and PSNR-B of the JPEG input
+and of the network's output, on full images, for qualities 10 20 30 40 in one table.
 
-    python -m restorer.evaluate --ckpt CKPT --images DIR --quality 10 [20 30 40]
-                                [--json FILE] [--y-channel] [--device auto|cpu|cuda] [--max-side N]
+    python -m restorer.evaluate --ckpt CKPT --images DIR [--quality 10 20 30 40] [--gray | --y-channel]
+                                [--json FILE] [--plot FILE.png] [--device auto|cpu|cuda]
+                                [--precision fp32|bf16] [--tile N] [--max-side N]
+    python -m restorer.evaluate --ckpt CKPT --inputs JPEG_DIR --references DIR [--json FILE]
 
-For every clean image under DIR (recursive; .jpg .jpeg .png .webp .bmp .tif .tiff in any case) and
-every quality:
+CKPT is a checkpoint (EMA weights when present) or a network exported as .onnx or .safetensors.
 
-1. decode it to RGB (`restorer.data.decode_image`); if a side is longer than ``--max-side``
-   (default 1024; 0 = no limit) take the centre crop of at most that many pixels per side, which
-   keeps CPU runs quick; then crop from the top-left to whole 8x8 blocks, so the JPEG grid and the
-   grid PSNR-B measures on coincide;
-2. JPEG-encode it with the trainer's encoder (`restorer.data.degrade.jpeg_encode`: Pillow, 4:2:0
-   chroma) and decode it;
-3. run the model on the whole image (float32 on the device, ``torch.inference_mode()``, output
-   clamped to [0, 1]);
-4. measure the JPEG image and the output against the clean image.
+The protocol (the papers': ARCNN, DnCNN, QGAC, FBCNN, SwinIR; KAIR's and FBCNN's test scripts)
+-------------------------------------------------------------------------------------------
+For every image under DIR (recursive; .jpg .jpeg .png .webp .bmp .tif .tiff, any case) and quality:
 
-Channels: RGB by default (all three channels, data range 1.0). ``--y-channel`` measures on the
-BT.601 luma in the MATLAB ``rgb2ycbcr`` convention most papers use,
-Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 for R, G, B in [0, 1] (so Y lies in
-[16/255, 235/255]), computed from the clean image, the decoded JPEG and the output alike.
+* colour (the default): the image as RGB, whole (no crop), JPEG-encoded by Pillow's libjpeg-turbo
+  with the standard tables and 4:2:0 chroma, decoded; metrics on R, G and B (data range 1), as the
+  colour tables of QGAC and FBCNN report. ``--y-channel`` measures on Y instead (below).
+* ``--gray`` (the LIVE1 / Classic5 / BSDS500 grayscale tables): the reference is a colour image's Y
+  in the MATLAB ``rgb2ycbcr`` convention, Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 with R, G,
+  B in [0, 1] x 255, rounded to 8 bits (16-235), or a grayscale file's own values (Classic5 is
+  grayscale); that one channel is JPEG-encoded as a grayscale JPEG. A grayscale network restores it;
+  an RGB network gets it as three equal channels and its output's mean over them. Metrics on it.
+* the network runs on the whole image: in tiles of 1024 px (so memory stays bounded), which the
+  benchmarks' images (LIVE1, Classic5, BSDS500) fit in whole, on every device alike; the output is
+  rounded to 8 bits as a saved image would be;
+* PSNR, SSIM (Gaussian 11x11, sigma 1.5) and PSNR-B (Yim & Bovik 2011) per image, then the mean
+  over images (restorer.metrics).
 
-A grayscale (luma-only) model is fed what it was trained on: the clean image's luma as Pillow's
-``convert("L")`` gives it (`to_gray`), JPEG-encoded as a grayscale JPEG. Its metrics are always
-on Y: the full-range luma L is mapped to Y = (16 + 219 L) / 255, the same convention as
-``--y-channel`` (the MATLAB weights are 219/255 times the full-range ones).
+The published JPEG-input figures this reproduces (the input row does not depend on the network):
+LIVE1 gray q10 27.77 dB PSNR (q20 30.07, q30 31.41, q40 32.35), Classic5 gray q10 27.82 dB.
 
-The checkpoint's EMA weights are used when it has them, else its model weights.
+``--inputs DIR --references DIR`` scores JPEG files as they are (no encoding): each input is
+matched with the reference of the same file stem (relative path without extension); a grayscale
+input is scored against the reference's MATLAB Y (or the reference itself when it is grayscale).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from restorer.data import decode_image
-from restorer.data.decode import IMAGE_EXTENSIONS
-from restorer.data.degrade import jpeg_decode, jpeg_encode, to_gray
-from restorer.fileio import atomic_write_json
+from restorer.cli import Parser, UsageError, fail
+from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
+from restorer.data.degrade import jpeg_decode, jpeg_encode
+from restorer.fileio import atomic_open, atomic_write_json
+from restorer.inference import PRECISIONS, Network, find_inputs, load_network, read_image, restore_gray, restore_image
 from restorer.metrics import psnr, psnr_b, ssim
-from restorer.restore import load_model as restore_load_model
-from restorer.restore import find_inputs, resolve_device
 
 METRICS = ("psnr", "ssim", "psnrb")
 KEYS = tuple(f"{m}_{s}" for m in METRICS for s in ("jpeg", "model"))
-DEFAULT_MAX_SIDE = 1024
+QUALITIES = (10, 20, 30, 40)
+TILE = 1024  # on every device: the same tiles give the same figures
+GIVEN = "given"  # the "quality" key of --inputs/--references results
 
 #: MATLAB rgb2ycbcr luma weights, for R, G, B in [0, 1] giving Y in [16/255, 235/255].
 _Y_WEIGHTS = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
 _Y_OFFSET = 16.0 / 255.0
 
-RGB_HEADER = "metrics on RGB (all three channels, data range 1.0)"
-Y_HEADER = ("metrics on Y (BT.601 luma, MATLAB rgb2ycbcr convention: "
-            "Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255, in [16/255, 235/255]; data range 1.0)")
+HEADERS = {
+    "rgb": "metrics on RGB (all three channels, data range 1.0)",
+    "y": "metrics on Y (MATLAB rgb2ycbcr: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255, data range 1.0)",
+    "gray": "grayscale protocol: reference = MATLAB rgb2ycbcr Y rounded to 8 bits, one-channel JPEG; metrics on it",
+}
 
 
 class EvaluateError(Exception):
@@ -73,200 +79,247 @@ def warn(msg: str) -> None:
 # pieces
 
 
-def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
-    """N x 3 x H x W in [0, 1] -> N x 1 x H x W, MATLAB rgb2ycbcr's Y (in [16/255, 235/255])."""
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    return _Y_OFFSET + _Y_WEIGHTS[0] * r + _Y_WEIGHTS[1] * g + _Y_WEIGHTS[2] * b
+def matlab_y(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) float64 MATLAB rgb2ycbcr Y in [16, 235] (not rounded)."""
+    x = rgb.astype(np.float64)
+    return 16.0 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255.0
 
 
-def luma_to_y(x: torch.Tensor) -> torch.Tensor:
-    """Full-range luma in [0, 1] -> MATLAB-convention Y in [16/255, 235/255]."""
-    return _Y_OFFSET + (219.0 / 255.0) * x
+def matlab_y_u8(rgb: np.ndarray) -> np.ndarray:
+    """The grayscale benchmarks' reference: MATLAB Y rounded to 8 bits, (H, W) uint8."""
+    return np.round(matlab_y(rgb)).astype(np.uint8)
 
 
-def prepare_clean(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
-    """Centre-crop to at most `max_side` per side (None/0: no limit), then crop from the top-left
-    to multiples of 8."""
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, C) uint8 / float in [0, 255] -> 1 x C x H x W float64 in [0, 1]."""
+    t = torch.from_numpy(np.asarray(arr, dtype=np.float64) / 255.0)
+    return (t[None] if t.dim() == 2 else t.permute(2, 0, 1))[None]
+
+
+def measure(x: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    a, b = _tensor(x), _tensor(ref)
+    return {"psnr": float(psnr(a, b)[0]), "ssim": float(ssim(a, b)[0]), "psnrb": float(psnr_b(a, b)[0])}
+
+
+def scored(channel: str, clean: np.ndarray, jpeg: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """The six figures of one image; `channel` y measures RGB images on MATLAB Y."""
+    if channel == "y" and clean.ndim == 3:
+        clean, jpeg, out = matlab_y(clean), matlab_y(jpeg), matlab_y(out)
+    mj, mm = measure(jpeg, clean), measure(out, clean)
+    return {f"{m}_{s}": v[m] for m in METRICS for s, v in (("jpeg", mj), ("model", mm))}
+
+
+def centre_crop(rgb: np.ndarray, max_side: int) -> np.ndarray:
     h, w = rgb.shape[:2]
-    if max_side:
-        ch, cw = min(h, max_side), min(w, max_side)
-        top, left = (h - ch) // 2, (w - cw) // 2
-        rgb = rgb[top:top + ch, left:left + cw]
-        h, w = ch, cw
-    return np.ascontiguousarray(rgb[: h // 8 * 8, : w // 8 * 8])
-
-
-def to_tensor(arr: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(H, W, C) uint8 -> 1 x C x H x W float32 in [0, 1] on `device`."""
-    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)[None].to(device, torch.float32) / 255.0
-
-
-def load_model(ckpt_path: str | os.PathLike, device: str) -> tuple[torch.nn.Module, bool, torch.device]:
-    """restore.load_model (one way to rebuild a network from a checkpoint), errors as EvaluateError."""
-    try:
-        dev = resolve_device(device)
-        model, grayscale = restore_load_model(ckpt_path, dev)
-    except (FileNotFoundError, ValueError) as e:
-        raise EvaluateError(str(e)) from None
-    return model, grayscale, dev
-
-
-def measure(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    return {
-        "psnr": float(psnr(x, ref)[0]),
-        "ssim": float(ssim(x, ref)[0]),
-        "psnrb": float(psnr_b(x, ref)[0]),
-    }
+    ch, cw = min(h, max_side), min(w, max_side)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return np.ascontiguousarray(rgb[top:top + ch, left:left + cw])
 
 
 # ---------------------------------------------------------------------------------------------
-# library entry point
+# library entry points
 
 
-def evaluate(
-    ckpt_path: str | os.PathLike,
-    images_dir: str | os.PathLike,
-    qualities,
-    y_channel: bool = False,
-    device: str = "auto",
-    max_side: int | None = DEFAULT_MAX_SIDE,
-) -> dict:
-    """Evaluate; return the JSON object described in the module docstring. Raises EvaluateError."""
-    return _evaluate(ckpt_path, images_dir, qualities, y_channel, device, max_side)[0]
-
-
-def _evaluate(ckpt_path, images_dir, qualities, y_channel, device, max_side) -> tuple[dict, dict]:
-    """`evaluate`, plus what the printed header says about the model (not part of the JSON)."""
-    qualities = [int(q) for q in qualities]
-    if not qualities:
-        raise EvaluateError("no quality given")
-    for q in qualities:
-        if not 1 <= q <= 100:
-            raise EvaluateError(f"quality must be in 1..100, got {q}")
-    qualities = list(dict.fromkeys(qualities))
-    if max_side is not None and max_side != 0 and max_side < 8:
-        raise EvaluateError(f"--max-side must be >= 8 (or 0 for no limit), got {max_side}")
+def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, y_channel: bool = False,
+             device: str = "auto", precision: str = "fp32", tile: Optional[int] = None, max_side: int = 0) -> dict:
+    """Encode every image under `images_dir` at each quality, restore it, score both (module
+    docstring). Returns {"checkpoint", "channel", "qualities": {q: {"images": {name: figures}, "mean"}}}."""
+    qualities = list(dict.fromkeys(int(q) for q in qualities))
+    if not qualities or not all(1 <= q <= 100 for q in qualities):
+        raise EvaluateError(f"qualities must be in 1..100, got {qualities}")
+    if gray and y_channel:
+        raise EvaluateError("--gray already measures on Y: drop --y-channel")
+    if max_side and max_side < 8:
+        raise EvaluateError(f"--max-side must be >= 8 (or 0 for whole images), got {max_side}")
     root = Path(images_dir)
-    if not root.is_dir():
-        raise EvaluateError(f"image directory not found: {root}")
-    paths = find_inputs([str(root)])[0]
-    if not paths:
-        raise EvaluateError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
-
-    model, grayscale, dev = load_model(ckpt_path, device)
-    channel = "y" if (y_channel or grayscale) else "rgb"
-
+    paths = _image_files(root, "--images")
+    net = _load(ckpt_path, device, precision)
+    kw = _tiling(net, tile)
+    channel = "gray" if (gray or net.grayscale) else "y" if y_channel else "rgb"
+    if y_channel and net.grayscale:
+        warn("a grayscale network is scored on Y anyway: --y-channel changes nothing")
     per_q: dict[str, dict[str, dict[str, float]]] = {str(q): {} for q in qualities}
     for path in paths:
         name = path.relative_to(root).as_posix()
         try:
-            rgb = decode_image(path.read_bytes())
-        except Exception as e:  # noqa: BLE001 - skip any unreadable image
+            image, is_gray = read_image(path)
+        except (ImageDecodeError, OSError) as e:
             warn(f"skipping {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             continue
-        clean = prepare_clean(rgb, max_side)
-        if clean.shape[0] < 8 or clean.shape[1] < 8:
-            warn(f"skipping {name}: smaller than 8x8 pixels")
-            continue
-        if grayscale:
-            clean = to_gray(clean)  # (H, W, 1): what the grayscale model was trained on
-        clean_t = to_tensor(clean, dev)
+        image = centre_crop(image, max_side) if max_side else image
+        if channel == "gray":  # the reference is Y: a grayscale file's own values, a colour one's MATLAB Y
+            clean = image if is_gray else matlab_y_u8(image)
+        else:
+            clean = np.repeat(image[..., None], 3, axis=2) if is_gray else image
         for q in qualities:
-            jpeg = jpeg_decode(jpeg_encode(clean, q))
-            jpeg_t = to_tensor(jpeg, dev)
-            with torch.inference_mode():
-                out_t = model(jpeg_t).float().clamp_(0.0, 1.0)
-            if grayscale:
-                ref, a, b = luma_to_y(clean_t), luma_to_y(jpeg_t), luma_to_y(out_t)
-            elif y_channel:
-                ref, a, b = rgb_to_y(clean_t), rgb_to_y(jpeg_t), rgb_to_y(out_t)
-            else:
-                ref, a, b = clean_t, jpeg_t, out_t
-            mj, mm = measure(a, ref), measure(b, ref)
-            per_q[str(q)][name] = {f"{m}_{s}": v[m] for m in METRICS for s, v in (("jpeg", mj), ("model", mm))}
-
+            jpeg = jpeg_decode(jpeg_encode(clean[..., None] if clean.ndim == 2 else clean, q))
+            jpeg = jpeg[..., 0] if clean.ndim == 2 else jpeg
+            out = restore_gray(net, jpeg, **kw) if clean.ndim == 2 else restore_image(net, jpeg, **kw)
+            per_q[str(q)][name] = scored(channel, clean, jpeg, out)
     if not any(per_q.values()):
         raise EvaluateError(f"none of the {len(paths)} image(s) under {root} could be read")
+    return _result(ckpt_path, channel, per_q)
 
-    result = {
-        "checkpoint": str(ckpt_path),
-        "channel": channel,
-        "qualities": {},
-    }
+
+def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = False, device: str = "auto",
+                   precision: str = "fp32", tile: Optional[int] = None) -> dict:
+    """Score JPEG files as they are against references matched by stem; the quality key is 'given'."""
+    inputs, refs = Path(inputs_dir), Path(references_dir)
+    paths = _image_files(inputs, "--inputs")
+    references = {p.relative_to(refs).with_suffix("").as_posix(): p for p in _image_files(refs, "--references")}
+    net = _load(ckpt_path, device, precision)
+    kw = _tiling(net, tile)
+    images: dict[str, dict[str, float]] = {}
+    gray_inputs = 0
+    for path in paths:
+        stem = path.relative_to(inputs).with_suffix("").as_posix()
+        if stem not in references:
+            warn(f"skipping {stem}: no reference with that name under {refs}")
+            continue
+        try:
+            jpeg, is_gray = read_image(path)
+            ref, ref_gray = read_image(references[stem])
+        except (ImageDecodeError, OSError) as e:
+            warn(f"skipping {stem}: {' '.join(str(e).split())}")
+            continue
+        if is_gray and not ref_gray:
+            ref = matlab_y_u8(ref)
+        elif ref_gray and not is_gray:
+            ref = np.repeat(ref[..., None], 3, axis=2)
+        if ref.shape != jpeg.shape:
+            warn(f"skipping {stem}: the input is {jpeg.shape[1]}x{jpeg.shape[0]}, its reference "
+                 f"{ref.shape[1]}x{ref.shape[0]}")
+            continue
+        gray_inputs += is_gray
+        out = restore_gray(net, jpeg, **kw) if is_gray else restore_image(net, jpeg, **kw)
+        images[stem] = scored("y" if y_channel else "rgb", ref, jpeg, out)
+    if not images:
+        raise EvaluateError(f"no input under {inputs} has a usable reference under {refs}")
+    channel = "y" if y_channel else ("gray" if gray_inputs == len(images) else "rgb")
+    return _result(ckpt_path, channel, {GIVEN: images})
+
+
+def _image_files(root: Path, option: str) -> list[Path]:
+    if not root.is_dir():
+        raise EvaluateError(f"{option} folder not found: {root}")
+    paths = find_inputs([str(root)])[0]
+    if not paths:
+        raise EvaluateError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+    return paths
+
+
+def _load(ckpt_path, device: str, precision: str) -> Network:
+    try:
+        return load_network(ckpt_path, device, precision)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvaluateError(str(e)) from None
+
+
+def _tiling(net: Network, tile: Optional[int]) -> dict:
+    tile = tile or TILE
+    if tile < 8 or tile % 8:
+        raise EvaluateError(f"--tile must be a positive multiple of 8, got {tile}")
+    return {"tile": tile, "overlap": 32, "batch": 4}
+
+
+def _result(ckpt_path, channel: str, per_q: dict) -> dict:
+    result = {"checkpoint": str(ckpt_path), "channel": channel, "qualities": {}}
     for q, images in per_q.items():
         mean = {k: float(np.mean([img[k] for img in images.values()])) for k in KEYS}
         result["qualities"][q] = {"images": images, "mean": mean}
-    return result, {"grayscale": grayscale}
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
 # report
 
 
-def format_report(result: dict, info: dict | None = None) -> str:
-    """The fixed-width tables printed by `main`: one per quality."""
-    lines = []
-    head = f"checkpoint: {result['checkpoint']}"
-    if info and info.get("grayscale"):
-        head += " (grayscale model)"
-    lines.append(head)
-    lines.append(Y_HEADER if result["channel"] == "y" else RGB_HEADER)
+def format_report(result: dict) -> str:
+    """One table: a row per quality, JPEG input and network side by side, and the gains."""
+    lines = [f"checkpoint: {result['checkpoint']}", HEADERS[result["channel"]], ""]
+    head = (f"{'quality':>7} {'images':>6} | {'PSNR JPEG':>9} {'network':>8} {'gain':>7} | {'SSIM JPEG':>9} "
+            f"{'network':>8} {'gain':>8} | {'PSNR-B JPEG':>11} {'network':>8} {'gain':>7}")
+    lines += [head, "-" * len(head)]
     for q, block in result["qualities"].items():
-        mean = block["mean"]
-        n = len(block["images"])
-        lines.append("")
-        lines.append(f"JPEG quality {q}: {n} image{'s' if n != 1 else ''}")
-        lines.append(f"{'':<8}{'PSNR (dB)':>11}{'SSIM':>9}{'PSNR-B (dB)':>13}")
-        for row in ("jpeg", "model"):
-            lines.append(f"{'JPEG' if row == 'jpeg' else 'model':<8}{mean['psnr_' + row]:>11.3f}"
-                         f"{mean['ssim_' + row]:>9.4f}{mean['psnrb_' + row]:>13.3f}")
-        g = {m: mean[f"{m}_model"] - mean[f"{m}_jpeg"] for m in METRICS}
-        lines.append(f"{'gain':<8}{g['psnr']:>+11.3f}{g['ssim']:>+9.4f}{g['psnrb']:>+13.3f}")
+        m, n = block["mean"], len(block["images"])
+        lines.append(f"{q:>7} {n:>6} | {m['psnr_jpeg']:>9.3f} {m['psnr_model']:>8.3f} "
+                     f"{m['psnr_model'] - m['psnr_jpeg']:>+7.3f} | {m['ssim_jpeg']:>9.4f} {m['ssim_model']:>8.4f} "
+                     f"{m['ssim_model'] - m['ssim_jpeg']:>+8.4f} | {m['psnrb_jpeg']:>11.3f} {m['psnrb_model']:>8.3f} "
+                     f"{m['psnrb_model'] - m['psnrb_jpeg']:>+7.3f}")
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="evaluate",
-        description="PSNR / SSIM / PSNR-B of JPEG inputs and model outputs on a folder of clean images.",
-    )
-    p.add_argument("--ckpt", required=True, help="checkpoint file (EMA weights used when present)")
-    p.add_argument("--images", required=True, help="folder of clean images (searched recursively)")
-    p.add_argument("--quality", required=True, type=int, nargs="+", help="JPEG quality/qualities, 1..100")
+def plot(result: dict, path: str) -> None:
+    """PSNR against JPEG quality, for the JPEG input and the network (matplotlib, an optional extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EvaluateError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+    qs = [q for q in result["qualities"] if q != GIVEN]
+    if not qs:
+        raise EvaluateError("--plot draws PSNR against quality: it needs --images and --quality")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key, label in (("psnr_jpeg", "JPEG input"), ("psnr_model", "network")):
+        ax.plot([int(q) for q in qs], [result["qualities"][q]["mean"][key] for q in qs], marker="o", label=label)
+    ax.set(xlabel="JPEG quality", ylabel=f"PSNR (dB, {result['channel']})", title=Path(result["checkpoint"]).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m restorer.evaluate", description="PSNR / SSIM / PSNR-B of JPEG inputs and network "
+               "outputs, the papers' protocol (see the module's documentation).")
+    p.add_argument("--ckpt", required=True, help="checkpoint (EMA weights used when present), .onnx or .safetensors")
+    p.add_argument("--images", help="folder of clean images (searched recursively), JPEG-encoded at each --quality")
+    p.add_argument("--inputs", help="folder of JPEG files to score as they are (with --references)")
+    p.add_argument("--references", help="folder of the originals of --inputs, matched by file stem")
+    p.add_argument("--quality", type=int, nargs="+", help="JPEG qualities (default 10 20 30 40)")
+    p.add_argument("--gray", action="store_true", help="the grayscale benchmarks' protocol (MATLAB Y, one-channel JPEG)")
+    p.add_argument("--y-channel", action="store_true", help="measure colour images on MATLAB Y instead of RGB")
     p.add_argument("--json", help="also write the per-image and mean results to this JSON file (atomically)")
-    p.add_argument("--y-channel", action="store_true",
-                   help="measure on BT.601 luma Y (MATLAB rgb2ycbcr convention) instead of RGB")
+    p.add_argument("--plot", help="also draw PSNR against quality into this PNG file (needs matplotlib)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
-                   help=f"centre-crop images to at most this many pixels per side (default {DEFAULT_MAX_SIDE}; "
-                        "0 = no limit) to keep CPU runs quick")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--tile", type=int, help=f"tile size (default {TILE}: the benchmarks' images in one piece)")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="centre-crop images to at most this many pixels a side for a quick look (default 0: whole images)")
     return p
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-
-    def _error(message: str):  # one line, exit 2, no usage block
-        print(f"evaluate: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-    parser.error = _error  # type: ignore[method-assign]
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        result, info = _evaluate(args.ckpt, args.images, args.quality, args.y_channel,
-                                 args.device, args.max_side)
-        print(format_report(result, info))
+        args = build_parser().parse_args(argv)
+        if bool(args.inputs) != bool(args.references) or bool(args.images) == bool(args.inputs):
+            raise UsageError("give --images DIR, or --inputs DIR with --references DIR")
+        given = [opt for opt, value in (("--quality", args.quality), ("--gray", args.gray), ("--max-side", args.max_side),
+                                        ("--plot", args.plot)) if value]
+        if args.inputs and given:
+            raise UsageError(f"{', '.join(given)} work with --images, not with --inputs (its files are scored as they are)")
+        if args.plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise UsageError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+        if args.inputs:
+            result = evaluate_pairs(args.ckpt, args.inputs, args.references, y_channel=args.y_channel,
+                                    device=args.device, precision=args.precision, tile=args.tile)
+        else:
+            result = evaluate(args.ckpt, args.images, args.quality or QUALITIES, gray=args.gray, y_channel=args.y_channel,
+                              device=args.device, precision=args.precision, tile=args.tile, max_side=args.max_side)
+        print(format_report(result))
         if args.json:
             atomic_write_json(args.json, result)
-    except EvaluateError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+        if args.plot:
+            plot(result, args.plot)
+    except (UsageError, EvaluateError, OSError) as e:
+        return fail("evaluate", e)
     return 0
 
 

@@ -46,11 +46,11 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     try:
         with open(tmp, mode) as f:
             yield f
+        commit(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    commit(tmp, path)
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:

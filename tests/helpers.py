@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -104,3 +105,60 @@ def messy_photo_folder(root: Path) -> dict:
     put("notes.txt", b"not an image, ignored")
     put("sub/.hidden_dir/readme.md", b"ignored")
     return {"good": good, "rejected": rejected, "duplicates": duplicates}
+
+
+# ----------------------------------------------------------------------------- the trainer, for real
+
+# tiny and fast: patch 32, batch 2, one DataLoader worker per rank
+TINY = ["data.patch.size=32", "data.patches_per_image=8", "data.shuffle_buffer=16", "data.workers=1",
+        "data.val_crop=64", "train.batch_size=2", "log.every=2", "log.progress=false", "log.tensorboard=false"]
+INJECT = REPO / "tests" / "inject"  # sitecustomize.py: faults injected into real processes
+
+
+def pack_photos(root: Path, n_images: int, maxcount: int, val: int = 2, size: tuple[int, int] = (120, 100)) -> Path:
+    """root/src of n JPEG photos packed into root/shards (val of them for validation)."""
+    from restorer.data.sharding import PackOptions, run
+
+    for i in range(n_images):
+        write(root / "src" / f"p{i:02d}.jpg", encode(photo_like(*size, 100 + i), "JPEG", quality=95))
+    run(PackOptions(sources=(str(root / "src"),), val_count=val, maxcount=maxcount, min_side=64),
+        root / "shards", workers=1, force=True, log=lambda *a: None)
+    return root / "shards"
+
+
+def train_cmd(nproc: int, shards: Path, out: Path, *overrides: str, torchrun_args: tuple = ()) -> list[str]:
+    """launch/train.py on configs/cpu.yaml with TINY: plain python (nproc 0) or torchrun."""
+    launch = [str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "cpu.yaml"),
+              f"data.shards={shards}", f"train.out_dir={out}", *TINY, *overrides]
+    if nproc == 0:
+        return [sys.executable, *launch]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--standalone", *torchrun_args, *launch]
+
+
+def train_env(fault: dict | None = None) -> dict:
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if fault is not None:
+        env |= {"RESTORER_TEST_FAULT": json.dumps(fault),
+                "PYTHONPATH": os.pathsep.join([str(INJECT), env.get("PYTHONPATH", "")])}
+    return env
+
+
+def run_cmd(cmd: list[str], timeout: float = 240, fault: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=train_env(fault))
+
+
+def assert_ok(p: subprocess.CompletedProcess) -> None:
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_lines(out: Path) -> list[dict]:
+    return [m for m in metrics(out) if "loss" in m]
+
+
+def events(out: Path) -> list[str]:
+    return [m["event"] for m in metrics(out) if "event" in m]

@@ -18,7 +18,7 @@ def test_seed_yaml_is_the_seed_exactly():
     assert (cfg.optim.name, cfg.optim.last_lr_scale, cfg.optim.loss, cfg.optim.schedule) == ("adam", 0.5, "mse_sum", "constant")
     assert (cfg.data.patch.rescale_p, cfg.data.patch.scales) == (0.5, (0.9, 0.8, 0.7, 0.6))
     assert (cfg.data.patch.rotate_p, cfg.data.patch.rotations, cfg.data.patch.flip_p) == (0.5, (90, 180, 270), 0.0)
-    assert cfg.data.patches_per_image == 1 and cfg.model.residual is False and cfg.train.precision == "fp32"
+    assert cfg.data.patches_per_image == 1 and cfg.model.name == "seed" and cfg.model.seed.residual is False and cfg.train.precision == "fp32"
 
 
 @pytest.mark.parametrize("name", ["seed", "gpu", "cpu"])
@@ -46,7 +46,7 @@ def test_overrides_are_parsed_as_yaml_values():
     (["train.precision=fp8"], "train.precision: 'fp8' is not one of fp32, bf16, fp16"),
     (["data.patch.quality=[60, 10]"], "data.patch.quality must be [low, high]"),
     (["data.patch.quality=[10]"], "data.patch.quality: expected a list of 2 values"),
-    (["model.name=unet"], "model.name: unknown model 'unet'; choose from: seed"),
+    (["model.name=unet2"], "model.name: unknown model 'unet2'; choose from: dncnn, nafnet, seed, unet"),
     (["train.compile=yes please"], "train.compile: expected true or false"),
     (["train.epochs"], "is not key=value"),
 ])

@@ -21,8 +21,10 @@ def test_demo_runs_end_to_end(tmp_path):
     p = subprocess.run([sys.executable, "-m", "restorer.demo", "--out", str(tmp_path), "--steps", "4"],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "demo finished: on astronaut.png" in p.stdout
-    mean = json.loads((tmp_path / "evaluation.json").read_text())["qualities"]["10"]["mean"]
+    assert "demo finished: on astronaut.png" in p.stdout and "PSNR  JPEG" in p.stdout
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    assert list(result["qualities"]) == ["10", "20", "30", "40"]
+    mean = result["qualities"]["10"]["mean"]
     assert set(mean) == {"psnr_jpeg", "psnr_model", "ssim_jpeg", "ssim_model", "psnrb_jpeg", "psnrb_model"}
     assert 20 < mean["psnr_jpeg"] < 40
     restored = Image.open(tmp_path / "restored" / "astronaut.png")

@@ -1,70 +1,61 @@
-"""restorer.evaluate: the metrics table, the JSON, the Y-channel option and the error handling."""
+"""restorer.evaluate: the papers' protocol (full images, qualities 10-40, RGB and the grayscale Y
+benchmarks), independent checks of the JPEG-input figures (numpy, OpenCV), scoring existing JPEG
+files, the table, the JSON, the plots and the error convention."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from restorer.checkpoint import save_checkpoint
+from helpers import REPO, encode, photo_like, write
+from restorer.checkpoint import load_checkpoint, save_checkpoint
 from restorer.data.degrade import jpeg_decode, jpeg_encode
-from restorer.evaluate import KEYS, evaluate, main
+from restorer.evaluate import KEYS, evaluate, main, matlab_y_u8
 from restorer.models import build_model
 
-from helpers import encode, photo_like, write
-
-ROW = re.compile(r"^(JPEG|model|gain)\s+([-+]?\d+\.\d+)\s+([-+]?\d+\.\d+)\s+([-+]?\d+\.\d+)\s*$")
+ROW = re.compile(r"^\s*(\d+|given)\s+(\d+) \|\s+(\S+)\s+(\S+)\s+(\S+) \|\s+(\S+)\s+(\S+)\s+(\S+) \|\s+(\S+)\s+(\S+)\s+(\S+)$")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """An identity model: a residual seed network whose output convolution is zero.
-
-    A freshly initialised residual seed is only *nearly* the identity: its output layer (normal,
-    std 1e-3) changes pixels by ~0.02 RMS, which costs 0.3-0.4 dB at q10, too much for a 0.05 dB
-    check. So the EMA weights (which evaluate must prefer) have `last` zeroed, and the plain
-    model weights are the fresh ones: the identity checks below also show the EMA is used.
-    """
+    """An identity network: a residual seed whose output convolution is zero (in the EMA weights,
+    which evaluate must prefer; the plain weights are a fresh, nearly-identity network)."""
     torch.manual_seed(0)
     m = build_model("seed", in_channels=3, residual=True)
     fresh = {k: v.clone() for k, v in m.state_dict().items()}
     with torch.no_grad():
         m.last.weight.zero_()
     path = tmp_path_factory.mktemp("ckpt") / "seed.pt"
-    save_checkpoint(path, {
-        "model": fresh, "ema": m.state_dict(), "model_name": "seed",
-        "model_args": {"in_channels": 3, "residual": True},
-        "config": {"data": {"patch": {"grayscale": False}}},
-    })
+    save_checkpoint(path, {"model": fresh, "ema": m.state_dict(), "model_name": "seed",
+                           "model_args": {"in_channels": 3, "residual": True},
+                           "config": {"data": {"patch": {"grayscale": False}}}})
     return path
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    # 99x83: not multiples of 8, so the top-left crop to 96x80 is exercised
+    # 99x83: not multiples of 8: the protocol scores whole images, partial JPEG blocks included
     write(root / "a.png", encode(photo_like(99, 83, seed=1), "PNG"))
     write(root / "sub" / "b.PNG", encode(photo_like(96, 80, seed=2), "PNG"))
-    write(root / "c.bmp", encode(photo_like(80, 96, seed=3), "BMP"))
-    write(root / "notes.txt", b"not an image")  # ignored: not an image extension
+    write(root / "c.bmp", encode(photo_like(72, 64, seed=3), "BMP"))
     return root
 
 
-def parse_tables(text: str) -> dict[str, dict]:
-    """{quality: {"count": n, "JPEG": (psnr, ssim, psnrb), "model": ..., "gain": ...}} from stdout."""
-    tables, current = {}, None
-    for line in text.splitlines():
-        m = re.match(r"^JPEG quality (\d+): (\d+) images?$", line)
-        if m:
-            current = tables.setdefault(m.group(1), {"count": int(m.group(2))})
-            continue
-        m = ROW.match(line)
-        if m and current is not None:
-            current[m.group(1)] = tuple(float(v) for v in m.group(2, 3, 4))
-    return tables
+def _clean(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _psnr(x: np.ndarray, y: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2)))
 
 
 def run_main(capsys, *argv) -> tuple[int, str, str]:
@@ -73,168 +64,189 @@ def run_main(capsys, *argv) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def test_table_and_json_agree(ckpt, images, tmp_path, capsys):
-    js = tmp_path / "out" / "res.json"
-    js.parent.mkdir()
-    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", images, "--quality", 10, 30,
-                            "--json", js, "--device", "cpu")
+def parse_table(out: str) -> dict[str, tuple]:
+    return {m.group(1): (int(m.group(2)), *map(float, m.groups()[2:])) for m in map(ROW.match, out.splitlines()) if m}
+
+
+def test_the_default_protocol_is_one_table_of_four_qualities_and_the_json_agrees(ckpt, images, tmp_path, capsys):
+    js = tmp_path / "res.json"
+    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", images, "--json", js, "--device", "cpu")
     assert rc == 0, err
-    assert "RGB" in out
+    assert "metrics on RGB" in out
     res = json.loads(js.read_text())
-    assert set(res) == {"checkpoint", "channel", "qualities"}
-    assert res["channel"] == "rgb" and res["checkpoint"] == str(ckpt)
-    assert list(res["qualities"]) == ["10", "30"]
-    tables = parse_tables(out)
-    assert set(tables) == {"10", "30"}
+    assert res["channel"] == "rgb" and list(res["qualities"]) == ["10", "20", "30", "40"]
+    table = parse_table(out)
+    assert list(table) == ["10", "20", "30", "40"]
     for q, block in res["qualities"].items():
-        assert set(block) == {"images", "mean"}
         assert set(block["images"]) == {"a.png", "sub/b.PNG", "c.bmp"}
-        for vals in block["images"].values():
-            assert set(vals) == set(KEYS) == {"psnr_jpeg", "psnr_model", "ssim_jpeg", "ssim_model",
-                                              "psnrb_jpeg", "psnrb_model"}
         mean = block["mean"]
         assert set(mean) == set(KEYS)
         for k in KEYS:
             assert mean[k] == pytest.approx(np.mean([v[k] for v in block["images"].values()]), abs=1e-9)
-        t = tables[q]
-        assert t["count"] == 3
-        for row in ("jpeg", "model"):
-            printed = t["JPEG" if row == "jpeg" else "model"]
-            assert printed[0] == round(mean[f"psnr_{row}"], 3)
-            assert printed[1] == round(mean[f"ssim_{row}"], 4)
-            assert printed[2] == round(mean[f"psnrb_{row}"], 3)
-        gain = t["gain"]
-        assert gain[0] == pytest.approx(mean["psnr_model"] - mean["psnr_jpeg"], abs=6e-4)
-        assert gain[1] == pytest.approx(mean["ssim_model"] - mean["ssim_jpeg"], abs=6e-5)
-        assert gain[2] == pytest.approx(mean["psnrb_model"] - mean["psnrb_jpeg"], abs=6e-4)
+        n, pj, pm, pg, sj, sm, sg, bj, bm, bg = table[q]
+        assert n == 3 and (pj, pm, sj, sm, bj, bm) == (
+            round(mean["psnr_jpeg"], 3), round(mean["psnr_model"], 3), round(mean["ssim_jpeg"], 4),
+            round(mean["ssim_model"], 4), round(mean["psnrb_jpeg"], 3), round(mean["psnrb_model"], 3))
+        assert pg == pytest.approx(mean["psnr_model"] - mean["psnr_jpeg"], abs=6e-4)
+    # the identity network changes nothing; lower quality, lower PSNR; blocking lowers PSNR-B only
+    means = [res["qualities"][q]["mean"] for q in ("10", "20", "30", "40")]
+    assert all(m["psnr_model"] == pytest.approx(m["psnr_jpeg"], abs=1e-9) for m in means)
+    assert [m["psnr_jpeg"] for m in means] == sorted(m["psnr_jpeg"] for m in means)
+    assert means[0]["psnrb_jpeg"] < means[0]["psnr_jpeg"]
 
 
-def _numpy_psnr(x: np.ndarray, y: np.ndarray) -> float:
-    mse = np.mean((x.astype(np.float64) / 255 - y.astype(np.float64) / 255) ** 2)
-    return float(10 * np.log10(1.0 / mse))
-
-
-def test_identity_model_and_independent_jpeg_psnr(ckpt, images):
+def test_jpeg_figures_are_whole_images_recomputed_independently(ckpt, images):
     res = evaluate(ckpt, images, [10, 40], device="cpu")
     for q in (10, 40):
-        block = res["qualities"][str(q)]
-        for name, vals in block["images"].items():
-            # a fresh residual seed model is (almost) the identity: no gain, no loss
-            assert abs(vals["psnr_model"] - vals["psnr_jpeg"]) < 0.05
-            assert abs(vals["ssim_model"] - vals["ssim_jpeg"]) < 0.005
-            # the JPEG numbers, recomputed independently: encode the top-left 8-aligned crop
-            from PIL import Image
-
-            clean = np.asarray(Image.open(images / name).convert("RGB"))
-            clean = clean[: clean.shape[0] // 8 * 8, : clean.shape[1] // 8 * 8]
-            jpeg = jpeg_decode(jpeg_encode(np.ascontiguousarray(clean), q))
-            assert vals["psnr_jpeg"] == pytest.approx(_numpy_psnr(jpeg, clean), abs=1e-3)
-        mean = block["mean"]
-        assert abs(mean["psnr_model"] - mean["psnr_jpeg"]) < 0.05
-    q10, q40 = res["qualities"]["10"], res["qualities"]["40"]
-    # lower quality, lower PSNR; the blocking penalty only lowers PSNR-B
-    assert q10["mean"]["psnr_jpeg"] < q40["mean"]["psnr_jpeg"]
-    for name in q10["images"]:
-        assert q10["images"][name]["psnr_jpeg"] < q40["images"][name]["psnr_jpeg"]
-        assert q10["images"][name]["psnrb_jpeg"] <= q10["images"][name]["psnr_jpeg"]
-    assert q10["mean"]["psnrb_jpeg"] < q10["mean"]["psnr_jpeg"]  # q10 shows real blocking
+        for name, vals in res["qualities"][str(q)]["images"].items():
+            clean = _clean(images / name)  # whole: 99x83 stays 99x83
+            jpeg = np.asarray(Image.open(io.BytesIO(jpeg_encode(clean, q))).convert("RGB"))
+            assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg, clean), abs=1e-6)
 
 
-def test_y_channel(ckpt, images, tmp_path, capsys):
-    rgb = evaluate(ckpt, images, [10], device="cpu")
-    js = tmp_path / "y.json"
-    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", images, "--quality", 10,
-                            "--y-channel", "--json", js)
+def test_opencv_encodes_the_same_jpeg_input(ckpt, images):
+    """An independent encoder (OpenCV, libjpeg-turbo with its own wrapper): the JPEG-input PSNR of
+    Pillow's path is reproduced to within 0.01 dB, colour (4:2:0) and grayscale."""
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (the dev extra) checks the encoder")
+    for gray in (False, True):
+        res = evaluate(ckpt, images, [10, 30], device="cpu", gray=gray)
+        for q in (10, 30):
+            ours = res["qualities"][str(q)]["mean"]["psnr_jpeg"]
+            theirs = []
+            for name in res["qualities"][str(q)]["images"]:
+                clean = _clean(images / name)
+                if gray:
+                    ref = matlab_y_u8(clean)
+                    ok, data = cv2.imencode(".jpg", ref, [cv2.IMWRITE_JPEG_QUALITY, q])
+                    dec = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+                else:
+                    ref = clean
+                    ok, data = cv2.imencode(".jpg", clean[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, q,
+                                                                       cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                                                       cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])
+                    dec = cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1]
+                theirs.append(_psnr(dec, ref))
+            assert ours == pytest.approx(np.mean(theirs), abs=0.01), (gray, q)
+
+
+def test_gray_protocol_scores_matlab_y_through_an_rgb_network(ckpt, images, tmp_path, capsys):
+    js = tmp_path / "gray.json"
+    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", images, "--quality", 10, "--gray", "--json", js)
     assert rc == 0, err
-    assert "metrics on Y" in out and "rgb2ycbcr" in out
-    y = json.loads(js.read_text())
-    assert y["channel"] == "y"
-    for name, vals in y["qualities"]["10"]["images"].items():
-        assert vals["psnr_jpeg"] != pytest.approx(rgb["qualities"]["10"]["images"][name]["psnr_jpeg"], abs=1e-3)
-        assert abs(vals["psnr_model"] - vals["psnr_jpeg"]) < 0.05
-    # independent Y PSNR for one image (MATLAB rgb2ycbcr convention)
-    from PIL import Image
+    assert "grayscale protocol" in out
+    res = json.loads(js.read_text())
+    assert res["channel"] == "gray"
+    for name, vals in res["qualities"]["10"]["images"].items():
+        y = matlab_y_u8(_clean(images / name))
+        assert 16 <= y.min() and y.max() <= 235
+        jpeg = jpeg_decode(jpeg_encode(y[..., None], 10))[..., 0]  # one-channel JPEG
+        assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg, y), abs=1e-6)
+        assert abs(vals["psnr_model"] - vals["psnr_jpeg"]) < 0.01  # the identity, through three channels
 
-    clean = np.asarray(Image.open(images / "a.png").convert("RGB"))[:80, :96]
-    jpeg = jpeg_decode(jpeg_encode(np.ascontiguousarray(clean), 10))
+
+def test_gray_protocol_takes_a_grayscale_files_own_values(ckpt, tmp_path):
+    gray = photo_like(64, 48, 4, channels=1)[..., 0]
+    write(tmp_path / "classic" / "g.png", encode(gray, "PNG"))
+    vals = evaluate(ckpt, tmp_path / "classic", [10], device="cpu", gray=True)["qualities"]["10"]["images"]["g.png"]
+    jpeg = jpeg_decode(jpeg_encode(gray[..., None], 10))[..., 0]
+    assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg, gray), abs=1e-6)  # not squeezed into 16-235
+
+
+def test_y_channel_measures_colour_on_matlab_y(ckpt, images):
+    rgb = evaluate(ckpt, images, [10], device="cpu")["qualities"]["10"]["images"]["a.png"]
+    y = evaluate(ckpt, images, [10], device="cpu", y_channel=True)["qualities"]["10"]["images"]["a.png"]
+    clean = _clean(images / "a.png")
+    jpeg = np.asarray(Image.open(io.BytesIO(jpeg_encode(clean, 10))).convert("RGB"))
 
     def y_of(a):
-        a = a.astype(np.float64) / 255
-        return 16 / 255 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255
+        a = a.astype(np.float64)
+        return 16 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255
 
-    mse = np.mean((y_of(jpeg) - y_of(clean)) ** 2)
-    assert y["qualities"]["10"]["images"]["a.png"]["psnr_jpeg"] == pytest.approx(10 * np.log10(1 / mse), abs=1e-3)
-
-
-def test_max_side_crops(ckpt, images):
-    res = evaluate(ckpt, images, [20], device="cpu", max_side=48)
-    full = evaluate(ckpt, images, [20], device="cpu")
-    a = res["qualities"]["20"]["images"]["a.png"]["psnr_jpeg"]
-    assert a != pytest.approx(full["qualities"]["20"]["images"]["a.png"]["psnr_jpeg"], abs=1e-6)
+    assert y["psnr_jpeg"] == pytest.approx(_psnr(y_of(jpeg), y_of(clean)), abs=1e-6)
+    assert y["psnr_jpeg"] != pytest.approx(rgb["psnr_jpeg"], abs=1e-3)
 
 
-def test_unreadable_image_is_skipped(ckpt, images, tmp_path, capsys):
+def test_existing_jpeg_files_are_scored_as_they_are(ckpt, images, tmp_path, capsys):
+    inputs = tmp_path / "jpegs"
+    for name in ("a.png", "sub/b.PNG", "c.bmp"):
+        stem = name.rsplit(".", 1)[0]
+        write(inputs / f"{stem}.jpg", jpeg_encode(_clean(images / name), 20))
+    write(inputs / "orphan.jpg", jpeg_encode(photo_like(40, 40, 9), 20))
+    js = tmp_path / "pairs.json"
+    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--inputs", inputs, "--references", images, "--json", js)
+    assert rc == 0, err
+    assert "orphan" in err and "no reference" in err
+    pairs = json.loads(js.read_text())["qualities"]["given"]
+    encoded = evaluate(ckpt, images, [20], device="cpu")["qualities"]["20"]
+    assert set(pairs["images"]) == {"a", "sub/b", "c"}
+    assert pairs["mean"]["psnr_jpeg"] == pytest.approx(encoded["mean"]["psnr_jpeg"], abs=1e-9)
+
+
+def test_plots_of_quality_and_of_a_run(ckpt, images, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the plot extra draws the pictures")
+    png = tmp_path / "q.png"
+    rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", images, "--quality", 10, 40, "--plot", png)
+    assert rc == 0, err
+    assert Image.open(png).format == "PNG"
+    run = tmp_path / "run"
+    write(run / "metrics.jsonl", "\n".join(json.dumps(r) for r in [
+        {"event": "start", "step": 0}, {"step": 10, "loss": 0.01, "target": 0.012, "lr": 1e-3},
+        {"step": 20, "loss": 0.008, "target": 0.012, "lr": 1e-3},
+        {"step": 20, "val_psnr": 28.1, "val_psnr_jpeg": 27.5, "val_ssim": 0.8, "val_ssim_jpeg": 0.78},
+    ]).encode())
+    p = subprocess.run([sys.executable, "-m", "restorer.plot", str(run)], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    assert Image.open(run / "curves.png").size[0] > 500
+    p = subprocess.run([sys.executable, "-m", "restorer.plot", str(tmp_path / "nothing")], capture_output=True,
+                       text=True, cwd=REPO)
+    assert p.returncode == 2 and p.stderr.startswith("plot: error: no metrics.jsonl") and p.stderr.count("\n") == 1
+
+
+def test_unreadable_image_is_skipped_with_a_warning(ckpt, images, tmp_path, capsys):
     d = tmp_path / "imgs"
     write(d / "good.png", encode(photo_like(64, 64, seed=5), "PNG"))
     write(d / "bad.jpg", b"\xff\xd8 definitely not a jpeg")
     rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 10)
-    assert rc == 0
-    assert parse_tables(out)["10"]["count"] == 1
+    assert rc == 0 and parse_table(out)["10"][0] == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evaluate: warning:") and "bad.jpg" in lines[0]
 
 
-@pytest.mark.parametrize("case", ["missing_ckpt", "no_images", "quality_0", "quality_101", "bad_ckpt"])
+@pytest.mark.parametrize("case", ["missing_ckpt", "no_images", "quality_0", "bad_ckpt", "both_modes", "gray_and_y",
+                                  "pairs_with_quality"])
 def test_errors_exit_2_one_line(case, ckpt, images, tmp_path, capsys):
-    args = {"ckpt": ckpt, "images": images, "quality": ["10"]}
+    args = ["--ckpt", ckpt, "--images", images, "--quality", 10]
     if case == "missing_ckpt":
-        args["ckpt"] = tmp_path / "nope.pt"
+        args[1] = tmp_path / "nope.pt"
     elif case == "no_images":
-        (tmp_path / "empty").mkdir()
         write(tmp_path / "empty" / "readme.txt", b"x")
-        args["images"] = tmp_path / "empty"
+        args[3] = tmp_path / "empty"
     elif case == "quality_0":
-        args["quality"] = ["0"]
-    elif case == "quality_101":
-        args["quality"] = ["10", "101"]
+        args[5] = 0
     elif case == "bad_ckpt":
-        args["ckpt"] = write(tmp_path / "bad.pt", b"garbage")
-    rc, out, err = run_main(capsys, "--ckpt", args["ckpt"], "--images", args["images"], "--quality", *args["quality"])
+        args[1] = write(tmp_path / "bad.pt", b"garbage")
+    elif case == "both_modes":
+        args += ["--inputs", images]
+    elif case == "gray_and_y":
+        args += ["--gray", "--y-channel"]
+    elif case == "pairs_with_quality":
+        args[2:4] = ["--inputs", images, "--references", images]
+    rc, out, err = run_main(capsys, *args)
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evaluate: error: "), err
-    assert "Traceback" not in err
 
 
-def test_cli_module_entry_point(ckpt, images):
-    import subprocess
-    import sys
-
-    from helpers import REPO
-
-    r = subprocess.run([sys.executable, "-m", "restorer.evaluate", "--ckpt", str(ckpt), "--images", str(images),
-                        "--quality", "101"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["evaluate: error: quality must be in 1..100, got 101"]
-
-
-def test_ema_preferred_and_grayscale_model(ckpt, images, tmp_path, capsys):
-    from restorer.checkpoint import load_checkpoint
-
+def test_ema_preferred_and_a_grayscale_network(ckpt, images, tmp_path, capsys):
     state = load_checkpoint(ckpt)
-    no_ema = {k: v for k, v in state.items() if k != "ema"}
-    save_checkpoint(tmp_path / "noema.pt", no_ema)
+    save_checkpoint(tmp_path / "noema.pt", {k: v for k, v in state.items() if k != "ema"})
     a = evaluate(ckpt, images, [10], device="cpu")["qualities"]["10"]["mean"]
     b = evaluate(tmp_path / "noema.pt", images, [10], device="cpu")["qualities"]["10"]["mean"]
-    assert a["psnr_jpeg"] == b["psnr_jpeg"]
-    assert abs(b["psnr_model"] - a["psnr_model"]) > 0.05  # the fresh (non-EMA) weights differ
-
+    assert a["psnr_jpeg"] == b["psnr_jpeg"] and abs(b["psnr_model"] - a["psnr_model"]) > 0.05
     g = build_model("seed", in_channels=1, residual=True)
-    save_checkpoint(tmp_path / "gray.pt", {
-        "model": g.state_dict(), "model_name": "seed", "model_args": {"in_channels": 1, "residual": True},
-        "config": {"data": {"patch": {"grayscale": True}}},
-    })
+    save_checkpoint(tmp_path / "gray.pt", {"model": g.state_dict(), "model_name": "seed",
+                                           "model_args": {"in_channels": 1, "residual": True},
+                                           "config": {"data": {"patch": {"grayscale": True}}}})
     rc, out, err = run_main(capsys, "--ckpt", tmp_path / "gray.pt", "--images", images, "--quality", 10)
     assert rc == 0, err
-    assert "metrics on Y" in out and "grayscale" in out
-    assert parse_tables(out)["10"]["count"] == 3
+    assert "grayscale protocol" in out and parse_table(out)["10"][0] == 3

@@ -299,7 +299,9 @@ def test_url_patterns_and_pipe_commands(photo_shards):
     brace = str(folder / "train-{000000..000002}.tar")
     pipe = "::".join(f"pipe:cat {u}" for u in urls)
     for pattern in (brace, pipe):
-        cfg = DataConfig(train_urls=pattern, epoch_samples=8, workers=2, shuffle_buffer=8, patches_per_image=2)
+        cfg = DataConfig(train_urls=pattern, epoch_samples=8, workers=2, shuffle_buffer=8, patches_per_image=2,
+                         allow_pipe=True)
+        cfg.validate()
         batches = _batches(cfg)
         assert len(batches) == 2 and batches[0][0].shape == (4, 3, 128, 128)
 
@@ -313,3 +315,84 @@ def test_config_errors_name_the_field():
         DataConfig(shards="x", patch=PatchSpec(quality=(60, 10))).validate()
     with pytest.raises(ValueError, match="size must be a multiple of 8"):
         PatchSpec(size=100).validate()
+    with pytest.raises(ValueError, match="set data.allow_pipe=true"):
+        DataConfig(train_urls="pipe:cat x.tar", epoch_samples=8).validate()
+    with pytest.raises(ValueError, match="val_crop must be >= 16"):
+        DataConfig(shards="x", val_crop=8).validate()
+    with pytest.raises(ValueError, match="chroma must be one of 444, 422, 420, random"):
+        PatchSpec(chroma="411").validate()
+    with pytest.raises(ValueError, match="double_quality must be"):
+        PatchSpec(double_quality=(0, 50)).validate()
+
+
+# ----------------------------------------------------------------------------- degradations of real photos
+
+
+def _sampling(jpeg: bytes) -> str:
+    """The chroma subsampling written in the JPEG's frame header, read back by Pillow."""
+    from PIL import Image, JpegImagePlugin
+
+    return {0: "444", 1: "422", 2: "420"}[JpegImagePlugin.get_sampling(Image.open(io.BytesIO(jpeg)))]
+
+
+def test_chroma_subsampling_is_what_the_bytes_say():
+    image = photo_like(300, 260, 6)
+    rng = np.random.default_rng(6)
+    for chroma in ("444", "422", "420"):
+        assert {_sampling(random_patch(image, PatchSpec(chroma=chroma), rng)[0]) for _ in range(10)} == {chroma}
+    drawn = collections.Counter(_sampling(random_patch(image, PatchSpec(chroma="random"), rng)[0]) for _ in range(90))
+    assert set(drawn) == {"444", "422", "420"} and min(drawn.values()) > 15, drawn
+
+
+def _grid_phase(image: np.ndarray) -> tuple[int, int]:
+    """Where the 8x8 block edges of a JPEG lie: the (row, column) phase with the largest jumps
+    between neighbouring rows / columns (a blocky image jumps at its block edges)."""
+    gray = image.astype(np.float64).mean(axis=2)
+    phases = []
+    for axis in (0, 1):
+        jumps = np.abs(np.diff(gray, axis=axis)).mean(axis=1 - axis)  # jumps[i]: between lines i and i + 1
+        phases.append(int(np.argmax([jumps[k::8].mean() for k in range(8)])))
+    return phases[0], phases[1]
+
+
+def test_double_jpeg_shifts_the_first_block_grid():
+    image = photo_like(400, 400, 7)
+    rng = np.random.default_rng(7)
+    once = PatchSpec(quality=(5, 5))
+    # the last JPEG nearly lossless: what shows is the first one's grid
+    twice = PatchSpec(quality=(98, 98), double_p=1.0, double_quality=(5, 5))
+    assert {_grid_phase(jpeg_decode(random_patch(image, once, rng)[0])) for _ in range(20)} == {(7, 7)}
+    phases = [_grid_phase(jpeg_decode(random_patch(image, twice, rng)[0])) for _ in range(200)]
+    for axis in (0, 1):  # shifts 0-7 both ways, about uniform, and independent
+        counts = collections.Counter(p[axis] for p in phases)
+        assert len(counts) == 8 and min(counts.values()) >= 10, counts
+    assert len(set(phases)) > 30
+    jpeg, target = random_patch(image, twice, rng)
+    assert target.shape == (128, 128, 3) and jpeg_decode(jpeg).shape == (128, 128, 3)
+    assert psnr(jpeg_decode(jpeg), target) < 32  # the first, coarse JPEG is in the input
+    # nearly lossless both times (4:4:4, q98): the input matches its target as closely as one such JPEG
+    # does (a 42.9 dB here; one pixel of misalignment would be ~20 dB): the target is cut at the same shift
+    fine = PatchSpec(quality=(98, 98), double_p=1.0, double_quality=(98, 98), chroma="444")
+    for _ in range(10):
+        jpeg, target = random_patch(image, fine, rng)
+        assert psnr(jpeg_decode(jpeg), target) > 38
+
+
+def _seed_draws(rng: np.random.Generator, spec: PatchSpec, h: int, w: int) -> None:
+    """The random numbers the seed's patch distribution draws, in order, and nothing else."""
+    scale = float(rng.choice(spec.scales)) if rng.random() < spec.rescale_p else 1.0
+    if min(spec.size / scale, h, w) == spec.size:
+        rng.integers(0, h - spec.size + 1), rng.integers(0, w - spec.size + 1)
+    else:
+        rng.random(), rng.random()
+    if rng.random() < spec.rotate_p:
+        rng.choice(spec.rotations)
+
+
+def test_the_defaults_draw_exactly_the_seeds_random_numbers():
+    image = photo_like(300, 200, 8)
+    for seed in range(40):
+        ours, seeds = np.random.default_rng(seed), np.random.default_rng(seed)
+        random_patch(image, PatchSpec(), ours)
+        _seed_draws(seeds, PatchSpec(), 200, 300)
+        assert ours.bit_generator.state == seeds.bit_generator.state, seed

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from helpers import encode, make_shards_cmd, messy_photo_folder, photo_like, run_make_shards, write
 from restorer.data import decode_image
@@ -349,3 +348,60 @@ def test_killed_run_resumes_to_identical_shards(tmp_path, many_photos, phase):
         assert "resuming" in p.stdout
     assert _tree_bytes(out) == _tree_bytes(reference)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+# ----------------------------------------------------------------------------- names, stale rejects, two runs
+
+
+def test_a_file_name_that_is_not_utf8_is_packed(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        write(src / f"ok{i}.png", encode(photo_like(140, 130, 20 + i), "PNG"))
+    raw = os.path.join(os.fsencode(src), b"caf\xe9 photo.png")  # Latin-1 bytes: not UTF-8
+    with open(raw, "wb") as f:
+        f.write(encode(photo_like(150, 140, 30), "PNG"))
+    run_make_shards(src, "--out", tmp_path / "out", "--val-count", "1", "--min-side", "64")
+    sources = []
+    for tar in sorted((tmp_path / "out").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            sources += [json.loads(t.extractfile(m).read())["source"] for m in t.getmembers() if m.name.endswith(".json")]
+    assert "src/caf\\xe9 photo.png" in sources and len(sources) == 4
+
+
+def test_a_file_once_unreadable_is_checked_again(tmp_path):
+    src = tmp_path / "src"
+    for i in range(3):
+        write(src / f"p{i}.png", encode(photo_like(140, 130, 40 + i), "PNG"))
+    fixed = src / "p0.png"
+    st = fixed.stat()
+    # what an earlier run left in its cache when it could not read the file (the same size and mtime:
+    # a chmod changes neither)
+    state = tmp_path / "out" / ".make_shards"
+    state.mkdir(parents=True)
+    (state / "checks.jsonl").write_text(json.dumps({"path": str(fixed), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                    "reason": "unreadable: Permission denied"}) + "\n")
+    run_make_shards(src, "--out", tmp_path / "out", "--val-count", "1", "--min-side", "64")
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["images"]["kept"] == 3 and not manifest["rejected"]
+    records = [json.loads(line) for line in (state / "checks.jsonl").read_text().splitlines()]
+    assert "reason" not in [r for r in records if r["path"] == str(fixed)][-1]  # the new check, cached
+
+
+def test_two_runs_on_one_folder_are_refused(tmp_path):
+    import fcntl
+
+    src = tmp_path / "src"
+    for i in range(2):
+        write(src / f"p{i}.png", encode(photo_like(140, 130, 50 + i), "PNG"))
+    lock = tmp_path / "out" / ".make_shards" / "lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as held:  # another make_shards holding the folder (as its kernel lock)
+        held.write("12345")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        p = run_make_shards(src, "--out", tmp_path / "out", "--val-count", "1", "--min-side", "64", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert "is being written by another make_shards (pid 12345)" in p.stderr
+    assert not list((tmp_path / "out").glob("*.tar"))
+    run_make_shards(src, "--out", tmp_path / "out", "--val-count", "1", "--min-side", "64")  # free again: fine

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
-from helpers import REPO
+from helpers import REPO, TINY, metrics, pack_photos, train_lines
 from restorer.checkpoint import load_checkpoint
-from test_train import TINY, _metrics, _pack, _train_lines
+
+_metrics, _train_lines = metrics, train_lines
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -32,7 +33,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return _pack(tmp_path_factory.mktemp("slurmdata"), 10, maxcount=3)
+    return pack_photos(tmp_path_factory.mktemp("slurmdata"), 10, maxcount=3)
 
 
 def _args(shards: Path, out: Path, *overrides: str) -> list[str]:
@@ -70,7 +71,9 @@ def test_sbatch_trains_two_ranks_to_the_end(cluster, shards, tmp_path):
     assert state["ExitCode"] == "0:0", _log(out)
     assert load_checkpoint(out / "last.pt")["step"] == 8
     assert _metrics(out)[0]["world_size"] == 2
-    assert f"restorer: job {job} restart 0: 1 node(s) x 2" in _log(out)
+    log = _log(out)
+    assert f"restorer: job {job} start" in log and "restart 0: 1 node(s) x 2 process(es)" in log
+    assert f"job {job} ended with exit code 0" in log
 
 
 def test_time_limit_warning_requeues_and_the_job_resumes(cluster, shards, tmp_path):
@@ -91,7 +94,8 @@ def test_time_limit_warning_requeues_and_the_job_resumes(cluster, shards, tmp_pa
                   "the requeued job to complete")
     assert state["ExitCode"] == "0:0", _log(out)
     log = _log(out)
-    assert f"requeueing job {job}" in log and f"restorer: job {job} restart 1:" in log
+    assert f"requeueing job {job}" in log and "restart 1: 1 node(s)" in log
+    assert f"job {job} stopped for its requeue" in log and "resumes from last.pt" in log
     events = [m for m in _metrics(out) if "event" in m]
     assert [e["event"] for e in events] == ["start", "stopped", "resume", "finished"]
     stopped = events[1]["step"]
@@ -111,3 +115,27 @@ def test_srun_one_task_per_rank_without_torchrun(cluster, shards, tmp_path):
     assert start["world_size"] == 2 and start["event"] == "start"
     assert [m["step"] for m in _train_lines(out)] == [2, 4, 6]
     assert load_checkpoint(out / "last.pt")["step"] == 6
+
+
+def test_a_batch_script_running_the_trainer_without_srun_is_told_how(cluster, shards, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    cmd = " ".join([sys.executable, str(REPO / "launch" / "train.py"), *_args(shards, out / "x", "train.max_steps=2")])
+    p = cluster.run("sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={out}/slurm-%j.out",
+                    f"--chdir={REPO}", f"--wrap={cmd}")
+    job = p.stdout.strip().split(";")[0]
+    state = _wait(cluster, job, lambda s: s.get("JobState") in ("COMPLETED", "FAILED"), "the job to end", limit=120)
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", state
+    errors = [line for line in _log(out).splitlines() if line.startswith("train: error:")]
+    assert len(errors) == 1 and "not started by srun" in errors[0], _log(out)
+
+
+def test_check_before_submitting(shards, tmp_path):
+    import subprocess
+
+    ok = subprocess.run([sys.executable, "-m", "restorer.slurm", "check", *_args(shards, tmp_path / "run")],
+                        capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "restorer.slurm", "check", *_args(tmp_path / "typo", tmp_path / "run")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no shard manifest" in bad.stderr

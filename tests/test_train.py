@@ -14,54 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, encode, photo_like, write
+from helpers import REPO, assert_ok, metrics, pack_photos, run_cmd, train_cmd, train_lines
 from restorer.checkpoint import load_checkpoint, save_checkpoint
-from restorer.data.sharding import PackOptions, run
 from restorer.models import build_model
-
-# tiny and fast: patch 32, batch 2, one DataLoader worker per rank
-TINY = ["data.patch.size=32", "data.patches_per_image=8", "data.shuffle_buffer=16", "data.workers=1",
-        "data.val_crop=64", "train.batch_size=2", "log.every=2", "log.progress=false", "log.tensorboard=false"]
-
-
-def _pack(root: Path, n_images: int, maxcount: int, val: int = 2) -> Path:
-    for i in range(n_images):
-        write(root / "src" / f"p{i:02d}.jpg", encode(photo_like(120, 100, 100 + i), "JPEG", quality=95))
-    run(PackOptions(sources=(str(root / "src"),), val_count=val, maxcount=maxcount, min_side=64),
-        root / "shards", workers=1, force=True, log=lambda *a: None)
-    return root / "shards"
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return _pack(tmp_path_factory.mktemp("train"), 10, maxcount=3)  # 8 train images in 3 shards
-
-
-def _cmd(nproc: int, shards: Path, out: Path, *overrides: str, torchrun_args: tuple = ()) -> list[str]:
-    launch = [str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "cpu.yaml"),
-              f"data.shards={shards}", f"train.out_dir={out}", *TINY, *overrides]
-    if nproc == 0:
-        return [sys.executable, *launch]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--standalone", *torchrun_args, *launch]
-
-
-def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    return p
-
-
-def _ok(p: subprocess.CompletedProcess) -> None:
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _train_lines(out: Path) -> list[dict]:
-    return [m for m in _metrics(out) if "loss" in m]
+    return pack_photos(tmp_path_factory.mktemp("train"), 10, maxcount=3)  # 8 train images in 3 shards
 
 
 # ----------------------------------------------------------------------------- fast: one process
@@ -73,7 +33,7 @@ def test_bad_config_and_missing_shards_exit_2_with_one_line(tmp_path, shards):
         ([f"data.shards={tmp_path}/nothing"], "no shard manifest at"),
         (["optim.lr=fast"], "optim.lr: expected a number"),
     ):
-        p = _run(_cmd(0, shards, tmp_path / "out", *overrides))
+        p = run_cmd(train_cmd(0, shards, tmp_path / "out", *overrides))
         assert p.returncode == 2, p.stderr
         assert p.stderr.startswith("train: error: ") and p.stderr.count("\n") == 1, p.stderr
         assert message in p.stderr and "Traceback" not in p.stderr
@@ -82,38 +42,59 @@ def test_bad_config_and_missing_shards_exit_2_with_one_line(tmp_path, shards):
 
 def test_one_process_trains_validates_and_checkpoints(tmp_path, shards):
     out = tmp_path / "run"
-    _ok(_run(_cmd(0, shards, out, "train.max_steps=6", "log.val_every=3", "checkpoint.every=3")))
+    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "log.val_every=3", "checkpoint.every=3")))
     state = load_checkpoint(out / "last.pt")
-    assert state["step"] == 6 and state["model_name"] == "seed"
+    assert state["step"] == 6 and state["model_name"] == "unet"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
     model = build_model(state["model_name"], **state["model_args"])
     model.load_state_dict(state["model"])  # the network rebuilds from the checkpoint alone
-    vals = [m for m in _metrics(out) if "val_psnr" in m]
+    vals = [m for m in metrics(out) if "val_psnr" in m]
     assert [v["step"] for v in vals] == [3, 6] and all(v["val_images"] == 2 for v in vals)
     assert (out / "best.pt").exists() and (out / "config.yaml").exists()
     # resuming into a run of another network is refused, not half-loaded
-    p = _run(_cmd(0, shards, out, "train.max_steps=8", "model.residual=false"))
+    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=8", "model.name=dncnn"))
     assert p.returncode == 1 and "use another train.out_dir, or train.resume=false" in p.stderr
 
 
 def test_the_loop_switches_work_together(tmp_path, shards):
     out = tmp_path / "run"
-    _ok(_run(_cmd(0, shards, out, "train.max_steps=4", "train.grad_accum=2", "train.precision=bf16",
+    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=4", "train.grad_accum=2", "train.precision=bf16",
                   "train.channels_last=true", "optim.ema=0.9", "optim.schedule=cosine", "optim.warmup_steps=2",
-                  "optim.grad_clip=0.5", "optim.name=adamw", "log.val_every=2", "log.every=1")))
+                  "optim.grad_clip=0.5", "optim.name=adamw", "log.val_every=2", "log.every=1",
+                  "optim.loss=charbonnier")))
     state = load_checkpoint(out / "last.pt")
     assert state["step"] == 4 and "ema" in state
-    lines = _train_lines(out)
+    lines = train_lines(out)
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    assert lines[0]["lr"] == pytest.approx(5e-4 * 0.5)  # warmup: step 1 of 2
+    assert lines[0]["lr"] == pytest.approx(1e-3 * 0.5)  # warmup: step 1 of 2
     assert lines[0]["patches_per_s"] > 0 and all(m["nonfinite"] == 0 for m in lines)
 
 
+def test_charbonnier_is_a_smooth_l1():
+    from restorer.config import load_config
+    from restorer.train import loss_fn
+
+    cfg = load_config(None, ["data.shards=x", "optim.loss=charbonnier", "optim.charbonnier_eps=0.1"])
+    out, y = torch.tensor([[0.5, 0.2]]), torch.tensor([[0.5, 0.6]])
+    assert loss_fn(cfg)(out, y).item() == pytest.approx((0.1 + (0.4**2 + 0.01) ** 0.5) / 2)
+
+
+def test_a_time_budget_ends_the_run_and_drives_the_schedule(tmp_path, shards):
+    out = tmp_path / "run"
+    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_minutes=0.05", "train.max_steps=0", "train.epochs=100000",
+                                "optim.schedule=cosine", "log.val_every=0", "log.every=1")))
+    end = metrics(out)[-1]
+    assert end["event"] == "finished" and end["reason"] == "max_minutes" and 0.05 <= end["minutes"] < 0.5
+    lrs = [m["lr"] for m in train_lines(out)]
+    assert lrs[0] == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.2e-3  # cosine over the time spent
+    assert load_checkpoint(out / "last.pt")["train_seconds"] >= 3
+
+
 def test_a_diverging_run_stops_with_a_clear_error(tmp_path, shards):
-    p = _run(_cmd(0, shards, tmp_path / "run", "train.max_steps=50", "optim.lr=1e12", "optim.loss=mse_sum",
+    p = run_cmd(train_cmd(0, shards, tmp_path / "run", "train.max_steps=50", "optim.lr=1e12", "optim.loss=mse_sum",
                   "train.max_nonfinite=3", "log.val_every=0"))
     assert p.returncode == 1, p.stderr[-3000:]
-    assert "non-finite losses in a row" in p.stderr and "Traceback" not in p.stderr
+    assert "non-finite steps in a row" in p.stderr and "Traceback" not in p.stderr
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -122,15 +103,15 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path, shards):
 @pytest.mark.slow
 def test_two_ranks_learn_and_only_rank0_writes(tmp_path, shards):
     out = tmp_path / "run"
-    _ok(_run(_cmd(2, shards, out, "train.max_steps=30", "log.val_every=0", "checkpoint.every=10",
+    assert_ok(run_cmd(train_cmd(2, shards, out, "train.max_steps=30", "log.val_every=0", "checkpoint.every=10",
                   "checkpoint.keep=2", "optim.lr=2e-3")))
-    lines = _train_lines(out)
+    lines = train_lines(out)
     assert [m["step"] for m in lines] == list(range(2, 31, 2))  # one writer: no step logged twice
     first, last = lines[0]["loss"], sum(m["loss"] for m in lines[-3:]) / 3
     assert last < first, (first, last)
-    events = [m["event"] for m in _metrics(out) if "event" in m]
+    events = [m["event"] for m in metrics(out) if "event" in m]
     assert events == ["start", "finished"]
-    start = _metrics(out)[0]
+    start = metrics(out)[0]
     assert start["world_size"] == 2 and start["total_steps"] == 30
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt", "step-00000020.pt", "step-00000030.pt"]
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
@@ -140,12 +121,12 @@ def test_two_ranks_learn_and_only_rank0_writes(tmp_path, shards):
 @pytest.mark.slow
 @pytest.mark.parametrize("maxcount", [3, 8])  # 3 shards, then 1 shard, for 2 ranks x 2 workers
 def test_uneven_shards_never_hang(tmp_path, maxcount):
-    data = _pack(tmp_path, 10, maxcount=maxcount)
+    data = pack_photos(tmp_path, 10, maxcount=maxcount)
     out = tmp_path / "run"
     # an epoch is 8 images x 8 patches / (2 per batch x 2 ranks) = 16 steps: run past one epoch
-    _ok(_run(_cmd(2, data, out, "data.workers=2", "train.max_steps=20", "log.val_every=0"), timeout=180))
+    assert_ok(run_cmd(train_cmd(2, data, out, "data.workers=2", "train.max_steps=20", "log.val_every=0"), timeout=180))
     assert load_checkpoint(out / "last.pt")["step"] == 20
-    assert _metrics(out)[0]["steps_per_epoch"] == 16
+    assert metrics(out)[0]["steps_per_epoch"] == 16
 
 
 def _children(pid: int) -> list[int]:
@@ -168,7 +149,7 @@ def _wait_for(cond, proc: subprocess.Popen, what: str, limit: float = 120) -> No
 
 def _logged_step(out: Path) -> int:
     with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-        lines = _train_lines(out)
+        lines = train_lines(out)
         return lines[-1]["step"] if lines else 0
     return 0
 
@@ -178,11 +159,11 @@ def test_sigterm_saves_now_and_a_restart_resumes_to_the_same_end(tmp_path, shard
     common = ("train.max_steps=40", "log.val_every=0", "checkpoint.every=1000", "optim.schedule=cosine",
               "optim.warmup_steps=4")
     reference = tmp_path / "reference"
-    _ok(_run(_cmd(2, shards, reference, *common)))
+    assert_ok(run_cmd(train_cmd(2, shards, reference, *common)))
 
     out = tmp_path / "run"
     env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_cmd(2, shards, out, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(train_cmd(2, shards, out, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     _wait_for(lambda: _logged_step(out) >= 10, proc, "step 10")
     t = time.monotonic()
@@ -193,15 +174,16 @@ def test_sigterm_saves_now_and_a_restart_resumes_to_the_same_end(tmp_path, shard
     assert "stopped by SIGTERM at step" in stderr, stderr[-4000:]
     assert str(REPO / "restorer") not in stderr  # the only traceback is torchrun's own SignalException
     stopped = load_checkpoint(out / "last.pt")["step"]
-    assert 10 <= stopped < 40 and _metrics(out)[-1] == {"event": "stopped", "step": stopped,
-                                                         "signal": "SIGTERM", "nonfinite": 0}
+    end = metrics(out)[-1]
+    assert 10 <= stopped < 40 and {k: end[k] for k in ("event", "step", "signal", "nonfinite")} == {
+        "event": "stopped", "step": stopped, "signal": "SIGTERM", "nonfinite": 0}
 
-    _ok(_run(_cmd(2, shards, out, *common)))
-    resumed = [m for m in _metrics(out) if m.get("event") == "resume"]
+    assert_ok(run_cmd(train_cmd(2, shards, out, *common)))
+    resumed = [m for m in metrics(out) if m.get("event") == "resume"]
     assert resumed and resumed[0]["step"] == stopped
-    steps = [m["step"] for m in _train_lines(out)]
+    steps = [m["step"] for m in train_lines(out)]
     assert len(steps) == len(set(steps)) and steps[-1] == 40  # no step done twice
-    assert _train_lines(out)[-1]["lr"] == pytest.approx(_train_lines(reference)[-1]["lr"])
+    assert train_lines(out)[-1]["lr"] == pytest.approx(train_lines(reference)[-1]["lr"])
     assert load_checkpoint(out / "last.pt")["step"] == 40
 
 
@@ -210,7 +192,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, shards):
     out = tmp_path / "run"
     env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     # stop_grace_s: the surviving rank is stuck in a collective with the dead one; torchrun SIGTERMs it
-    proc = subprocess.Popen(_cmd(2, shards, out, "train.max_steps=30", "checkpoint.every=4", "log.val_every=0",
+    proc = subprocess.Popen(train_cmd(2, shards, out, "train.max_steps=30", "checkpoint.every=4", "log.val_every=0",
                                  "train.stop_grace_s=5",
                                  torchrun_args=("--max_restarts", "1")),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -220,7 +202,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, shards):
     os.kill(workers[1], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-4000:]
-    events = [m.get("event") for m in _metrics(out) if "event" in m]
+    events = [m.get("event") for m in metrics(out) if "event" in m]
     assert events[:2] == ["start", "resume"] and events[-1] == "finished"
     assert load_checkpoint(out / "last.pt")["step"] == 30
 
@@ -239,3 +221,32 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
     proc.wait()
     state = load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- every network, end to end
+
+NETWORKS = {"dncnn": ["model.dncnn.depth=4", "model.dncnn.channels=8"],
+            "unet": ["model.unet.widths=[4,8,8,16]"],
+            "nafnet": ["model.nafnet.width=4", "model.nafnet.enc_blocks=[1,1]", "model.nafnet.dec_blocks=[1,1]"]}
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_each_network_trains_resumes_restores_and_evaluates(tmp_path, shards, name):
+    out = tmp_path / "run"
+    common = (f"model.name={name}", *NETWORKS[name], "log.val_every=2")
+    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=2", *common))
+    assert_ok(p)
+    assert f"train: network {name} (" in p.stderr and "parameters" in p.stderr and "MACs per pixel" in p.stderr
+    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=4", *common)))  # resumes
+    assert [m["step"] for m in metrics(out) if m.get("event") == "resume"] == [2]
+    state = load_checkpoint(out / "last.pt")
+    assert state["step"] == 4 and state["model_name"] == name
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes((shards.parent / "src" / "p00.jpg").read_bytes())
+    restored = tmp_path / "restored"
+    for cmd in (["restorer.restore", "--ckpt", str(out / "last.pt"), str(photo), "--out", str(restored)],
+                ["restorer.evaluate", "--ckpt", str(out / "best.pt"), "--images", str(shards.parent / "src"),
+                 "--quality", "10", "--json", str(tmp_path / "eval.json")]):
+        assert_ok(run_cmd([sys.executable, "-m", *cmd]))
+    assert (restored / "photo.png").exists()
+    assert "10" in json.loads((tmp_path / "eval.json").read_text())["qualities"]

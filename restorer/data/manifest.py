@@ -39,6 +39,12 @@ def load_manifest(shards: str | os.PathLike) -> dict:
         raise ManifestError(f"{path} is not a restorer shard manifest")
     if m.get("version") != FORMAT_VERSION:
         raise ManifestError(f"{path} has format version {m.get('version')}, this restorer reads {FORMAT_VERSION}")
+    for split in SPLITS:
+        part = m.get("splits", {}).get(split) if isinstance(m.get("splits"), dict) else None
+        if not isinstance(part, dict) or not isinstance(part.get("shards"), list) or not isinstance(part.get("samples"), int) \
+                or not all(isinstance(sh, dict) and {"name", "bytes", "sha256"} <= sh.keys() for sh in part["shards"]):
+            raise ManifestError(f"{path} has no usable splits.{split} (shards with name, bytes and sha256; samples): "
+                                "make it again with make_shards.py")
     return m
 
 

@@ -14,8 +14,10 @@ does what it is best at: URL expansion (brace patterns, `pipe:`, http) and tar r
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
-import signal
+import multiprocessing
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -29,7 +31,8 @@ from webdataset.tariterators import tarfile_samples
 
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 from restorer.data.degrade import PatchSpec, center_pair, jpeg_decode, random_patch
-from restorer.data.manifest import load_manifest, shard_paths
+from restorer.data.manifest import ManifestError, load_manifest, manifest_path, shard_paths
+from restorer.stop import shutdown_event, worker_signals
 
 IMAGE_MEMBERS = tuple(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))  # webdataset member names: no dot
 
@@ -46,6 +49,8 @@ class DataConfig:
     workers: int = 4  # DataLoader worker processes per rank
     val_crop: int = 256  # validation: centre crop of at most this side ...
     val_quality: int = 10  # ... JPEG-encoded at this quality
+    verify: bool = False  # at start, check every shard's sha256 against the manifest (sizes are always checked)
+    allow_pipe: bool = False  # let train_urls/val_urls use pipe: (it runs a shell command on every rank and worker)
 
     def validate(self) -> None:
         """Raise ValueError naming the field that is wrong."""
@@ -58,8 +63,12 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0; got {self.workers}")
-        if self.val_crop < 8:
-            raise ValueError(f"val_crop must be >= 8; got {self.val_crop}")
+        if self.val_crop < 16:  # whole 8x8 blocks, at least SSIM's 11x11 window
+            raise ValueError(f"val_crop must be >= 16 (SSIM's window is 11x11); got {self.val_crop}")
+        for name in ("train_urls", "val_urls"):
+            if "pipe:" in getattr(self, name) and not self.allow_pipe:
+                raise ValueError(f"{name}: a pipe: URL runs a shell command on every rank and worker; "
+                                 "set data.allow_pipe=true if you mean it")
         if not 1 <= self.val_quality <= 100:
             raise ValueError(f"val_quality must be in [1, 100]; got {self.val_quality}")
         try:
@@ -76,6 +85,36 @@ def split_urls(cfg: DataConfig, split: str) -> list[str]:
     if not cfg.shards:
         return []
     return shard_paths(cfg.shards, split)
+
+
+class NoTrainingData(RuntimeError):
+    """Not one training image could be read from any shard; the message is one line."""
+
+
+def check_shards(cfg: DataConfig, verify: Optional[bool] = None) -> None:
+    """Every shard the manifest lists exists with the size it records (and, with `verify`, its
+    sha256): shards rewritten or cut short after the manifest are caught before training."""
+    if not cfg.shards:
+        return
+    path = manifest_path(cfg.shards)
+    manifest = load_manifest(cfg.shards)
+    for split in ("train", "val"):
+        for shard in manifest["splits"][split]["shards"]:
+            file = path.parent / shard["name"]
+            try:
+                size = file.stat().st_size
+            except OSError:
+                raise ManifestError(f"shard {file} is listed in {path} but cannot be read") from None
+            if size != shard["bytes"]:
+                raise ManifestError(f"shard {file} is {size} bytes, {path} says {shard['bytes']}: the shards changed "
+                                    "after the manifest was written; run make_shards.py again")
+            if cfg.verify if verify is None else verify:
+                digest = hashlib.sha256()
+                with open(file, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                if digest.hexdigest() != shard["sha256"]:
+                    raise ManifestError(f"shard {file} does not match the sha256 in {path}: run make_shards.py again")
 
 
 def epoch_samples(cfg: DataConfig) -> int:
@@ -162,6 +201,23 @@ PREFETCH = 4  # batches in flight per worker
 RING = PREFETCH + 3  # batch slots per worker: those in flight, one being copied out, spares
 
 
+def ring_bytes(cfg: DataConfig, batch_size: int) -> int:
+    """Shared memory one rank's training loader takes: workers x slots x (input, target) x batch x C x P x P."""
+    p = cfg.patch.size
+    return cfg.workers * RING * 2 * batch_size * cfg.patch.channels * p * p
+
+
+def shm_problem(need: int, free: int, workers: int) -> Optional[str]:
+    """Why the batch rings of a node's ranks (`need` bytes together) will not fit in `free` bytes of
+    /dev/shm, or None."""
+    if need <= free:
+        return None
+    mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+    return (f"the DataLoader workers' batch rings need {mib(need)} of shared memory on this node, /dev/shm has "
+            f"{mib(free)} free: give the container more (docker --shm-size=2g, or --ipc=host), or lower "
+            f"data.workers (now {workers}) or train.batch_size")
+
+
 class TrainPatches(IterableDataset):
     """An endless stream of training batches for one rank; the DataLoader takes as many as it needs.
 
@@ -186,11 +242,16 @@ class TrainPatches(IterableDataset):
 
     def batch(self, item) -> tuple[np.ndarray, np.ndarray]:
         """The (inputs, targets) an item of this dataset stands for; a ring slot is copied out."""
+        pair = self.view(item)
+        return (pair[0], pair[1]) if self.ring is None else (pair[0].copy(), pair[1].copy())
+
+    def view(self, item) -> np.ndarray:
+        """The 2 x N x P x P x C uint8 pair an item stands for, not copied (a ring slot stays the
+        worker's to reuse: copy it before asking the loader for more)."""
         if self.ring is None:
-            return item
+            return np.stack(item)
         worker, slot = item
-        pair = self.ring[worker, slot].numpy()
-        return pair[0].copy(), pair[1].copy()
+        return self.ring[worker, slot].numpy()
 
     def __iter__(self) -> Iterator:
         """The stream goes on where the last epoch left it (the DataLoader keeps its workers, and
@@ -211,17 +272,25 @@ class TrainPatches(IterableDataset):
         cfg, k = self.cfg, self.cfg.patches_per_image
 
         def images() -> Iterator[np.ndarray]:
-            nonlocal keep
+            nonlocal mine, keep
             while True:  # one pass over this stream's shards in a fresh order each time
                 order = [mine[i] for i in rng.permutation(len(mine))]
                 n = 0
                 for _, image in read_images(order, skip, keep):
                     n += 1
                     yield image
-                if n == 0 and keep is not None:  # a tiny set: no sample hashed to this stream
+                if n:
+                    continue
+                # nothing usable here: widen the net rather than end the run while any data is readable
+                if len(mine) < len(self.urls):
+                    print(f"restorer: warning: {skip.where}: no usable image in its {len(mine)} shard(s) "
+                          f"({skip.count} skipped); reading all shards for its share instead", file=sys.stderr, flush=True)
+                    mine, keep = self.urls, (lambda key: _owner(key, streams) == stream)
+                elif keep is not None:  # a tiny set: no usable sample hashed to this stream
                     keep = None
-                elif n == 0:
-                    raise RuntimeError(f"no usable samples in {len(mine)} shards ({skip.count} skipped): {mine[:3]}")
+                else:
+                    raise NoTrainingData(f"no usable training image in any of the {len(self.urls)} shards "
+                                         f"({skip.count} samples or shards skipped)")
 
         ring = self.ring[worker].numpy() if self.ring is not None else None
         buffer: list[tuple[bytes, np.ndarray]] = []
@@ -260,12 +329,15 @@ class ValPairs(IterableDataset):
             yield *_batch([center_pair(image, self.cfg.val_crop, self.cfg.val_quality, self.cfg.patch.grayscale)]), key
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn: torchrun and SLURM signal the whole process group; the trainer decides when to
-    stop (after saving) and its DataLoader ends the workers. A worker killed by that SIGTERM would
-    crash the trainer before it could save."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+def _mp_context(workers: int):
+    """fork, as the shutdown event shared with the workers was made for (Python 3.14 defaults to forkserver)."""
+    return multiprocessing.get_context("fork") if workers else None
+
+
+def _worker_init():
+    """worker_init_fn: torchrun and SLURM signal every process of a job; the trainer decides when to
+    stop (after saving), so its workers outlive that signal, and end with the trainer (restorer.stop)."""
+    return functools.partial(worker_signals, shutdown_event())
 
 
 def _as_is(batch):
@@ -274,21 +346,81 @@ def _as_is(batch):
 
 
 class EpochLoader:
-    """Exactly `steps` batches of one epoch: `len()` is the step count, iteration ends there."""
+    """Exactly `steps` batches of one epoch: `len()` is the step count, iteration ends there.
 
-    def __init__(self, loader: DataLoader, steps: int, pin_memory: bool):
-        self.loader, self.steps, self.pin_memory = loader, steps, pin_memory
+    Batches arrive on `device`. On CUDA each one is copied once, out of the workers' shared-memory
+    ring into a preallocated pinned buffer, then uploaded on a side stream while the step before it
+    runs: the training step never waits for a copy (it waits on the upload's event on the device).
+    """
+
+    def __init__(self, loader: DataLoader, steps: int, device: torch.device = torch.device("cpu")):
+        self.loader, self.steps, self.device = loader, steps, device
+        self._uploader: Optional[Uploader] = None
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for item in itertools.islice(iter(self.loader), self.steps):
-            yield to_tensors(*self.loader.dataset.batch(item), self.pin_memory)
+        items = itertools.islice(iter(self.loader), self.steps)
+        if self.device.type != "cuda":
+            for item in items:
+                yield to_tensors(*self.loader.dataset.batch(item))
+            return
+        if self._uploader is None:
+            self._uploader = Uploader(self.device)
+        yield from self._uploader.run(self.loader.dataset, items)
+
+
+class Uploader:
+    """Host-to-device transfer of uint8 batch pairs, one batch ahead, through a few pinned buffers
+    reused once their upload's event has completed."""
+
+    DEPTH = 3  # pinned buffer pairs: one being filled, one uploading, one spare
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.buffers: list[Optional[torch.Tensor]] = [None] * self.DEPTH
+        self.events: list[Optional[torch.cuda.Event]] = [None] * self.DEPTH
+        self.n = 0
+
+    def _upload(self, dataset, item) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]:
+        i = self.n % self.DEPTH
+        self.n += 1
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # its last upload has finished: the buffer is free (long since)
+        view = dataset.view(item)  # (2, N, P, P, C) uint8, the worker's ring slot or a plain array
+        if self.buffers[i] is None or self.buffers[i].shape != view.shape:
+            self.buffers[i] = torch.empty(view.shape, dtype=torch.uint8, pin_memory=True)
+        pinned = self.buffers[i]
+        np.copyto(pinned.numpy(), view)  # the one host copy; the ring slot is free after it
+        with torch.cuda.stream(self.stream):
+            on_device = pinned.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)  # 2 x N x C x P x P
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.events[i] = event
+        return on_device[0], on_device[1], event
+
+    def run(self, dataset, items) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ahead = None
+        for item in items:
+            nxt = self._upload(dataset, item)
+            if ahead is not None:
+                yield self._hand_over(*ahead)
+            ahead = nxt
+        if ahead is not None:
+            yield self._hand_over(*ahead)
+
+    def _hand_over(self, x: torch.Tensor, y: torch.Tensor, event) -> tuple[torch.Tensor, torch.Tensor]:
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)  # on the device: the step's kernels start after the upload
+        for t in (x, y):
+            t.record_stream(current)  # the allocator must not hand this memory out while the step uses it
+        return x, y
 
 
 def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0, step: int = 0, steps: Optional[int] = None, pin_memory: bool = False) -> EpochLoader:
+                 epoch: int = 0, step: int = 0, steps: Optional[int] = None, device="cpu") -> EpochLoader:
     """Training batches for this rank, epoch after epoch: each `iter()` yields one epoch of
     (input, target) uint8 N x C x P x P, and the next one continues the same streams.
 
@@ -298,14 +430,18 @@ def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
     """
     dataset = TrainPatches(split_urls(cfg, "train"), cfg, batch_size=batch_size, seed=seed, rank=rank,
                            world_size=world_size, epoch=epoch, step=step)
-    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_ignore_stop_signals, num_workers=cfg.workers,
-                        prefetch_factor=PREFETCH if cfg.workers else None, persistent_workers=cfg.workers > 0)
-    return EpochLoader(loader, steps if steps is not None else steps_per_epoch(cfg, batch_size, world_size), pin_memory)
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_worker_init(), num_workers=cfg.workers,
+                        prefetch_factor=PREFETCH if cfg.workers else None, persistent_workers=cfg.workers > 0,
+                        multiprocessing_context=_mp_context(cfg.workers))
+    return EpochLoader(loader, steps if steps is not None else steps_per_epoch(cfg, batch_size, world_size),
+                       torch.device(device))
 
 
 def val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
                pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
     """This rank's share of the validation images: (input, target, key), batch 1, deterministic."""
     dataset = ValPairs(split_urls(cfg, "val"), cfg, rank=rank, world_size=world_size)
-    for inputs, targets, key in DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_ignore_stop_signals, num_workers=min(cfg.workers, 2)):
+    workers = min(cfg.workers, 2)
+    for inputs, targets, key in DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_worker_init(),
+                                           num_workers=workers, multiprocessing_context=_mp_context(workers)):
         yield *to_tensors(inputs, targets, pin_memory), key

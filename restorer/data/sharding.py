@@ -195,11 +195,11 @@ def find_images(sources: Iterable[str]) -> tuple[list[SourceFile], list[dict]]:
         if os.path.isdir(path):
             walk(path, shown)
         elif os.path.isfile(path) and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
-            found.setdefault(path, SourceFile(path, shown))
+            found.setdefault(path, SourceFile(path, printable(shown)))
         elif not listed:
             read_list(path)
         elif not os.path.exists(path):
-            problems.append({"path": shown, "reason": "missing file (named in a list)"})
+            problems.append({"path": printable(shown), "reason": "missing file (named in a list)"})
         # a listed file that is not an image is ignored, like one in a folder
 
     def read_list(list_path: str) -> None:
@@ -224,7 +224,13 @@ def find_images(sources: Iterable[str]) -> tuple[list[SourceFile], list[dict]]:
 
 def _shown(root: str, shown: str, path: str) -> str:
     rel = os.path.relpath(path, root)
-    return shown if rel == "." else os.path.join(shown, rel)
+    return printable(shown if rel == "." else os.path.join(shown, rel))
+
+
+def printable(path: str) -> str:
+    """A file name as text that can be printed and stored as UTF-8: bytes that are not UTF-8 (Python
+    keeps them as surrogates, os.fsdecode) become \\xNN escapes. The file is still opened by its real name."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # ----------------------------------------------------------------------------- 2. check
@@ -261,7 +267,9 @@ def _check_star(task: tuple) -> dict:
 class CheckCache:
     """Check results of earlier runs into the same DIR, keyed by (path, size, mtime).
 
-    Appended line by line as results arrive, so a killed run keeps what it had checked.
+    Appended line by line as results arrive, so a killed run keeps what it had checked. A file that
+    could not be read is not cached: fixing its permissions changes neither its size nor its mtime.
+    Paths are stored with JSON escapes (a file name need not be UTF-8).
     """
 
     def __init__(self, path: Path):
@@ -276,8 +284,8 @@ class CheckCache:
 
     def lookup(self, path: str) -> Optional[dict]:
         rec = self.records.get(path)
-        if rec is None or "size" not in rec:
-            return None
+        if rec is None or "size" not in rec or rec.get("reason", "").startswith("unreadable"):
+            return None  # (an unreadable file is checked again: its permissions may have been fixed)
         try:
             st = os.stat(path)
         except OSError:
@@ -288,7 +296,8 @@ class CheckCache:
     def appender(self) -> Iterator:
         with open(self.path, "a", encoding="utf-8") as f:
             def append(rec: dict) -> None:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                if not rec.get("reason", "").startswith("unreadable"):
+                    f.write(json.dumps(rec) + "\n")
             yield append
 
 
@@ -647,6 +656,28 @@ def _our_files(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if _OUR_FILE.match(p.name)]
 
 
+def lock_out_dir(out: Path):
+    """Hold DIR for this run: a second make_shards on the same DIR would delete this one's temporary
+    files as leftovers. The lock is the kernel's (flock): it goes with the process, even a killed one."""
+    import fcntl
+
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    f = open(out / STATE_DIR / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UsageError(f"{out} is being written by another make_shards (pid {holder}); wait for it, or use "
+                         "another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def prepare_out_dir(out: Path, opts: PackOptions, force: bool) -> Path:
     """Check DIR can take this run (or wipe it with --force); returns the state folder."""
     if out.exists() and not out.is_dir():
@@ -656,7 +687,9 @@ def prepare_out_dir(out: Path, opts: PackOptions, force: bool) -> Path:
     if force:
         for p in _our_files(out):
             p.unlink()
-        shutil.rmtree(state_dir, ignore_errors=True)
+        for p in state_dir.iterdir() if state_dir.is_dir() else []:
+            if p.name != "lock":  # ours, held
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     state_dir.mkdir(exist_ok=True)
     recorded = None
     for source in (state_dir / "options.json", out / MANIFEST_NAME):
@@ -683,6 +716,13 @@ def run(opts: PackOptions, out: Path, workers: int, force: bool, log=print) -> d
     files, problems = find_images(opts.sources)
     if not files:
         raise UsageError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(opts.sources)}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    with lock_out_dir(out):
+        return _run(opts, out, workers, force, log, files, problems, t0)
+
+
+def _run(opts: PackOptions, out: Path, workers: int, force: bool, log, files, problems, t0) -> dict:
     state_dir = prepare_out_dir(out, opts, force)
 
     records = check_images(files, opts, workers, CheckCache(state_dir / "checks.jsonl"))

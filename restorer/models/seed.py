@@ -1,13 +1,31 @@
-"""The original project's network: a plain stack of 3x3 / 1x1 convolutions with PReLU activations."""
+"""The original project's network, layer for layer as its document's "Full Architecture" lists it."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from restorer.models.common import check_channels
+
+
+@dataclass
+class SeedOptions:
+    residual: bool = False  # output = input + network(input); the seed had none
+
+
+def conv_unit(c_in: int, c_out: int) -> list[nn.Module]:
+    """The document's "Conv Unit": 3x3 conv, 1x1 conv, PReLU, 3x3 conv, PReLU."""
+    return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.Conv2d(c_out, c_out, kernel_size=1), nn.PReLU(),
+            nn.Conv2d(c_out, c_out, kernel_size=3, padding=1), nn.PReLU()]
+
 
 class SeedNet(nn.Module):
-    """The seed network (313,066 parameters for RGB), at full resolution throughout.
+    """The seed network: 313,066 parameters for RGB, full resolution throughout.
+
+        base: conv unit 3->128, conv unit 128->64, conv unit 64->32, 1x1 32->16 + PReLU
+        last: 5x5 16->3
 
     Args:
         in_channels: 3 for RGB, 1 for grayscale (the output has as many channels).
@@ -15,47 +33,42 @@ class SeedNet(nn.Module):
             correction to the JPEG image. If False (the seed's behaviour) it outputs the
             restored image directly.
 
-    The submodule names are part of the interface: ``base`` (the feature stack) and ``last``
-    (the 5x5 output convolution, which the optimizer trains at half the learning rate); the
-    state_dict keys start with ``base.`` and ``last.``.
+    The submodule names are part of the interface: ``base`` and ``last`` (the optimizer trains
+    ``last`` at half the learning rate); the state_dict keys start with ``base.`` and ``last.``.
     """
+
+    Options = SeedOptions
+    # its layers are the document's; the presets add the global residual (the seed itself has none)
+    PRESETS = {"cpu": {"residual": True}, "gpu": {"residual": True}}
 
     def __init__(self, in_channels: int = 3, residual: bool = False) -> None:
         super().__init__()
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
-        c = in_channels
+        c = check_channels(in_channels)
         self.in_channels = c
         self.residual = bool(residual)
         self.base = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=1), nn.PReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.PReLU(),
-            nn.Conv2d(64, 128, 3, padding=1), nn.PReLU(),
-            nn.Conv2d(128, 128, 3, padding=1), nn.PReLU(),
-            nn.Conv2d(128, 96, 1), nn.PReLU(),
-            nn.Conv2d(96, 64, 3, padding=1), nn.PReLU(),
-            nn.Conv2d(64, 32, 1), nn.PReLU(),
+            *conv_unit(c, 128),
+            *conv_unit(128, 64),
+            *conv_unit(64, 32),
+            nn.Conv2d(32, 16, kernel_size=1), nn.PReLU(),
         )  # fmt: skip
-        self.last = nn.Conv2d(32, c, 5, padding=2)
+        self.last = nn.Conv2d(16, c, kernel_size=5, padding=2)
         self._initialize_weights()
 
     def _initialize_weights(self) -> None:
         """Kaiming-normal (fan_in, a=0.25) for the convolutions in ``base``, a tiny ``last``.
 
-        Kaiming initialisation with the PReLU's initial slope (0.25) keeps the activations'
-        variance roughly constant through the seven conv+PReLU layers, so the stack trains
-        from the start without vanishing or exploding signals. ``last`` starts near zero
-        (normal, std 1e-3, zero bias): the residual model then starts as (almost) the
-        identity, i.e. it outputs the JPEG input, and the plain model starts near zero output.
+        The document calls `_initialize_weights()` without showing it. Kaiming initialisation with
+        the PReLU's initial slope (0.25) keeps the activations' variance roughly constant through
+        the stack. ``last`` starts near zero (normal, std 1e-3, zero bias): the residual model then
+        starts as (almost) the identity, i.e. it outputs the JPEG input.
         """
         for module in self.base.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, a=0.25, mode="fan_in", nonlinearity="leaky_relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                nn.init.zeros_(module.bias)
         nn.init.normal_(self.last.weight, mean=0.0, std=1e-3)
-        if self.last.bias is not None:
-            nn.init.zeros_(self.last.bias)
+        nn.init.zeros_(self.last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.last(self.base(x))

@@ -1,0 +1,162 @@
+"""Export a trained network for use outside this project's training code.
+
+    python -m restorer.export --ckpt CKPT --format onnx|torchscript|safetensors --out FILE
+
+* onnx: the network with dynamic batch, height and width (any H x W: the U-Nets pad inside), the
+  card below in the file's metadata (key "restorer"). Checked with onnxruntime against PyTorch on
+  odd sizes before it is kept: the largest difference must be within 1/255.
+* torchscript: torch.jit.script of the network (no Python needed to run it; torch.jit.load).
+* safetensors: the weights (no pickle: any tool can read them) with the card in the header's
+  metadata, and the card beside it as FILE.json. restorer.restore and restorer.evaluate take all
+  onnx and safetensors files (and checkpoints) as --ckpt; TorchScript is for other programs.
+
+Every format takes float32 N x C x H x W in [0, 1] (C = 3 for RGB, 1 for grayscale) and returns the
+restored image the same way (clamp to [0, 1]). The card: the network's name and options, channels,
+the training's JPEG qualities and degradations, its steps and best validation PSNR.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from restorer.cli import Parser, UsageError, fail
+from restorer.fileio import atomic_open
+from restorer.inference import ONNX_CARD_KEY, load_model_and_state, model_grayscale
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+CARD_FORMAT = "restorer-network"
+TOLERANCE = 1 / 255  # an exported network's output may differ from PyTorch's by less than one grey level
+CHECK_SIZES = ((1, 37, 53), (2, 64, 40))  # (batch, height, width): odd sizes, not multiples of the U-Nets' 16
+
+
+class ExportError(Exception):
+    """The export cannot be done or did not check out; one line."""
+
+
+def network_card(model: torch.nn.Module, state: dict, ckpt: str) -> dict:
+    """What another tool needs to know about the network, beside its weights."""
+    args = dict(state.get("model_args") or {})
+    patch = (state.get("config") or {}).get("data", {}).get("patch", {})
+    best = state.get("best_psnr")
+    return {
+        "format": CARD_FORMAT, "version": 1,
+        "network": state["model_name"],
+        "options": {k: v for k, v in args.items() if k != "in_channels"},
+        "in_channels": model.in_channels,
+        "grayscale": model_grayscale(model, state, ckpt),
+        "input": "float32 N x C x H x W in [0, 1]; output the same, clamp to [0, 1]",
+        "training": {"jpeg_quality": patch.get("quality"), "chroma": patch.get("chroma", "420"),
+                     "double_jpeg_p": patch.get("double_p", 0.0), "patch_size": patch.get("size"),
+                     "steps": state.get("step")},
+        "validation": {"best_psnr_db": best if isinstance(best, float) and math.isfinite(best) else None,
+                       "quality": (state.get("config") or {}).get("data", {}).get("val_quality")},
+        "checkpoint": str(ckpt),
+    }
+
+
+def _check(run, model: torch.nn.Module, what: str) -> float:
+    """The largest difference between `run` (the exported network) and PyTorch on odd sizes."""
+    worst = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for n, h, w in CHECK_SIZES:
+        x = torch.rand(n, model.in_channels, h, w, generator=gen)
+        with torch.inference_mode():
+            ref = model(x).clamp(0, 1)
+        out = torch.as_tensor(run(x)).clamp(0, 1)
+        if out.shape != ref.shape:
+            raise ExportError(f"the {what} network gave {tuple(out.shape)} for input {tuple(x.shape)}")
+        worst = max(worst, (out - ref).abs().max().item())
+    if worst > TOLERANCE:
+        raise ExportError(f"the {what} network differs from PyTorch by {worst:.2e} (> 1/255): not written")
+    return worst
+
+
+def export_onnx(model: torch.nn.Module, card: dict, out: Path) -> float:
+    try:
+        import onnx
+        import onnxruntime as ort
+        import onnxscript  # noqa: F401  (torch's ONNX exporter writes the graph with it)
+    except ImportError:
+        raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install -e '.[export]'") from None
+    dynamic = torch.export.Dim.DYNAMIC
+    x = torch.rand(1, model.in_channels, 37, 53)
+    tmp = out.with_name(f".{out.name}.export")
+    try:
+        torch.onnx.export(model, (x,), str(tmp), dynamo=True, input_names=["input"], output_names=["output"],
+                          dynamic_shapes={"x": {0: dynamic, 2: dynamic, 3: dynamic}}, verbose=False)
+        proto = onnx.load(str(tmp))
+        proto.metadata_props.add(key=ONNX_CARD_KEY, value=json.dumps(card))
+        data = proto.SerializeToString()
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - the exporter and onnxruntime raise many kinds: one line for the user
+        raise ExportError(f"the ONNX export failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
+            leftover.unlink(missing_ok=True)
+    worst = _check(lambda x: session.run(None, {"input": x.numpy()})[0], model, "ONNX")
+    with atomic_open(out, "wb") as f:
+        f.write(data)
+    return worst
+
+
+def export_torchscript(model: torch.nn.Module, card: dict, out: Path) -> float:
+    try:
+        scripted = torch.jit.script(model)
+    except Exception as e:  # noqa: BLE001 - TorchScript's compiler errors: one line for the user
+        raise ExportError(f"TorchScript cannot compile this network: {' '.join(str(e).split())[:300]}") from None
+    worst = _check(lambda x: scripted(x).detach(), model, "TorchScript")
+    with atomic_open(out, "wb") as f:
+        torch.jit.save(scripted, f, _extra_files={"restorer.json": json.dumps(card)})
+    return worst
+
+
+def export_safetensors(model: torch.nn.Module, card: dict, out: Path) -> float:
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise ExportError("safetensors export needs safetensors: pip install -e '.[export]'") from None
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_open(out, "wb") as f:
+        f.write(save(weights, metadata={ONNX_CARD_KEY: json.dumps(card)}))
+    with atomic_open(out.with_suffix(".json"), "w") as f:
+        json.dump(card, f, indent=1)
+        f.write("\n")
+    return 0.0
+
+
+EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript, "safetensors": export_safetensors}
+
+
+def export(ckpt: str, fmt: str, out: str) -> float:
+    """Export; returns the largest difference from PyTorch measured on odd sizes."""
+    model, state = load_model_and_state(ckpt)
+    card = network_card(model, state, ckpt)
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out is a folder: give a file name, e.g. {path / ('model.' + fmt.replace('torchscript', 'pt'))}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return EXPORTERS[fmt](model, card, path)
+
+
+def main(argv=None) -> int:
+    p = Parser(prog="python -m restorer.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="a checkpoint (best.pt, last.pt)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="the file to write")
+    try:
+        args = p.parse_args(argv)
+        worst = export(args.ckpt, args.format, args.out)
+    except (UsageError, ExportError, FileNotFoundError, ValueError, OSError) as e:
+        return fail("export", e)
+    checked = f"; checked against PyTorch on odd sizes: max difference {worst:.1e}" if args.format != "safetensors" else ""
+    print(f"export: wrote {args.out} ({args.format}){checked}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

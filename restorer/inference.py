@@ -1,0 +1,424 @@
+"""One inference core: restore, evaluate, export and the trainer's validation load networks, pick
+the device and the precision, convert uint8 <-> float and tile through the functions here.
+
+A network comes from a checkpoint (rebuilt from the file alone, EMA weights when present) or from a
+network exported as ONNX or safetensors (restorer.export), and runs in fp32 by default everywhere;
+`precision="bf16"` uses autocast (CUDA, and CPUs with bf16 instructions).
+
+Tiling (:func:`restore_array`)
+------------------------------
+* Tiles are ``tile`` px square (a multiple of 8), origins step by ``tile - overlap`` rounded
+  down to a multiple of 8 (at least 8), so every origin lies on the 8x8 JPEG grid; the last
+  row/column of tiles is aligned to the (padded) border. Tiles go through the model ``batch`` at a time.
+* Each axis is (virtually) reflect-padded to a multiple of 8: the < 8 missing pixels are padded
+  per tile, never for the whole image, and cropped from the result; the last tile is aligned to
+  that padded border, so every origin is a multiple of 8. An axis shorter than ``tile`` gets a
+  single tile of its padded length. (So the tiled and whole-image results see the same borders.)
+* Tiles are blended with separable weights. On each side that has a neighbouring tile, the
+  weight over the ``overlap`` px is 1e-3 (never 0) in the outer quarter, ramps linearly up to 1
+  across the middle half, and is 1 beyond. The near-zero outer quarter matters: a convolution
+  sees zero padding at a tile edge, so the pixels within its receptive radius of the edge are
+  wrong; with ``overlap/4`` >= that radius (8 px at the default overlap 32; the seed network's
+  radius is 7) the tiled result equals the whole-image result up to rounding. The U-Nets see much
+  further in principle, but their trained output depends little on far pixels: within 1-2 grey
+  levels of the whole-image result at the defaults (tests/test_models.py).
+  Because the tile grid is a product grid, the sum of weights is separable too: it is kept as
+  two 1-D arrays, so the result is an exact weighted average at every pixel.
+* Memory is bounded by the tile size: the image is processed one row of tiles (a band) at a
+  time; a float32 accumulator of ``tile`` rows x image width, on the network's device, holds the
+  rows still open, and rows no later band touches are normalised, clamped to [0, 1], rounded and
+  copied into the uint8 output. No full-size float array is ever allocated. On CUDA the blending
+  stays on the GPU: one copy to the host per band of finished rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from restorer.checkpoint import load_checkpoint
+from restorer.data.decode import IMAGE_EXTENSIONS, load_image, to_rgb_array
+from restorer.models import build_model, load_weights
+
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
+MIN_WEIGHT = 1e-3
+PRECISIONS = ("fp32", "bf16")
+ONNX_CARD_KEY = "restorer"  # the metadata entry of an exported file that holds the network's card (restorer.export)
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, precision, tensors
+# --------------------------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """fp32: nothing; bf16 / fp16: torch.autocast on the device."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def to_float(batch: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 N x C x H x W -> float in [0, 1] on the device (copied there if it is not yet)."""
+    x = batch.to(device, non_blocking=True).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@dataclass
+class Network:
+    """A restoration network ready to run: float N x C x H x W in [0, 1] on `device` in, the
+    restored batch (float32) out. `module` is the torch network (None for an ONNX file)."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    in_channels: int
+    grayscale: bool
+    device: torch.device
+    precision: str = "fp32"
+    name: str = ""
+    module: Optional[nn.Module] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return self.forward(x).float()
+
+
+def as_network(network: Network | nn.Module) -> Network:
+    if isinstance(network, Network):
+        return network
+    param = next(network.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    network.eval()
+    return Network(network, network.in_channels, network.in_channels == 1, device, module=network)
+
+
+def load_network(path: str | Path, device: str | torch.device | None = "auto", precision: str = "fp32") -> Network:
+    """A checkpoint (.pt), or a network exported as .onnx or .safetensors, ready to run.
+    FileNotFoundError or ValueError (one line) when it cannot be used."""
+    path = Path(path)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dev = resolve_device(device)
+    if path.suffix.lower() == ".onnx":
+        return _onnx_network(path, dev, precision)
+    if path.suffix.lower() == ".safetensors":
+        model, grayscale = _safetensors_model(path)
+        model.to(dev)
+    else:
+        model, grayscale = load_model(path, dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return Network(model, model.in_channels, grayscale, dev, precision, type(model).__name__, model)
+
+
+def _onnx_network(path: Path, device: torch.device, precision: str) -> Network:
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ValueError("running an .onnx file needs onnxruntime: pip install -e '.[export]'") from None
+    if precision != "fp32":
+        raise ValueError("an ONNX file runs in the precision it was exported in: use --precision fp32")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
+        raise ValueError(f"cannot load {path}: {' '.join(str(e).split())[:200]}") from None
+    card = json.loads(session.get_modelmeta().custom_metadata_map.get(ONNX_CARD_KEY, "{}"))
+    channels = session.get_inputs()[0].shape[1]
+    channels = channels if isinstance(channels, int) else card.get("in_channels", 3)
+    input_name = session.get_inputs()[0].name
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {input_name: x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(out).to(device)
+
+    return Network(forward, channels, bool(card.get("grayscale", channels == 1)), device, "fp32",
+                   card.get("network", path.stem))
+
+
+def _safetensors_model(path: Path) -> tuple[nn.Module, bool]:
+    """A network exported as safetensors: weights plus the card in the header (restorer.export)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ValueError("reading a .safetensors file needs safetensors: pip install -e '.[export]'") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            card = json.loads((f.metadata() or {}).get(ONNX_CARD_KEY, "null"))
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - a damaged file: the library's own error types
+        raise ValueError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(card, dict) or not {"network", "in_channels"} <= card.keys():
+        raise ValueError(f"{path} has no restorer card (network, in_channels) in its metadata "
+                         "(export it with python -m restorer.export)")
+    model = build_model(card["network"], in_channels=card["in_channels"], **card.get("options", {}))
+    load_weights(model, weights, str(path))
+    return model.eval(), bool(card.get("grayscale", card["in_channels"] == 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def _clean_state(state: dict) -> dict:
+    """Drop `module.` / `_orig_mod.` prefixes (DDP / torch.compile) and AveragedModel's counter."""
+    out = {}
+    for k, v in state.items():
+        if k == "n_averaged":
+            continue
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_model(ckpt_path: str | Path, device: str | torch.device | None = "cpu") -> tuple[nn.Module, bool]:
+    """Rebuild the model from a checkpoint alone: ``(model in eval mode on device, grayscale)``.
+
+    Uses the ``ema`` weights when present. Raises FileNotFoundError for a missing file and
+    ValueError (one line) for a checkpoint that cannot be used.
+    """
+    model, state = load_model_and_state(ckpt_path)
+    model.to(resolve_device(device)).eval()
+    return model, model_grayscale(model, state, ckpt_path)
+
+
+def load_model_and_state(ckpt_path: str | Path) -> tuple[nn.Module, dict]:
+    """The network rebuilt from a checkpoint (on the CPU, EMA weights when present) and the checkpoint."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = load_checkpoint(path)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(state, dict) or "model" not in state or "model_name" not in state:
+        raise ValueError(f"{path} is not a restorer checkpoint (no model / model_name)")
+    args = dict(state.get("model_args") or {})
+    model = build_model(state["model_name"], **args)
+    load_weights(model, _clean_state(state.get("ema") or state["model"]), str(path))
+    return model.eval(), state
+
+
+def model_grayscale(model: nn.Module, state: dict, path) -> bool:
+    channels = model.in_channels
+    try:
+        grayscale = bool(state["config"]["data"]["patch"]["grayscale"])
+    except (KeyError, TypeError):
+        grayscale = channels == 1
+    if grayscale != (channels == 1):
+        raise ValueError(f"{path}: config says grayscale={grayscale} but the model has {channels} channel(s)")
+    return grayscale
+
+
+# --------------------------------------------------------------------------------------------
+# Tiled inference
+# --------------------------------------------------------------------------------------------
+
+def _ceil8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _tile_layout(length: int, tile: int, step: int) -> tuple[int, list[int]]:
+    """(tile size along this axis, tile origins) over the axis padded to a multiple of 8.
+
+    Every origin is a multiple of 8; the last one is aligned to the padded border.
+    """
+    padded = _ceil8(length)
+    if padded <= tile:
+        return padded, [0]
+    origins = list(range(0, padded - tile, step))
+    origins.append(padded - tile)
+    return tile, origins
+
+
+def _ramp(size: int, overlap: int, start: bool, end: bool) -> np.ndarray:
+    """1-D blending weights of one tile, on the sides that have a neighbour: MIN_WEIGHT over the
+    outer quarter of the overlap, a linear ramp up to 1 across its middle half, 1 beyond."""
+    w = np.ones(size, np.float32)
+    n = min(overlap, size)
+    if n > 0:
+        margin = n // 4
+        i = np.arange(n, dtype=np.float32)
+        ramp = np.clip((i - margin + 1) / (n - 2 * margin + 1), MIN_WEIGHT, 1.0)
+        if start:
+            w[:n] = np.minimum(w[:n], ramp)
+        if end:
+            w[size - n:] = np.minimum(w[size - n:], ramp[::-1])
+    return w
+
+
+def _axis_weights(size: int, origins: list[int], overlap: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-tile 1-D weights and their sum over the padded axis."""
+    total = np.zeros(origins[-1] + size, np.float32)
+    weights = []
+    for i, o in enumerate(origins):
+        w = _ramp(size, overlap, start=i > 0, end=i < len(origins) - 1)
+        total[o:o + size] += w
+        weights.append(w)
+    return weights, total
+
+
+def _extract(image: np.ndarray, y0: int, x0: int, th: int, tw: int) -> np.ndarray:
+    """image[y0:y0+th, x0:x0+tw], reflect-padded past the border (only ever < 8 px)."""
+    h, w = image.shape[:2]
+    part = image[y0:min(y0 + th, h), x0:min(x0 + tw, w)]
+    py, px = th - part.shape[0], tw - part.shape[1]
+    if py or px:
+        mode_y = "reflect" if part.shape[0] > 1 else "edge"
+        mode_x = "reflect" if part.shape[1] > 1 else "edge"
+        part = np.pad(part, ((0, py), (0, 0), (0, 0)), mode=mode_y)
+        part = np.pad(part, ((0, 0), (0, px), (0, 0)), mode=mode_x)
+    return part
+
+
+def restore_array(network: Network | nn.Module, image: np.ndarray, tile: int = 256, overlap: int = 32,
+                  batch: int = 8) -> np.ndarray:
+    """Restore an ``(H, W, C)`` uint8 image (``(H, W)`` is taken as one channel) with `network`
+    (a Network, or a bare module: fp32 on its parameters' device).
+
+    Returns an array of the same shape, uint8. See the module docstring for the tiling.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise ValueError("image must be an (H, W, C) or (H, W) uint8 numpy array")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 8 or tile % 8:
+        raise ValueError(f"tile must be a positive multiple of 8, got {tile!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= tile // 2:
+        raise ValueError(f"overlap must be an integer in [0, tile/2 = {tile // 2}], got {overlap!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    squeeze = image.ndim == 2
+    if squeeze:
+        image = image[..., None]
+    h, w, c = image.shape
+    if h == 0 or w == 0:
+        raise ValueError(f"empty image {w}x{h}")
+    net = as_network(network)
+    if net.in_channels != c:
+        raise ValueError(f"the network takes {net.in_channels} channel(s), the image has {c}")
+
+    step = max(8, (tile - overlap) // 8 * 8)
+    th, ys = _tile_layout(h, tile, step)
+    tw, xs = _tile_layout(w, tile, step)
+    wys, sum_y = _axis_weights(th, ys, overlap)
+    wxs, sum_x = _axis_weights(tw, xs, overlap)
+    wp = xs[-1] + tw  # padded width
+    dev = net.device  # the blending happens where the network runs: no per-tile trip to the host
+    on_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    wys_d, wxs_d = [on_dev(v) for v in wys], [on_dev(v) for v in wxs]
+    inv_y, inv_x = on_dev(1.0 / sum_y), on_dev(1.0 / sum_x[:w])
+
+    out = np.empty((h, w, c), np.uint8)
+    acc = torch.zeros((c, th, wp), dtype=torch.float32, device=dev)  # rows [ys[r], ys[r] + th) of the weighted sum
+    done = 0  # rows of `out` written so far
+
+    for r, y0 in enumerate(ys):
+        for b in range(0, len(xs), batch):
+            chunk = xs[b:b + batch]
+            tiles = np.stack([_extract(image, y0, x0, th, tw) for x0 in chunk])
+            res = net(to_float(torch.from_numpy(tiles).permute(0, 3, 1, 2), dev))  # n x c x th x tw
+            for k, x0 in enumerate(chunk):
+                acc[:, :, x0:x0 + tw] += res[k] * (wys_d[r][:, None] * wxs_d[b + k][None, :])
+            del res, tiles
+        # Rows before the next band's origin are final: normalise, clamp, round, write.
+        last = r == len(ys) - 1
+        d = th if last else ys[r + 1] - y0
+        stop = min(y0 + d, h)
+        if stop > done:
+            vals = acc[:, done - y0:stop - y0, :w] * inv_y[done:stop][None, :, None] * inv_x[None, None, :]
+            vals = vals.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+            out[done:stop] = vals.permute(1, 2, 0).cpu().numpy()
+            done = stop
+            del vals
+        if not last:  # slide the window: keep the open rows, zero the new ones
+            acc[:, :th - d] = acc[:, d:].clone()
+            acc[:, th - d:] = 0.0
+    return out[..., 0] if squeeze else out
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+def is_grayscale(im: Image.Image) -> bool:
+    return im.mode in GRAY_MODES or im.mode.startswith("I;16")
+
+
+def read_image(path: Path) -> tuple[np.ndarray, bool]:
+    """``(array, grayscale)``: (H, W) uint8 for grayscale files, (H, W, 3) uint8 otherwise.
+
+    Orientation, alpha (over white) and 16-bit scaling as in :func:`restorer.data.decode_image`.
+    Raises ImageDecodeError or OSError.
+    """
+    im = load_image(path.read_bytes())
+    gray = is_grayscale(im)
+    rgb = to_rgb_array(im)
+    return (np.ascontiguousarray(rgb[..., 0]) if gray else rgb), gray
+
+
+def restore_gray(network: Network, gray: np.ndarray, **kw) -> np.ndarray:
+    """A one-channel (H, W) uint8 image through any network: an RGB one gets it as three equal
+    channels, and its output's mean over them is the result."""
+    if network.in_channels == 1:
+        return restore_array(network, gray, **kw)
+    rgb = restore_array(network, np.repeat(gray[..., None], 3, axis=2), **kw)
+    return np.round(rgb.astype(np.float32).mean(axis=2)).astype(np.uint8)
+
+
+def restore_image(network: Network, image: np.ndarray, **kw) -> np.ndarray:
+    """Restore a (H, W) grayscale or (H, W, 3) RGB uint8 image; the output has the same shape.
+
+    A grayscale image through an RGB model is replicated to 3 channels and converted back to L;
+    an RGB image through a grayscale model has its luma (Y of YCbCr) restored.
+    """
+    if image.ndim == 2:
+        return restore_gray(network, image, **kw)
+    if not network.grayscale:
+        return restore_array(network, image, **kw)
+    ycc = np.array(Image.fromarray(image, "RGB").convert("YCbCr"))
+    ycc[..., 0] = restore_array(network, np.ascontiguousarray(ycc[..., 0]), **kw)
+    return np.asarray(Image.fromarray(ycc, "YCbCr").convert("RGB"))
+
+
+def find_inputs(paths: Iterable[str], exclude: Path | None = None) -> tuple[list[Path], list[str]]:
+    """(files, missing): explicit files as given, folders walked for image extensions."""
+    files, missing, seen = [], [], set()
+    exclude = exclude.resolve() if exclude is not None else None
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                and not (exclude is not None and exclude in f.resolve().parents)
+            )
+        elif p.is_file():
+            found = [p]
+        else:
+            missing.append(str(p))
+            continue
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files, missing

@@ -1,0 +1,130 @@
+"""NAFNet (Chen et al., "Simple Baselines for Image Restoration", ECCV 2022): a U-Net of blocks with
+no nonlinear activation: LayerNorm, 1x1 and depthwise 3x3 convolutions, SimpleGate (a product of
+two channel halves) and simplified channel attention, each branch scaled by a learned factor that
+starts at zero."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from restorer.models.common import check_channels, pad_to_multiple
+
+
+@dataclass
+class NAFNetOptions:
+    width: int = 16  # channels at full resolution, doubled at each scale
+    enc_blocks: tuple[int, ...] = (1, 1, 1, 1)  # NAFBlocks per encoder scale (its length sets the scales)
+    middle_blocks: int = 1
+    dec_blocks: tuple[int, ...] = (1, 1, 1, 1)  # per decoder scale, deepest first; as long as enc_blocks
+
+    def validate(self) -> None:
+        if self.width < 1 or self.width % 2:
+            raise ValueError(f"width must be a positive even number, got {self.width}")
+        if len(self.enc_blocks) != len(self.dec_blocks) or not 1 <= len(self.enc_blocks) <= 6:
+            raise ValueError(f"enc_blocks and dec_blocks must have the same length (1 to 6 scales), got "
+                             f"{list(self.enc_blocks)} and {list(self.dec_blocks)}")
+        if min(*self.enc_blocks, *self.dec_blocks, self.middle_blocks) < 0:
+            raise ValueError("block counts must be >= 0")
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of each pixel of N x C x H x W, with a per-channel scale and shift."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        return (x - mu) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class SimpleGate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return a * b
+
+
+class NAFBlock(nn.Module):
+    """y = x + beta * conv(SCA(SG(dwconv(conv(LN(x)))))); out = y + gamma * conv(SG(conv(LN(y)))).
+    Expansion 2 in both branches, as in the paper; beta and gamma start at zero (the block starts
+    as the identity)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm2d(c)
+        self.conv1 = nn.Conv2d(c, 2 * c, 1)
+        self.conv2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.sg = SimpleGate()
+        self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1))
+        self.conv3 = nn.Conv2d(c, c, 1)
+        self.norm2 = LayerNorm2d(c)
+        self.conv4 = nn.Conv2d(c, 2 * c, 1)
+        self.conv5 = nn.Conv2d(c, c, 1)
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.sg(self.conv2(self.conv1(self.norm1(x))))
+        y = x + self.conv3(t * self.sca(t)) * self.beta
+        return y + self.conv5(self.sg(self.conv4(self.norm2(y)))) * self.gamma
+
+
+class NAFNet(nn.Module):
+    """intro 3x3 -> [NAFBlocks, 2x2 stride-2 conv doubling the channels] per scale -> NAFBlocks ->
+    [1x1 conv + PixelShuffle(2) halving them, plus the encoder's output, NAFBlocks] per scale ->
+    ending 3x3; output = input + ending. The ending convolution starts at zero (the paper's does
+    not): the network starts as the identity. Any H x W: padded inside to a multiple of 2^scales.
+    """
+
+    Options = NAFNetOptions
+    # gpu: the paper's SIDD denoising model NAFNet-width32 (29.16 M parameters)
+    PRESETS = {"cpu": {}, "gpu": {"width": 32, "enc_blocks": [2, 2, 4, 8], "middle_blocks": 12,
+                                  "dec_blocks": [2, 2, 2, 2]}}
+
+    def __init__(self, in_channels: int = 3, **options) -> None:
+        super().__init__()
+        opts = NAFNetOptions(**options)
+        opts.enc_blocks, opts.dec_blocks = tuple(opts.enc_blocks), tuple(opts.dec_blocks)
+        opts.validate()
+        c, chan = check_channels(in_channels), opts.width
+        self.in_channels, self.options = c, opts
+        self.multiple = 2 ** len(opts.enc_blocks)
+        self.intro = nn.Conv2d(c, chan, 3, padding=1)
+        self.encoders, self.downs = nn.ModuleList(), nn.ModuleList()
+        for n in opts.enc_blocks:
+            self.encoders.append(nn.Sequential(*(NAFBlock(chan) for _ in range(n))))
+            self.downs.append(nn.Conv2d(chan, 2 * chan, 2, stride=2))
+            chan *= 2
+        self.middle = nn.Sequential(*(NAFBlock(chan) for _ in range(opts.middle_blocks)))
+        self.ups, self.decoders = nn.ModuleList(), nn.ModuleList()
+        for n in opts.dec_blocks:
+            self.ups.append(nn.Sequential(nn.Conv2d(chan, 2 * chan, 1, bias=False), nn.PixelShuffle(2)))
+            chan //= 2
+            self.decoders.append(nn.Sequential(*(NAFBlock(chan) for _ in range(n))))
+        self.ending = nn.Conv2d(chan, c, 3, padding=1)
+        nn.init.zeros_(self.ending.weight)
+        nn.init.zeros_(self.ending.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        inp = pad_to_multiple(x, self.multiple)
+        y = self.intro(inp)
+        skips: list[torch.Tensor] = []
+        for encoder, down in zip(self.encoders, self.downs):
+            y = encoder(y)
+            skips.append(y)
+            y = down(y)
+        y = self.middle(y)
+        for i, (decoder, up) in enumerate(zip(self.decoders, self.ups)):  # (TorchScript compiles this)
+            y = decoder(up(y) + skips[len(skips) - 1 - i])
+        return (inp + self.ending(y))[..., :h, :w]
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, {self.options}"

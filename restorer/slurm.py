@@ -1,0 +1,103 @@
+"""What a SLURM job runs with, worked out from what SLURM allocated: pure functions, and the two
+commands launch/slurm/train.sbatch uses.
+
+    python -m restorer.slurm plan                       shell assignments for the job script (eval them)
+    python -m restorer.slurm check --config X [k=v ...] on the login node, before sbatch: is the
+                                                        config valid and are its shards readable?
+
+Processes per node are the GPUs SLURM gave the node (SLURM_GPUS_ON_NODE, else the devices in
+CUDA_VISIBLE_DEVICES, which SLURM sets to the allocation), never every GPU the node has; 1 on a CPU
+node. Each process gets an equal share of the task's CPUs (SLURM_CPUS_PER_TASK): one for itself,
+the rest for its DataLoader workers; on a CPU node the process's share also sets its threads.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from restorer.cli import Parser, UsageError, fail
+from restorer.dist import slurm_port
+
+
+@dataclass(frozen=True)
+class Plan:
+    nproc_per_node: int  # processes (ranks) per node
+    workers: int  # DataLoader workers per rank
+    threads: int  # intra-op threads per rank (OMP_NUM_THREADS)
+    master_port: int
+    cpus: int  # CPUs the node's task has
+    gpus: int  # GPUs SLURM gave the node
+
+
+def allocated_gpus(env: Mapping[str, str]) -> int:
+    """GPUs SLURM allocated on this node: SLURM_GPUS_ON_NODE, else CUDA_VISIBLE_DEVICES's entries."""
+    text = env.get("SLURM_GPUS_ON_NODE", "").strip()
+    if text.isdigit():
+        return int(text)
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("-1", "NoDevFiles"):
+        return len([d for d in visible.split(",") if d.strip()])
+    return 0
+
+
+def make_plan(env: Mapping[str, str]) -> Plan:
+    gpus = allocated_gpus(env)
+    nproc = int(env["NPROC_PER_NODE"]) if env.get("NPROC_PER_NODE", "").strip() else max(gpus, 1)
+    cpus = int(env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE") or 1)
+    share = max(cpus // nproc, 1)
+    if gpus:  # the GPU computes; the CPUs feed it: one for the rank, the rest for its workers
+        workers, threads = max(share - 1, 1 if share > 1 else 0), 1
+    else:  # a CPU node computes on its CPUs too: half the share for the rank's threads, half for workers
+        workers = share // 2
+        threads = max(share - workers, 1)
+    port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT", "").strip() else slurm_port(int(env.get("SLURM_JOB_ID") or 0))
+    return Plan(nproc, workers, threads, port, cpus, gpus)
+
+
+def shell(plan: Plan) -> str:
+    return "\n".join(f"{k}={shlex.quote(str(v))}" for k, v in (
+        ("NPROC_PER_NODE", plan.nproc_per_node), ("WORKERS_PER_RANK", plan.workers),
+        ("THREADS_PER_RANK", plan.threads), ("MASTER_PORT", plan.master_port),
+        ("TASK_CPUS", plan.cpus), ("NODE_GPUS", plan.gpus)))
+
+
+def check(config: Optional[str], overrides: list[str]) -> Optional[str]:
+    """The config and its shards as the trainer will check them at start: None, or the error."""
+    from restorer.config import ConfigError, load_config
+    from restorer.train import check_data
+
+    try:
+        check_data(load_config(config, overrides))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = Parser(prog="python -m restorer.slurm", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub.add_parser("plan", help="print NPROC_PER_NODE, WORKERS_PER_RANK, THREADS_PER_RANK, MASTER_PORT for eval")
+    c = sub.add_parser("check", help="validate a config and its shards before submitting")
+    c.add_argument("--config")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
+    try:
+        args = ap.parse_args(argv)
+    except UsageError as e:
+        return fail("slurm", e)
+    if args.command == "plan":
+        print(shell(make_plan(os.environ)))
+        return 0
+    error = check(args.config, args.overrides)
+    if error:
+        print(f"check: error: {error}", file=sys.stderr)
+        return 2
+    print("check: the config and its shards are fine")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

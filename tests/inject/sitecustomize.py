@@ -1,0 +1,31 @@
+"""Faults for the integration tests, injected into real trainer processes: tests put this folder on
+PYTHONPATH and describe the fault in RESTORER_TEST_FAULT (JSON). Python imports sitecustomize at start;
+only the process whose RANK matches (torchrun sets it before starting a rank; a plain process is rank 0)
+is changed.
+
+    {"rank": 1, "raise_in": "validate"}              restorer.train.validate raises (a rank with or without
+                                                     validation images of its own: it fails either way)
+    {"rank": 1, "set": {"train.out_dir": "/x"}}      that rank's config differs (it sees another disk)
+"""
+
+import json
+import os
+
+fault = json.loads(os.environ.get("RESTORER_TEST_FAULT") or "null")
+if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
+    if fault.get("raise_in") == "validate":
+        import restorer.train as train
+
+        def validate(*args, **kwargs):
+            raise RuntimeError("injected failure in validation")
+
+        train.validate = validate
+    if fault.get("set"):
+        import restorer.config as config
+
+        load_config = config.load_config
+
+        def patched(path, overrides=()):
+            return load_config(path, [*overrides, *(f"{k}={v}" for k, v in fault["set"].items())])
+
+        config.load_config = patched

@@ -1,0 +1,83 @@
+"""The GPU and cluster path's decisions, as pure functions run on the CPU: which CUDA device a
+process takes, what a SLURM job runs with, whether the batch rings fit in /dev/shm, whether
+torch.compile can work; and the trainer acting on the last two."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from helpers import REPO, pack_photos, run_cmd, train_cmd, train_env
+from restorer.config import load_config
+from restorer.data.pipeline import ring_bytes, shm_problem
+from restorer.dist import LaunchError, cuda_device_index, rank_env, slurm_port
+from restorer.slurm import make_plan, shell
+from restorer.train import compile_problem
+
+
+def test_each_process_takes_the_gpu_it_can_see():
+    assert [cuda_device_index(r, 4) for r in range(4)] == [0, 1, 2, 3]  # torchrun: all GPUs visible
+    assert [cuda_device_index(r, 1) for r in range(4)] == [0, 0, 0, 0]  # srun --gpus-per-task=1: its own only
+    with pytest.raises(LaunchError, match="local rank 4 but only 4 CUDA devices"):
+        cuda_device_index(4, 4)
+    with pytest.raises(LaunchError, match="no CUDA device is visible"):
+        cuda_device_index(0, 0)
+    with pytest.raises(LaunchError, match="4 processes on this node share the one visible CUDA device"):
+        cuda_device_index(2, 1, sharing=4)  # torchrun with 4 processes, CUDA_VISIBLE_DEVICES=0
+
+
+def test_ranks_come_from_torchrun_then_srun_and_a_batch_step_is_refused():
+    assert rank_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}) == (3, 8, 1)
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0"}
+    assert rank_env(srun) == (5, 8, 1)
+    with pytest.raises(LaunchError, match="not started by srun"):
+        rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "9"})
+    assert rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (0, 1, 0)  # one task: a world of one
+
+
+def test_a_slurm_job_runs_one_process_per_allocated_gpu_and_shares_its_cpus():
+    gpu = make_plan({"SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "7"})
+    assert (gpu.nproc_per_node, gpu.workers, gpu.threads) == (4, 7, 1)
+    # SLURM sets CUDA_VISIBLE_DEVICES to the allocation: two of a node's eight GPUs
+    assert make_plan({"CUDA_VISIBLE_DEVICES": "4,6", "SLURM_CPUS_PER_TASK": "16"}).nproc_per_node == 2
+    cpu = make_plan({"SLURM_CPUS_PER_TASK": "8"})
+    assert (cpu.nproc_per_node, cpu.workers, cpu.threads) == (1, 4, 4)  # threads too, not OMP_NUM_THREADS=1
+    assert make_plan({"SLURM_CPUS_PER_TASK": "2", "NPROC_PER_NODE": "2"}).workers == 0
+    # job ids 20000 apart used to share a port
+    assert len({slurm_port(j) for j in (1000, 21000, 41000, 61000)}) == 4
+    out = subprocess.run(["bash", "-c", 'eval "$(cat)"; echo $NPROC_PER_NODE $WORKERS_PER_RANK $MASTER_PORT'],
+                         input=shell(gpu), capture_output=True, text=True)
+    assert out.stdout.split() == ["4", "7", str(slurm_port(7))]
+
+
+def test_the_batch_rings_must_fit_in_shared_memory():
+    cfg = load_config(str(REPO / "configs" / "gpu.yaml"), ["data.shards=x"])
+    per_rank = ring_bytes(cfg.data, cfg.train.batch_size)
+    assert per_rank == cfg.data.workers * 7 * 2 * cfg.train.batch_size * 3 * 128 * 128
+    assert shm_problem(4 * per_rank, 64 * 2**20, cfg.data.workers).startswith(
+        f"the DataLoader workers' batch rings need {4 * per_rank / 2**20:,.0f} MiB of shared memory")
+    assert "--shm-size" in shm_problem(4 * per_rank, 64 * 2**20, 8) and shm_problem(per_rank, 2 * per_rank, 8) is None
+
+
+def test_compile_needs_a_compiler_and_python_headers(tmp_path):
+    assert compile_problem("cuda", which=lambda c: None).startswith("no C compiler")
+    assert compile_problem("cpu", which=lambda c: None).startswith("no C++ compiler")
+    assert "no Python headers" in compile_problem("cuda", which=lambda c: "/usr/bin/" + c, include_dir=str(tmp_path))
+    (tmp_path / "Python.h").write_text("")
+    assert compile_problem("cuda", which=lambda c: "/usr/bin/" + c, include_dir=str(tmp_path)) is None
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return pack_photos(tmp_path_factory.mktemp("gpupath"), 6, maxcount=3)
+
+
+def test_the_trainer_runs_eager_without_a_compiler_and_refuses_a_ring_too_big(tmp_path, shards):
+    env = train_env() | {"PATH": str(tmp_path)}  # no compiler to be found
+    p = subprocess.run(train_cmd(0, shards, tmp_path / "run", "train.compile=true", "train.max_steps=2",
+                                 "log.val_every=0"), capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "train: warning: train.compile: no C++ compiler" in p.stderr and "running eager" in p.stderr
+    p = run_cmd(train_cmd(0, shards, tmp_path / "big", "data.workers=256", "train.batch_size=8192"))
+    assert p.returncode == 2 and "of shared memory on this node" in p.stderr and "Traceback" not in p.stderr
