@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from restorer.fileio import atomic_open, commit, temp_path
+from restorer.fileio import atomic_open, atomic_path
 
 LAST, BEST = "last.pt", "best.pt"
 RUN_FILES = (LAST, BEST, "config.yaml", "metrics.jsonl")  # what a run writes, besides step copies and tb/
@@ -87,18 +87,11 @@ def keep_step_copy(out_dir: Path, step: int, keep: int) -> None:
     """step-NNNNNNNN.pt, the last.pt just written, as a hard link (no second write; the next save
     renames a new file over last.pt and leaves the link alone), or a copy where links do not work;
     then delete all but the newest `keep` copies."""
-    path = out_dir / f"step-{step:08d}.pt"
-    tmp = temp_path(path)
-    try:
+    with atomic_path(out_dir / f"step-{step:08d}.pt") as tmp:
         try:
             os.link(out_dir / LAST, tmp)
         except OSError:
             shutil.copyfile(out_dir / LAST, tmp)
-        commit(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     for old in step_copies(out_dir)[:-keep]:
         old.unlink()
 

@@ -57,8 +57,7 @@ def apply_preset(raw: dict) -> None:
     if presets is None:
         return  # an unknown name: validate() says so
     if preset not in presets:
-        choices = ", ".join(presets) or "none: its layers are fixed"
-        raise ConfigError(f"model.preset: {name} has no preset {preset!r} (presets: {choices})")
+        raise ConfigError(f"model.preset: {name} has no preset {preset!r} (presets: {', '.join(presets)})")
     own = model.get(name) or {}
     if not isinstance(own, dict):
         raise ConfigError(f"model.{name}: expected a section (mapping), got {own!r}")

@@ -47,7 +47,7 @@ from restorer.cli import Parser, UsageError, fail
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from restorer.data.degrade import jpeg_decode, jpeg_encode
 from restorer.fileio import atomic_open, atomic_write_json
-from restorer.inference import PRECISIONS, Network, find_inputs, load_network, read_image, restore_gray, restore_image
+from restorer.inference import PRECISIONS, Network, find_inputs, load_network, read_image, restore_image
 from restorer.metrics import psnr, psnr_b, ssim
 
 METRICS = ("psnr", "ssim", "psnrb")
@@ -134,7 +134,7 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
     root = Path(images_dir)
     paths = _image_files(root, "--images")
     net = _load(ckpt_path, device, precision)
-    kw = _tiling(net, tile)
+    kw = _tiling(tile)
     channel = "gray" if (gray or net.grayscale) else "y" if y_channel else "rgb"
     if y_channel and net.grayscale:
         warn("a grayscale network is scored on Y anyway: --y-channel changes nothing")
@@ -154,7 +154,7 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
         for q in qualities:
             jpeg = jpeg_decode(jpeg_encode(clean[..., None] if clean.ndim == 2 else clean, q))
             jpeg = jpeg[..., 0] if clean.ndim == 2 else jpeg
-            out = restore_gray(net, jpeg, **kw) if clean.ndim == 2 else restore_image(net, jpeg, **kw)
+            out = restore_image(net, jpeg, **kw)
             per_q[str(q)][name] = scored(channel, clean, jpeg, out)
     if not any(per_q.values()):
         raise EvaluateError(f"none of the {len(paths)} image(s) under {root} could be read")
@@ -168,7 +168,7 @@ def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = F
     paths = _image_files(inputs, "--inputs")
     references = {p.relative_to(refs).with_suffix("").as_posix(): p for p in _image_files(refs, "--references")}
     net = _load(ckpt_path, device, precision)
-    kw = _tiling(net, tile)
+    kw = _tiling(tile)
     images: dict[str, dict[str, float]] = {}
     gray_inputs = 0
     for path in paths:
@@ -191,7 +191,7 @@ def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = F
                  f"{ref.shape[1]}x{ref.shape[0]}")
             continue
         gray_inputs += is_gray
-        out = restore_gray(net, jpeg, **kw) if is_gray else restore_image(net, jpeg, **kw)
+        out = restore_image(net, jpeg, **kw)
         images[stem] = scored("y" if y_channel else "rgb", ref, jpeg, out)
     if not images:
         raise EvaluateError(f"no input under {inputs} has a usable reference under {refs}")
@@ -215,7 +215,7 @@ def _load(ckpt_path, device: str, precision: str) -> Network:
         raise EvaluateError(str(e)) from None
 
 
-def _tiling(net: Network, tile: Optional[int]) -> dict:
+def _tiling(tile: Optional[int]) -> dict:
     tile = tile or TILE
     if tile < 8 or tile % 8:
         raise EvaluateError(f"--tile must be a positive multiple of 8, got {tile}")

@@ -39,18 +39,24 @@ def commit(tmp: PathLike, path: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write to `temp_path(path)`, then `commit` it. On any error, including KeyboardInterrupt,
-    the temporary file is removed and `path` is left as it was."""
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """The temporary path to create `path` at; it is `commit`ted when the block ends. On any error,
+    including KeyboardInterrupt or a failed rename, it is removed and `path` is left as it was."""
     tmp = temp_path(path)
     try:
-        with open(tmp, mode) as f:
-            yield f
+        yield tmp
         commit(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write to `temp_path(path)`, then `commit` it (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:

@@ -49,7 +49,6 @@ from restorer.models import build_model, describe, load_weights
 from restorer.stop import StopRequest
 
 PROG = "train"
-SSIM_WINDOW = 11  # restorer.metrics.ssim's window: validation crops must be at least this large
 
 
 class TrainingError(Exception):
@@ -134,8 +133,8 @@ class Training:
         self.loss_sum, self.target_sum, self.nonfinite_streak, self.nonfinite_total = zero(), zero(), zero(), zero()
 
     @classmethod
-    def build(cls, cfg: Config, device: torch.device, world_size: int = 1, model_args: Optional[dict] = None) -> Training:
-        model = build_model(cfg.model.name, **(model_args or model_arguments(cfg))).to(device)
+    def build(cls, cfg: Config, device: torch.device, world_size: int = 1) -> Training:
+        model = build_model(cfg.model.name, **model_arguments(cfg)).to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.optim.ema else None
@@ -320,12 +319,11 @@ class Progress:
 
 def checkpoint_state(t: Training, progress: Progress, steps_epoch: int) -> dict:
     """Everything a run needs to go on, as CPU copies (taken now: the device goes on training)."""
-    cpu = lambda tree: _to_cpu(tree)  # noqa: E731
     state = {
-        "model": cpu(t.model.state_dict()),  # the bare model: no `module.` or `_orig_mod.` prefixes
+        "model": _to_cpu(t.model.state_dict()),  # the bare model: no `module.` or `_orig_mod.` prefixes
         "model_name": t.cfg.model.name,
         "model_args": model_arguments(t.cfg),
-        "optimizer": cpu(t.optimizer.state_dict()),
+        "optimizer": _to_cpu(t.optimizer.state_dict()),
         "scaler": t.scaler.state_dict(),
         "step": progress.step,
         "epoch": progress.step // steps_epoch,
@@ -335,7 +333,7 @@ def checkpoint_state(t: Training, progress: Progress, steps_epoch: int) -> dict:
         "rng": {"torch": torch.get_rng_state()},
     }
     if t.ema is not None:
-        state["ema"] = cpu(t.ema.state_dict())
+        state["ema"] = _to_cpu(t.ema.state_dict())
     return state
 
 
@@ -400,8 +398,7 @@ def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[dict]:
                           f"{', '.join(p.name for p in old)})", file=sys.stderr, flush=True)
                 elif not cfg.train.overwrite:
                     what = ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
-                    raise TrainingError(f"{out_dir} holds another run ({what})"
-                                        f"{'' if cfg.train.resume else ' and train.resume=false'}: set "
+                    raise TrainingError(f"{out_dir} holds another run ({what}) and train.resume=false: set "
                                         "train.overwrite=true to delete it, or use another train.out_dir")
                 remove_run_files(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -570,8 +567,8 @@ def train(cfg: Config) -> dict:
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the training shapes are fixed: pick the fastest kernels once
     stop = StopRequest(cfg.train.stop_grace_s)
-    agreed_check(info, lambda: check_data(cfg, hash_shards=info.local_rank == 0))
-    agreed_check(info, lambda: check_shared_memory(cfg, local_ranks()))
+    agreed_check(info, lambda: (check_data(cfg, hash_shards=info.local_rank == 0),
+                                check_shared_memory(cfg, local_ranks())))
 
     # --- network, optimizer, and the state to start from
     t = Training.build(cfg, info.device, info.world_size)

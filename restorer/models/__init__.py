@@ -8,7 +8,6 @@ holds the options and ``model.preset`` picks a preset.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 from torch import nn
 
@@ -30,11 +29,6 @@ def build_model(name: str, **kwargs) -> nn.Module:
         cls = MODELS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown model {name!r}; choose from: {', '.join(sorted(MODELS))}") from None
-    if cls is SeedNet:
-        try:
-            inspect.signature(cls).bind(**kwargs)
-        except TypeError as exc:
-            raise ValueError(f"bad argument for model {name!r}: {exc}") from None
     try:
         return cls(**kwargs)
     except TypeError as exc:  # an option the network does not have
@@ -64,18 +58,12 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
 
 def describe(model: nn.Module, name: str) -> str:
     """One line: the network, its options, parameters and MACs per pixel."""
-    opts = getattr(model, "options", None)
-    if opts is None:
-        opts = {"residual": getattr(model, "residual", None)}
-    else:
-        opts = dataclasses.asdict(opts)
+    opts = dataclasses.asdict(model.options)
     text = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in opts.items())
     c = model.in_channels
     return (f"{name} ({text}; {'RGB' if c == 3 else f'{c} channel'}): {count_parameters(model):,} parameters, "
             f"{macs_per_pixel(model, c) / 1e3:,.1f} k MACs per pixel")
 
 
-OPTIONS: dict[str, type] = {name: cls.Options for name, cls in MODELS.items()}
-
-__all__ = ["MODELS", "OPTIONS", "DnCNN", "DnCNNOptions", "NAFNet", "NAFNetOptions", "SeedNet", "SeedOptions",
+__all__ = ["MODELS", "DnCNN", "DnCNNOptions", "NAFNet", "NAFNetOptions", "SeedNet", "SeedOptions",
            "UNet", "UNetOptions", "build_model", "count_parameters", "describe", "load_weights", "macs_per_pixel"]

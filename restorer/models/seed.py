@@ -46,6 +46,7 @@ class SeedNet(nn.Module):
         c = check_channels(in_channels)
         self.in_channels = c
         self.residual = bool(residual)
+        self.options = SeedOptions(self.residual)
         self.base = nn.Sequential(
             *conv_unit(c, 128),
             *conv_unit(128, 64),
