@@ -53,7 +53,7 @@ def loader_alone(shards: Path, seconds: float, batch: int) -> float:
     cfg = load_config(str(REPO / "configs" / "gpu.yaml"), [f"data.shards={shards}", f"train.batch_size={batch}"])
     loader = train_loader(cfg.data, batch_size=batch, seed=0, steps=10**9, device=torch.device("cuda"))
     n, t0 = 0, None
-    for i, (x, y) in enumerate(loader):
+    for i, (x, y, _) in enumerate(loader):
         if i == 50:  # the shuffle buffers are full and the workers warm
             torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -4,7 +4,7 @@ ours with the source decode amortized away, all side by side in one run.
 
     python bench/loader.py [--steps 320] [--workers 2] [--photos 14] [--rounds 2]
 
-Patch 128, JPEG quality 10 (PatchSpec's defaults, the seed's distribution). The photos are real
+Patch 128, JPEG quality 10 (PatchSpec's and JpegSpec's defaults, the seed's distribution). The photos are real
 ones (scikit-image's sample photographs) upscaled to 2K class with sensor-like noise (sigma 3), so
 they decode like camera pictures: half 2040x1360 PNG, half 2560x1600 JPEG q95. A few base photos
 are encoded once; the rest are byte-unique copies of them (a JPEG COM segment / PNG tEXt chunk),
@@ -16,11 +16,13 @@ packed with the real shard tool.
   ours       train_loader(DataConfig(shards=...)) at its defaults but `workers`; the batches of the
              start-up (until every worker's shuffle buffer is full) are not timed; per core =
              patches/s / workers (the main process only collects batches)
-  floor      random_patch + jpeg_decode on an image already decoded in memory, one process
+  floor      training_pair + jpeg.decode on an image already decoded in memory, one process
   amortized  ours with patches_per_image = 100000: one decode per worker, then only patch work
-  chroma     ours with data.patch.chroma = random (4:4:4, 4:2:2 or 4:2:0 per patch)
-  double     ours with data.patch.double_p = 1: every patch JPEG-compressed twice (FBCNN's recipe:
+  chroma     ours with data.jpeg.chroma = random (4:4:4, 4:2:2 or 4:2:0 per patch)
+  double     ours with data.jpeg.double_p = 1: every patch JPEG-compressed twice (FBCNN's recipe:
              q1 in [10, 95], a 0-7 px shift, then q10), the worst case of that setting
+  blind      ours with configs/cpu.yaml's JPEG: qualities 10-95 (3/4 at 10-60), random chroma, a
+             quarter double JPEGs: the default recipe's cost against q10 alone
 
 The alternatives run in turn, `--rounds` times; each figure is the best round (this machine's speed
 drifts, and noise only ever slows a run down). The last line printed is one JSON object of the figures.
@@ -47,9 +49,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from restorer.data import decode_image  # noqa: E402
-from restorer.data.degrade import PatchSpec, jpeg_decode, random_patch  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from restorer.config import load_config  # noqa: E402
+from restorer.data import decode_image, jpeg  # noqa: E402
+from restorer.data.patches import training_pair  # noqa: E402
 from restorer.data.pipeline import DataConfig, train_loader  # noqa: E402
 from restorer.data.sharding import PackOptions, run  # noqa: E402
 from shards import unique_variant  # noqa: E402  (bench/shards.py: this folder is on sys.path)
@@ -162,9 +166,9 @@ def bench_seed(paths: list[Path], samples: int, round_: int) -> float:
     return samples / (time.perf_counter() - t)
 
 
-def bench_floor(images: list[np.ndarray], patches: int, spec: PatchSpec, round_: int,
+def bench_floor(images: list[np.ndarray], patches: int, cfg: DataConfig, round_: int,
                 per_image: int) -> tuple[float, float, float, float]:
-    """(patches/s, ms in random_patch, ms in jpeg_decode, mean JPEG bytes) per patch, one process."""
+    """(patches/s, ms in training_pair, ms in jpeg.decode, mean JPEG bytes) per patch, one process."""
     rng = np.random.default_rng([1, round_])
     t_cut = t_dec = 0.0
     nbytes = 0
@@ -173,14 +177,14 @@ def bench_floor(images: list[np.ndarray], patches: int, spec: PatchSpec, round_:
     for i in range(patches):
         image = images[(i // per_image) % len(images)]
         a = clock()
-        data, target = random_patch(image, spec, rng)
+        data, target = training_pair(image, cfg.patch, cfg.jpeg, rng)
         b = clock()
-        inp = jpeg_decode(data)
+        inp = jpeg.decode(data)[0]
         t_cut += b - a
         t_dec += clock() - b
         nbytes += len(data)
     seconds = clock() - t
-    assert inp.shape == target.shape == (spec.size, spec.size, 3)
+    assert inp.shape == target.shape == (cfg.patch.size, cfg.patch.size, 3)
     return patches / seconds, t_cut / patches * 1e3, t_dec / patches * 1e3, nbytes / patches
 
 
@@ -207,7 +211,7 @@ def bench_loader(cfg: DataConfig, warmup: int, steps: int, round_: int) -> tuple
     """(patches/s, patches per worker CPU second, main process CPU share) of the batches after `warmup`."""
     loader = train_loader(cfg, batch_size=BATCH, seed=round_, steps=warmup + steps)
     patches, last = 0, warmup + steps - 1
-    for i, (inputs, targets) in enumerate(loader):
+    for i, (inputs, targets, _) in enumerate(loader):
         if i == warmup:
             t0, cpu0, main0 = time.perf_counter(), _children_cpu_seconds(), time.process_time()
         elif i > warmup:
@@ -229,7 +233,7 @@ def profile_single_process(cfg: DataConfig, batches: int) -> list[str]:
     loader = train_loader(replace(cfg, workers=0), batch_size=BATCH, seed=0, steps=batches)
     prof = cProfile.Profile()
     prof.enable()
-    for inputs, targets in loader:
+    for inputs, targets, _ in loader:
         pass
     prof.disable()
     stats = pstats.Stats(prof)
@@ -237,10 +241,10 @@ def profile_single_process(cfg: DataConfig, batches: int) -> list[str]:
     lines = [f"profile, one process, {batches} batches ({batches * BATCH} patches), {total:.2f} s "
           f"({batches * BATCH / total:.0f} patches/s under the profiler); cumulative time:"]
     wanted = [("decode.py", "decode_image", "source decode"),
-              ("degrade.py", "random_patch", "random_patch (crop, resize, rotate, encode)"),
-              ("degrade.py", "jpeg_encode", "  of which jpeg_encode"),
-              ("pipeline.py", "_batch", "_batch (jpeg_decode, stack)"),
-              ("degrade.py", "jpeg_decode", "  of which jpeg_decode"),
+              ("patches.py", "training_pair", "training_pair (crop, resize, rotate, JPEG)"),
+              ("jpeg.py", "encode", "  of which jpeg.encode"),
+              ("pipeline.py", "_batch", "_batch (jpeg.decode, tables, stack)"),
+              ("jpeg.py", "decode", "  of which jpeg.decode"),
               ("tariterators.py", "tar_file_iterator", "tar reading")]
     found = {(Path(file).name, func): row for (file, _, func), row in stats.stats.items()}
     for file, func, label in wanted:
@@ -313,22 +317,24 @@ def main() -> None:
 
         cfg = DataConfig(shards=str(out), workers=args.workers)
         amortized_cfg = replace(cfg, patches_per_image=AMORTIZED_PATCHES_PER_IMAGE)
-        chroma_cfg = replace(cfg, patch=replace(cfg.patch, chroma="random"))
-        double_cfg = replace(cfg, patch=replace(cfg.patch, double_p=1.0))
+        chroma_cfg = replace(cfg, jpeg=replace(cfg.jpeg, chroma="random"))
+        double_cfg = replace(cfg, jpeg=replace(cfg.jpeg, double_p=1.0))
+        blind_cfg = replace(cfg, jpeg=load_config(str(REPO / "configs" / "cpu.yaml")).data.jpeg)
         # start-up: until every worker's shuffle buffer is full and its prefetch queue has turned over
         warmup = math.ceil(cfg.shuffle_buffer * args.workers / BATCH) + 4 * args.workers + 8
         spec = cfg.patch
+        loaders = {"ours": cfg, "amortized": amortized_cfg, "chroma": chroma_cfg, "double": double_cfg, "blind": blind_cfg}
 
-        rows: dict[str, list[float]] = {"seed": [], "ours": [], "floor": [], "amortized": [], "chroma": [], "double": []}
-        cpu: dict[str, list[float]] = {"ours": [], "amortized": [], "chroma": [], "double": []}
-        main_share: dict[str, list[float]] = {"ours": [], "amortized": [], "chroma": [], "double": []}
+        rows: dict[str, list[float]] = {"seed": [], "floor": [], **{name: [] for name in loaders}}
+        cpu: dict[str, list[float]] = {name: [] for name in loaders}
+        main_share: dict[str, list[float]] = {name: [] for name in loaders}
         floor_split = []
         for r in range(args.rounds):
             rows["seed"].append(bench_seed(paths, args.seed_samples, r))
-            fps, cut_ms, dec_ms, jpeg_bytes = bench_floor(images, args.floor_patches, spec, r, cfg.patches_per_image)
+            fps, cut_ms, dec_ms, jpeg_bytes = bench_floor(images, args.floor_patches, cfg, r, cfg.patches_per_image)
             rows["floor"].append(fps)
             floor_split.append((cut_ms, dec_ms, jpeg_bytes))
-            for name, c in (("ours", cfg), ("amortized", amortized_cfg), ("chroma", chroma_cfg), ("double", double_cfg)):
+            for name, c in loaders.items():
                 pps, per_cpu, share = bench_loader(c, warmup, args.steps, r)
                 rows[name].append(pps / args.workers)
                 cpu[name].append(per_cpu)
@@ -347,7 +353,7 @@ def main() -> None:
     total_s = time.perf_counter() - t_start
 
     print(f"{args.photos} photos ({n_png} PNG 2040x1360, {args.photos - n_png} JPEG q95 2560x1600, "
-          f"{photo_bytes / 1e6:.0f} MB), patch {p}, JPEG q{spec.quality[0]}, batch {BATCH}, "
+          f"{photo_bytes / 1e6:.0f} MB), patch {p}, JPEG q{cfg.jpeg.quality[0]}, batch {BATCH}, "
           f"{args.workers} workers, {os.cpu_count()} cores; {args.rounds} rounds, best counts")
     print(f"DataLoader runs: {warmup} start-up batches untimed, then {args.steps} timed; "
           f"patches_per_image {cfg.patches_per_image} (amortized: {AMORTIZED_PATCHES_PER_IMAGE})")
@@ -362,8 +368,9 @@ def main() -> None:
                      f"{'ok' if amortized_vs_floor >= GOAL_AMORTIZED_VS_FLOOR else 'BELOW'}",
         "chroma": f"{best['chroma'] / best['ours']:.2f}x ours (the cost of that setting)",
         "double": f"{best['double'] / best['ours']:.2f}x ours (the cost of that setting)",
+        "blind": f"{best['blind'] / best['ours']:.2f}x ours (configs/cpu.yaml's JPEG against q10 alone)",
     }
-    for name in ("seed", "ours", "floor", "amortized", "chroma", "double"):
+    for name in ("seed", "ours", "floor", "amortized", "chroma", "double", "blind"):
         per_cpu = f"{max(cpu[name]):10.0f}" if max(cpu.get(name, [0])) > 0 else f"{'':>10}"
         share = f"{max(main_share[name]):8.0%}" if name in main_share else f"{'':>8}"
         rounds = " ".join(f"{v:.0f}" for v in rows[name])
@@ -371,7 +378,7 @@ def main() -> None:
     by_fmt = ", ".join(f"{k} {v:.1f}" for k, v in decode_fmt_ms.items())
     print(f"source decode (decode_image on the shard bytes, mean of {len(blobs)}): {decode_ms:.1f} ms ({by_fmt}) "
           f"= {decode_ms / floor_ms:.0f} floor patches; floor per patch {floor_ms:.3f} ms "
-          f"(random_patch {cut_ms:.3f}, jpeg_decode {dec_ms:.3f})")
+          f"(training_pair {cut_ms:.3f}, jpeg.decode {dec_ms:.3f})")
     print(f"expected ours/core from decode + {cfg.patches_per_image} floor patches: "
           f"{cfg.patches_per_image / (decode_ms + cfg.patches_per_image * floor_ms) * 1e3:.0f}; "
           f"shuffle buffer per worker: {cfg.shuffle_buffer} x ({p}*{p}*{spec.channels} + {jpeg_bytes:.0f} JPEG) "
@@ -388,6 +395,7 @@ def main() -> None:
         "amortized_per_cpu_s": round(max(cpu["amortized"]), 1),
         "chroma_random": round(best["chroma"], 1), "double_jpeg": round(best["double"], 1),
         "double_vs_ours": round(best["double"] / best["ours"], 3),
+        "blind": round(best["blind"], 1), "blind_vs_ours": round(best["blind"] / best["ours"], 3),
         "decode_ms": round(decode_ms, 2), "floor_ms": round(floor_ms, 4),
         "buffer_mib_per_worker": round(buffer_mb, 1), "patches_per_image": cfg.patches_per_image,
         "workers": args.workers, "photos": args.photos, "steps": args.steps, "rounds": args.rounds,

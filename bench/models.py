@@ -1,23 +1,28 @@
-"""Benchmark the networks: what each costs, and what each learns in the same wall-clock minutes.
+"""Benchmark the networks: what each costs, how each best takes the JPEG quality, and what each recipe
+learns in the same wall-clock minutes, at every quality.
 
-    python bench/models.py [--minutes 8] [--nproc 2] [--networks seed,seed_residual,dncnn,unet,nafnet]
-                           [--skip-speed] [--skip-quality] [--work DIR] [--device auto|cpu|cuda]
+    python bench/models.py [--sections speed,conditioning,budget] [--minutes 8] [--steps N] [--nproc 2]
+                           [--recipes a,b,...] [--work DIR] [--device auto|cpu|cuda]
 
-1. Cost, per network and preset (cpu and gpu): parameters, MACs per pixel (convolutions), and
+1. speed: per network and preset (cpu and gpu): parameters, MACs per pixel (convolutions), and
    training-step patches/s at batch 8 of 64 x 64 on this machine, measured with the trainer's own
    step (restorer.train.train_step): fp32, and bf16 autocast beside it (on a CPU without bf16
    instructions bf16 is slower: the faster of the two is marked). On CUDA: batch 64 of 128 x 128,
    fp32 eager and bf16 + channels_last + compile. The variants are timed in turn, in rounds, and
    each figure is the fastest step (noise only ever slows a step down).
-2. Quality per budget: every CPU preset (and the seed network, plain and with a global residual)
-   is trained through the project's own loop (`torchrun launch/train.py --config configs/cpu.yaml`,
-   the demo's recipe, with `model.name=...`) for the same wall-clock minutes on the demo's photos,
-   then `python -m restorer.evaluate` at JPEG quality 10 on real photos no training saw: the demo's
-   held-out astronaut.png and the others the installed packages ship (restorer.demo.MORE_HELD_OUT).
-   Printed: mean and worst PSNR gain over the JPEG input, mean SSIM, steps done.
+2. conditioning: how a network takes the JPEG quality (restorer.models.common.CONDITIONING: none,
+   input, decoder, scales), for dncnn, unet and nafnet, each trained blind (configs/cpu.yaml's
+   recipe) for the same number of steps (--steps, default 1800: what 8 minutes on 2 ranks of the
+   slower, AVX2-only CPU kind train), so a busy machine changes the time, not the figures.
+3. budget: the blind recipe (configs/cpu.yaml as it is) against the q10-only one (quality 10, 4:2:0,
+   no double JPEG, no conditioning) for the same wall-clock --minutes (or --steps).
 
-The last line printed is one JSON object of the figures. The quality part takes
-(networks x minutes) plus a minute of evaluation each: 45 minutes at the defaults.
+Every recipe trains through the project's own loop (`torchrun launch/train.py --config
+configs/cpu.yaml` on the demo's photos) and is scored by restorer.evaluate on real photos no
+training saw (the demo's held-out astronaut.png and those the installed packages ship):
+columns q10 ... q95 (4:2:0), 4:4:4 at q50 and q90, double JPEG 20->50 and 60->90 (the grid shifted
+1-7 px), each the mean PSNR gain over the JPEG input, and the worst photo's gain at any column of
+quality >= 50. The last line printed is one JSON object of the figures.
 """
 
 from __future__ import annotations
@@ -38,18 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from restorer import demo  # noqa: E402
 from restorer.config import load_config  # noqa: E402
-from restorer.models import MODELS, build_model, count_parameters, macs_per_pixel  # noqa: E402
+from restorer.checkpoint import read_checkpoint  # noqa: E402
+from restorer.models import CONDITIONING, MODELS, build_model, count_parameters, macs_per_pixel  # noqa: E402
 from restorer.train import Training, train_step  # noqa: E402
-
-# the networks of the quality table: (name, config overrides)
-BUDGET_NETWORKS = {
-    "seed": ["model.name=seed", "model.seed.residual=false"],
-    "seed_residual": ["model.name=seed", "model.seed.residual=true"],
-    "dncnn": ["model.name=dncnn", "model.preset=cpu"],
-    "unet": ["model.name=unet", "model.preset=cpu"],
-    "nafnet": ["model.name=nafnet", "model.preset=cpu"],
-}
-
 
 # ----------------------------------------------------------------------------- 1. cost
 
@@ -75,8 +71,9 @@ def speed_rows(device: torch.device, rounds: int = 3) -> list[dict]:
             for variant, extra in variants.items():
                 training = Training.build(load_config(None, overrides + extra), device)
                 gen = torch.Generator().manual_seed(0)
-                batches = [tuple(torch.randint(0, 256, (batch, 3, patch, patch), dtype=torch.uint8, generator=gen)
-                                 for _ in range(2)) for _ in range(2)]
+                batches = [(*(torch.randint(0, 256, (batch, 3, patch, patch), dtype=torch.uint8, generator=gen)
+                               for _ in range(2)), torch.randint(10, 96, (batch,), generator=gen).float())
+                           for _ in range(2)]
                 try:
                     for i in range(2 if cuda else 1):  # warm-up (compiling on CUDA)
                         train_step(training, [batches[i % 2]])
@@ -117,7 +114,25 @@ def print_speed(rows: list[dict], device: torch.device) -> None:
                 print(f"    {v}: {r[v + '_failed']}")
 
 
-# ----------------------------------------------------------------------------- 2. quality per budget
+# ----------------------------------------------------------------------------- 2, 3. quality of recipes
+
+CONDITIONED = ("dncnn", "unet", "nafnet")
+Q10_ONLY = ["data.jpeg.quality=[10,10]", "data.jpeg.quality_weights=[]", "data.jpeg.chroma=420",
+            "data.jpeg.double_p=0", "data.val_qualities=[10]", "model.unet.conditioning=none"]
+RECIPES = {
+    "blind": [],  # configs/cpu.yaml as it is
+    "q10": Q10_ONLY,
+    **{f"{net}-{cond}": [f"model.name={net}", "model.preset=cpu", f"model.{net}.conditioning={cond}"]
+       for net in CONDITIONED for cond in CONDITIONING},
+    "unet-decoder-psnr": ["model.unet.conditioning=decoder", "optim.loss=psnr"],
+    "unet-scales-psnr": ["model.unet.conditioning=scales", "optim.loss=psnr"],
+}
+SECTIONS = {"conditioning": [f"{net}-{cond}" for net in CONDITIONED for cond in CONDITIONING], "budget": ["blind", "q10"]}
+# (column, evaluate's arguments): 4:2:0 qualities, 4:4:4, double JPEG (first quality -> last)
+COLUMNS = [*((f"q{q}", dict(qualities=[q])) for q in (10, 30, 50, 70, 90, 95)),
+           ("444 q50", dict(qualities=[50], chroma="444")), ("444 q90", dict(qualities=[90], chroma="444")),
+           ("2x 20>50", dict(qualities=[50], double=20)), ("2x 60>90", dict(qualities=[90], double=60))]
+HIGH = [c for c, kw in COLUMNS if kw["qualities"][0] >= 50]
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -129,82 +144,106 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"bench/models.py: {' '.join(cmd[:6])} ... failed ({p.returncode}):\n" + "\n".join(tail))
 
 
-def quality_rows(work: Path, names: list[str], minutes: float, nproc: int) -> tuple[list[dict], list[str]]:
+def score(ckpt: Path, held_out: Path) -> dict:
+    """Every column's mean PSNR gain, and per photo, over the columns (evaluate, in this process)."""
+    from restorer.evaluate import evaluate
+
+    by_args: dict[str, dict] = {}
+    for column, kw in COLUMNS:  # one evaluate call per (chroma, double): all its qualities at once
+        key = json.dumps({k: v for k, v in kw.items() if k != "qualities"}, sort_keys=True)
+        by_args.setdefault(key, {"kw": kw, "columns": []})["columns"].append(column)
+    columns, photos = {}, {}
+    for group in by_args.values():
+        kw = {k: v for k, v in group["kw"].items() if k != "qualities"}
+        wanted = {c: dict(COLUMNS)[c]["qualities"][0] for c in group["columns"]}
+        result = evaluate(ckpt, held_out, sorted(set(wanted.values())), device="cpu", **kw)["qualities"]
+        for column, q in wanted.items():
+            images = result[str(q)]["images"]
+            gains = {Path(k).stem: v["psnr_model"] - v["psnr_jpeg"] for k, v in images.items()}
+            columns[column] = statistics.mean(gains.values())
+            for photo, g in gains.items():
+                photos.setdefault(photo, {})[column] = g
+    worst = min((g, photo, c) for photo, gs in photos.items() for c, g in gs.items() if c in HIGH)
+    return {"columns": columns, "photos": photos, "worst_high": worst[0], "worst_high_at": f"{worst[1]} {worst[2]}"}
+
+
+def quality_rows(work: Path, names: list[str], minutes: float, steps: int, nproc: int) -> tuple[list[dict], list[str]]:
     photos, held_out = work / "photos", work / "held_out"
     held = demo.copy_photos(photos, held_out, more_held_out=True)
     shards = work / "shards"
     if not (shards / "manifest.json").exists():
         run([sys.executable, "shard_tools/make_shards.py", str(photos), "--out", str(shards), "--val-count", "1"],
             work / "shards.log")
+    budget = [f"train.max_steps={steps}"] if steps else \
+        [f"train.max_minutes={minutes}", "train.max_steps=0", "train.epochs=1000000"]
     rows = []
     for name in names:
         out = work / "runs" / name
-        print(f"  ... training {name} for {minutes:g} min", file=sys.stderr, flush=True)
+        print(f"  ... training {name} for {f'{steps} steps' if steps else f'{minutes:g} min'}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
              "launch/train.py", "--config", "configs/cpu.yaml", f"data.shards={shards}", f"train.out_dir={out}",
-             "train.resume=false", "train.overwrite=true", f"train.max_minutes={minutes}", "train.max_steps=0",
-             "train.epochs=1000000", "log.progress=false", *BUDGET_NETWORKS[name]], work / f"{name}.train.log")
-        run([sys.executable, "-m", "restorer.evaluate", "--ckpt", str(out / "last.pt"), "--images", str(held_out),
-             "--quality", "10", "--json", str(work / f"{name}.json")], work / f"{name}.eval.log")
-        result = json.loads((work / f"{name}.json").read_text())["qualities"]["10"]
-        gains = {k: v["psnr_model"] - v["psnr_jpeg"] for k, v in result["images"].items()}
+             "train.resume=false", "train.overwrite=true", "log.progress=false", "log.val_every=0", *budget,
+             *RECIPES[name]], work / f"{name}.train.log")
+        train_s = time.perf_counter() - t0
         events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-        model = build_model(state["model_name"], **state["model_args"])
-        rows.append({"network": name, "params": count_parameters(model), "macs_per_pixel": macs_per_pixel(model, 3),
-                     "steps": events[-1]["step"], "mean_gain_db": statistics.mean(gains.values()),
-                     "worst_gain_db": min(gains.values()), "worst_photo": min(gains, key=gains.get),
-                     "ssim_jpeg": result["mean"]["ssim_jpeg"], "ssim_model": result["mean"]["ssim_model"],
-                     "gains": gains})
+        network = read_checkpoint(out / "last.pt").network
+        model = network.build()
+        done = events[-1]["step"]
+        rows.append({"recipe": name, "network": network.name, "conditioning": network.conditioning,
+                     "params": count_parameters(model), "steps": done, "steps_per_s": done / train_s,
+                     **score(out / "last.pt", held_out)})
     return rows, held
 
 
-def print_quality(rows: list[dict], held: list[str], minutes: float, nproc: int) -> None:
-    print(f"\nquality per budget: {minutes:g} min of training each ({nproc} processes, configs/cpu.yaml's recipe), "
-          f"JPEG q10, {len(held)} held-out photos: {', '.join(held)}")
-    print(f"{'network':<15}{'params':>10}{'MACs/px':>10}{'steps':>8}{'mean dB':>9}{'worst dB':>10}"
-          f"{'SSIM JPEG':>11}{'SSIM net':>10}  worst photo")
+def print_quality(title: str, rows: list[dict], held: list[str]) -> None:
+    print(f"\n{title}; {len(held)} held-out photos: {', '.join(held)}")
+    print("mean PSNR gain over the JPEG input (dB); worst: the worst photo at any column of quality >= 50")
+    head = f"{'recipe':<20}{'steps':>7}{'steps/s':>8}" + "".join(f"{c:>9}" for c, _ in COLUMNS) + f"{'worst':>8}  where"
+    print(head)
     for r in rows:
-        print(f"{r['network']:<15}{r['params']:>10,}{r['macs_per_pixel'] / 1e3:>9.1f}k{r['steps']:>8}"
-              f"{r['mean_gain_db']:>+9.2f}{r['worst_gain_db']:>+10.2f}{r['ssim_jpeg']:>11.4f}{r['ssim_model']:>10.4f}"
-              f"  {r['worst_photo']}")
-    if rows:
-        print("per photo (dB over the JPEG input): " + "; ".join(
-            f"{r['network']}: " + ", ".join(f"{Path(k).stem} {v:+.2f}" for k, v in r["gains"].items()) for r in rows))
+        print(f"{r['recipe']:<20}{r['steps']:>7}{r['steps_per_s']:>8.1f}" + "".join(f"{r['columns'][c]:>+9.2f}" for c, _ in COLUMNS)
+              + f"{r['worst_high']:>+8.2f}  {r['worst_high_at']}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=8.0, help="training minutes per network (default 8)")
+    ap.add_argument("--sections", default="speed,conditioning,budget", help="comma-separated: speed, conditioning, budget")
+    ap.add_argument("--minutes", type=float, default=8.0, help="budget: training minutes per recipe (default 8)")
+    ap.add_argument("--steps", type=int, default=0, help="budget: train this many steps instead of --minutes; "
+                    "conditioning: steps per recipe (default 1800)")
     ap.add_argument("--nproc", type=int, default=2, help="torchrun processes per training (default 2, as the demo)")
-    ap.add_argument("--networks", default=",".join(BUDGET_NETWORKS),
-                    help=f"comma-separated subset of {', '.join(BUDGET_NETWORKS)}")
-    ap.add_argument("--skip-speed", action="store_true")
-    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--recipes", help=f"instead of the sections' recipes: comma-separated, of {', '.join(RECIPES)}")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--work", help="folder for shards, runs and logs (default: a temporary one)")
     args = ap.parse_args()
-    names = [n.strip() for n in args.networks.split(",") if n.strip()]
-    if unknown := [n for n in names if n not in BUDGET_NETWORKS]:
-        ap.error(f"--networks: unknown {', '.join(unknown)}; choose from {', '.join(BUDGET_NETWORKS)}")
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if unknown := [s for s in sections if s not in ("speed", *SECTIONS)]:
+        ap.error(f"--sections: unknown {', '.join(unknown)}")
+    custom = [n.strip() for n in args.recipes.split(",")] if args.recipes else None
+    if custom and (unknown := [n for n in custom if n not in RECIPES]):
+        ap.error(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     summary: dict = {"device": str(device), "torch": torch.__version__}
-    if not args.skip_speed:
+    if "speed" in sections and not custom:
         rows = speed_rows(device)
         print_speed(rows, device)
         summary["speed"] = {f"{r['network']}_{r['preset']}": {k: round(v, 2) if isinstance(v, float) else v
                                                               for k, v in r.items() if k not in ("network", "preset")}
                             for r in rows}
-    if not args.skip_quality:
-        with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
-            work = Path(args.work or tmp)
-            work.mkdir(parents=True, exist_ok=True)
-            rows, held = quality_rows(work, names, args.minutes, args.nproc)
-        print_quality(rows, held, args.minutes, args.nproc)
-        summary["quality"] = {"minutes": args.minutes, "nproc": args.nproc, "photos": held,
-                              **{r["network"]: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()
-                                                if k not in ("network", "gains", "worst_photo")} for r in rows}}
+    plans = [("custom", custom)] if custom else [(s, SECTIONS[s]) for s in sections if s in SECTIONS]
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for section, names in plans:
+            steps = args.steps or (1800 if section == "conditioning" else 0)
+            rows, held = quality_rows(work, names, args.minutes, steps, args.nproc)
+            what = f"{steps} steps" if steps else f"{args.minutes:g} min"
+            print_quality(f"{section}: {what} of training each ({args.nproc} processes, configs/cpu.yaml)", rows, held)
+            summary[section] = {"steps": steps, "minutes": None if steps else args.minutes, "photos": held,
+                                **{r["recipe"]: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                                                 if k not in ("recipe", "photos")} for r in rows}}
     print(json.dumps(summary))
 
 

@@ -120,7 +120,9 @@ class Variant:
         for _ in range(2):
             target = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
             noisy = (target.short() + torch.randint(-12, 13, shape, generator=gen)).clamp(0, 255).to(torch.uint8)
-            self.batches.append(tuple(t.to(device).contiguous(memory_format=torch.channels_last) for t in (noisy, target)))
+            quality = torch.randint(10, 96, (args.batch,), generator=gen).float().to(device)
+            self.batches.append((*(t.to(device).contiguous(memory_format=torch.channels_last) for t in (noisy, target)),
+                                 quality))
         self.calls = 0
         self.times: list[float] = []
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import yaml
 
 from restorer.data.pipeline import DataConfig
-from restorer.models import MODELS, DnCNNOptions, NAFNetOptions, SeedOptions, UNetOptions
+from restorer.models import MODELS, DnCNNOptions, NAFNetOptions, NetworkSpec, SeedOptions, UNetOptions
 
 
 class ConfigError(ValueError):
@@ -71,7 +71,7 @@ class OptimConfig:
     last_lr_scale: float = 0.5  # the `last` layer's lr = lr x this (the seed: 0.5)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    loss: str = "mse_sum"  # mse_sum (the seed's MSELoss(reduction='sum')) | mse | l1 | charbonnier
+    loss: str = "mse_sum"  # mse_sum (the seed's MSELoss(reduction='sum')) | mse | l1 | charbonnier | psnr
     charbonnier_eps: float = 1e-3  # charbonnier: mean of sqrt((out - target)^2 + eps^2)
     grad_clip: float = 0.0  # max gradient norm; 0: off
     schedule: str = "constant"  # constant (the seed) | cosine | step
@@ -82,7 +82,7 @@ class OptimConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0: off
 
     def validate(self) -> None:
-        choices = {"name": ("adam", "adamw"), "loss": ("mse_sum", "mse", "l1", "charbonnier"),
+        choices = {"name": ("adam", "adamw"), "loss": ("mse_sum", "mse", "l1", "charbonnier", "psnr"),
                    "schedule": ("constant", "cosine", "step")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -179,6 +179,10 @@ class Config:
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
+
+    def network(self) -> NetworkSpec:
+        """The network this config trains: what checkpoints record and rebuild it from."""
+        return NetworkSpec(self.model.name, self.model.options(), self.data.patch.channels, self.data.patch.grayscale)
 
 
 def _plain(obj: Any) -> Any:

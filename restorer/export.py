@@ -11,25 +11,26 @@
   onnx and safetensors files (and checkpoints) as --ckpt; TorchScript is for other programs.
 
 Every format takes float32 N x C x H x W in [0, 1] (C = 3 for RGB, 1 for grayscale) and returns the
-restored image the same way (clamp to [0, 1]). The card: the network's name and options, channels,
-the training's JPEG qualities and degradations, its steps and best validation PSNR.
+restored image the same way (clamp to [0, 1]). A network conditioned on the JPEG quality takes a
+second input, `quality`: float32 N, the IJG quality (1-100) of each input's quantization tables
+(restorer.data.jpeg.table_quality reads them from a file). The card (restorer.checkpoint): the
+network's name and options, its conditioning and how to feed it, channels, the training's JPEG
+qualities and degradations, its steps and best validation PSNR.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
-from restorer.cli import Parser, UsageError, fail
+from restorer.cli import Parser, UsageError, fail, one_line
 from restorer.fileio import atomic_open
-from restorer.inference import ONNX_CARD_KEY, load_model_and_state, model_grayscale
+from restorer.inference import ONNX_CARD_KEY, load_checkpoint_network
 
 FORMATS = ("onnx", "torchscript", "safetensors")
-CARD_FORMAT = "restorer-network"
 TOLERANCE = 1 / 255  # an exported network's output may differ from PyTorch's by less than one grey level
 CHECK_SIZES = ((1, 37, 53), (2, 64, 40))  # (batch, height, width): odd sizes, not multiples of the U-Nets' 16
 
@@ -38,25 +39,12 @@ class ExportError(Exception):
     """The export cannot be done or did not check out; one line."""
 
 
-def network_card(model: torch.nn.Module, state: dict, ckpt: str) -> dict:
-    """What another tool needs to know about the network, beside its weights."""
-    args = dict(state.get("model_args") or {})
-    patch = (state.get("config") or {}).get("data", {}).get("patch", {})
-    best = state.get("best_psnr")
-    return {
-        "format": CARD_FORMAT, "version": 1,
-        "network": state["model_name"],
-        "options": {k: v for k, v in args.items() if k != "in_channels"},
-        "in_channels": model.in_channels,
-        "grayscale": model_grayscale(model, state, ckpt),
-        "input": "float32 N x C x H x W in [0, 1]; output the same, clamp to [0, 1]",
-        "training": {"jpeg_quality": patch.get("quality"), "chroma": patch.get("chroma", "420"),
-                     "double_jpeg_p": patch.get("double_p", 0.0), "patch_size": patch.get("size"),
-                     "steps": state.get("step")},
-        "validation": {"best_psnr_db": best if isinstance(best, float) and math.isfinite(best) else None,
-                       "quality": (state.get("config") or {}).get("data", {}).get("val_quality")},
-        "checkpoint": str(ckpt),
-    }
+def _inputs(model: torch.nn.Module, n: int, h: int, w: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Example inputs: the image, and for a network conditioned on the quality, one per image."""
+    x = torch.rand(n, model.in_channels, h, w, generator=gen)
+    if not getattr(model, "takes_quality", False):
+        return (x,)
+    return x, torch.randint(5, 96, (n,), generator=gen).float()
 
 
 def _check(run, model: torch.nn.Module, what: str) -> float:
@@ -64,12 +52,12 @@ def _check(run, model: torch.nn.Module, what: str) -> float:
     worst = 0.0
     gen = torch.Generator().manual_seed(0)
     for n, h, w in CHECK_SIZES:
-        x = torch.rand(n, model.in_channels, h, w, generator=gen)
+        inputs = _inputs(model, n, h, w, gen)
         with torch.inference_mode():
-            ref = model(x).clamp(0, 1)
-        out = torch.as_tensor(run(x)).clamp(0, 1)
+            ref = model(*inputs).clamp(0, 1)
+        out = torch.as_tensor(run(*inputs)).clamp(0, 1)
         if out.shape != ref.shape:
-            raise ExportError(f"the {what} network gave {tuple(out.shape)} for input {tuple(x.shape)}")
+            raise ExportError(f"the {what} network gave {tuple(out.shape)} for input {tuple(inputs[0].shape)}")
         worst = max(worst, (out - ref).abs().max().item())
     if worst > TOLERANCE:
         raise ExportError(f"the {what} network differs from PyTorch by {worst:.2e} (> 1/255): not written")
@@ -84,21 +72,23 @@ def export_onnx(model: torch.nn.Module, card: dict, out: Path) -> float:
     except ImportError:
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install -e '.[export]'") from None
     dynamic = torch.export.Dim.DYNAMIC
-    x = torch.rand(1, model.in_channels, 37, 53)
+    inputs = _inputs(model, 1, 37, 53, torch.Generator().manual_seed(0))
+    names = ["input", "quality"][:len(inputs)]
+    shapes = {"x": {0: dynamic, 2: dynamic, 3: dynamic}, "quality": {0: dynamic}}
     tmp = out.with_name(f".{out.name}.export")
     try:
-        torch.onnx.export(model, (x,), str(tmp), dynamo=True, input_names=["input"], output_names=["output"],
-                          dynamic_shapes={"x": {0: dynamic, 2: dynamic, 3: dynamic}}, verbose=False)
+        torch.onnx.export(model, inputs, str(tmp), dynamo=True, input_names=names, output_names=["output"],
+                          dynamic_shapes={k: shapes[k] for k in ["x", "quality"][:len(inputs)]}, verbose=False)
         proto = onnx.load(str(tmp))
         proto.metadata_props.add(key=ONNX_CARD_KEY, value=json.dumps(card))
         data = proto.SerializeToString()
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - the exporter and onnxruntime raise many kinds: one line for the user
-        raise ExportError(f"the ONNX export failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+        raise ExportError(f"the ONNX export failed: {type(e).__name__}: {one_line(e)[:300]}") from None
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
             leftover.unlink(missing_ok=True)
-    worst = _check(lambda x: session.run(None, {"input": x.numpy()})[0], model, "ONNX")
+    worst = _check(lambda *xs: session.run(None, {n: x.numpy() for n, x in zip(names, xs)})[0], model, "ONNX")
     with atomic_open(out, "wb") as f:
         f.write(data)
     return worst
@@ -108,8 +98,8 @@ def export_torchscript(model: torch.nn.Module, card: dict, out: Path) -> float:
     try:
         scripted = torch.jit.script(model)
     except Exception as e:  # noqa: BLE001 - TorchScript's compiler errors: one line for the user
-        raise ExportError(f"TorchScript cannot compile this network: {' '.join(str(e).split())[:300]}") from None
-    worst = _check(lambda x: scripted(x).detach(), model, "TorchScript")
+        raise ExportError(f"TorchScript cannot compile this network: {one_line(e)[:300]}") from None
+    worst = _check(lambda *xs: scripted(*xs).detach(), model, "TorchScript")
     with atomic_open(out, "wb") as f:
         torch.jit.save(scripted, f, _extra_files={"restorer.json": json.dumps(card)})
     return worst
@@ -134,8 +124,8 @@ EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript, "safetensor
 
 def export(ckpt: str, fmt: str, out: str) -> float:
     """Export; returns the largest difference from PyTorch measured on odd sizes."""
-    model, state = load_model_and_state(ckpt)
-    card = network_card(model, state, ckpt)
+    model, checkpoint = load_checkpoint_network(ckpt)
+    card = checkpoint.card()
     path = Path(out)
     if path.is_dir():
         raise UsageError(f"--out is a folder: give a file name, e.g. {path / ('model.' + fmt.replace('torchscript', 'pt'))}")

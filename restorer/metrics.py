@@ -16,6 +16,7 @@ Conventions, for every function here:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,12 +57,12 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return _psnr_from_mse(_mse(x, y), data_range)
 
 
-def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _gaussian_taps(size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The normalised 1-D Gaussian, built once per device and dtype (no host-to-device copy per image)."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    window = torch.outer(g, g).to(device=like.device, dtype=like.dtype)
-    return window.expand(channels, 1, size, size).contiguous()
+    return (g / g.sum()).to(device=device, dtype=dtype)
 
 
 def ssim(
@@ -85,23 +86,24 @@ def ssim(
     (co)variances are the biased ones, E[xy] - mu_x mu_y, as in the reference implementation.
     No downsampling is applied (the reference MATLAB code's automatic downsampling of large
     images is not part of the definition). Images need both sides >= window_size.
+
+    The Gaussian window is separable: the five local means (x, y, x^2, y^2, xy) are one
+    depthwise 1 x 11 filtering and one 11 x 1 over the five maps stacked, 22 multiplies a
+    pixel and map instead of 121. float32 agrees with float64 to within 1e-5 (tests/test_metrics.py).
     """
     x, y = _prepare(x, y, "ssim")
     n, c, h, w = x.shape
     if h < window_size or w < window_size:
         raise ValueError(f"ssim: images of {h}x{w} are smaller than the {window_size}x{window_size} window")
-    window = _gaussian_window(window_size, sigma, c, x)
-
-    def filt(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, window, groups=c)
-
+    g = _gaussian_taps(window_size, sigma, x.device, x.dtype)
+    maps = torch.stack([x, y, x * x, y * y, x * y], dim=1).reshape(n, 5 * c, h, w)
+    maps = F.conv2d(maps, g.reshape(1, 1, 1, -1).expand(5 * c, 1, 1, window_size), groups=5 * c)
+    maps = F.conv2d(maps, g.reshape(1, 1, -1, 1).expand(5 * c, 1, window_size, 1), groups=5 * c)
+    mu_x, mu_y, e_xx, e_yy, e_xy = maps.reshape(n, 5, c, h - window_size + 1, w - window_size + 1).unbind(1)
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
-    mu_x, mu_y = filt(x), filt(y)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
-    var_x = filt(x * x) - mu_xx
-    var_y = filt(y * y) - mu_yy
-    cov = filt(x * y) - mu_xy
+    var_x, var_y, cov = e_xx - mu_xx, e_yy - mu_yy, e_xy - mu_xy
     ssim_map = ((2 * mu_xy + c1) * (2 * cov + c2)) / ((mu_xx + mu_yy + c1) * (var_x + var_y + c2))
     return ssim_map.flatten(1).mean(1)
 

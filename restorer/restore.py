@@ -1,14 +1,23 @@
 """Restore JPEG images with a trained checkpoint: tiled, memory-bounded inference.
 
     python -m restorer.restore --ckpt runs/x/best.pt photos/ img.jpg --out restored/ \
-        [--tile N] [--overlap 32] [--batch N] [--device auto|cpu|cuda] [--precision fp32|bf16]
-        [--compare] [--reference DIR]
+        [--quality N] [--force] [--tile N] [--overlap 32] [--batch N] [--device auto|cpu|cuda]
+        [--precision fp32|bf16] [--compare] [--reference DIR]
 
 --ckpt is a checkpoint (best.pt, last.pt) or a network exported as .onnx or .safetensors (restorer.export).
 
 Inputs are files or folders (folders are walked recursively for jpg/jpeg/png/webp/bmp/tif/tiff,
 any case). Each input is written as ``OUT/<stem>.png`` (lossless). Grayscale files stay grayscale.
 Unreadable files are reported as ``skipped X: reason`` and the run goes on.
+
+The quality of each input (restorer.data.jpeg): its JPEG quantization tables' IJG quality; for a
+file without usable tables (a PNG of a once-JPEG image, a video frame) the quality seen in its
+pixels, said in one line. A network conditioned on the quality is given it; ``--quality N``
+overrides it for every file (lower removes more, higher keeps more detail).
+
+Never silently worse: a network restores the qualities it was trained on (its card says which). A
+file outside them (a q10 network and a q90 photo), or with no JPEG trace at all, is written
+unchanged, with one line saying so; ``--force`` restores it anyway. The last line counts them.
 
 Tiling: see restorer.inference (the tiles, their blending, the memory bound).
 
@@ -35,7 +44,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +53,8 @@ from PIL import Image, ImageDraw, ImageFont
 from restorer.cli import Parser, UsageError, fail, one_line
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from restorer.fileio import atomic_open
-from restorer.inference import PRECISIONS, find_inputs, load_network, read_image, resolve_device, restore_image
+from restorer.inference import (PRECISIONS, decode_file, find_inputs, input_quality, load_network, read_image,
+                                resolve_device, restore_image)
 
 LABEL_H = 16
 MAX_PANEL_W = 1024
@@ -188,6 +198,10 @@ def _parser() -> Parser:
     p.add_argument("--batch", type=int, help="tiles per forward pass (default 8 on the CPU, 4 on CUDA)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp32 (default, as evaluate) or bf16")
+    p.add_argument("--quality", type=int, help="the JPEG quality to restore every input as (1-100), instead of "
+                   "each file's own: lower removes more, higher keeps more detail")
+    p.add_argument("--force", action="store_true", help="also restore files outside the qualities the network was "
+                   "trained on (written unchanged otherwise)")
     p.add_argument("--compare", action="store_true", help="also write OUT/<stem>_compare.png")
     p.add_argument("--reference", help="folder of originals (same stem) for --compare and PSNR")
     return p
@@ -206,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--overlap must be in [0, {args.tile // 2}], got {args.overlap}")
         if args.batch < 1:
             raise UsageError(f"--batch must be >= 1, got {args.batch}")
+        if args.quality is not None and not 1 <= args.quality <= 100:
+            raise UsageError(f"--quality must be in 1..100, got {args.quality}")
         ref_dir = Path(args.reference) if args.reference else None
         if ref_dir is not None and not ref_dir.is_dir():
             raise UsageError(f"--reference folder not found: {ref_dir}")
@@ -225,29 +241,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     kw = dict(tile=args.tile, overlap=args.overlap, batch=args.batch)
-    restored, skipped = 0, len(missing)
+    restored, skipped, unchanged, estimated = 0, len(missing), 0, 0
     for m in missing:
         print(f"skipped {m}: no such file or folder", file=sys.stderr)
     plan, problems = plan_outputs(files, out_dir, args.compare)
+    trained = network.trained_qualities
     for path in tqdm(files, desc="restore", unit="img", file=sys.stderr, disable=None):
-        def skip(reason: str) -> None:
-            tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
+        def say(text: str) -> None:
+            tqdm.write(f"{path}: {text}", file=sys.stderr)
 
         if path in problems:
-            skip(problems[path])
+            tqdm.write(f"skipped {path}: {problems[path]}", file=sys.stderr)
             skipped += 1
             continue
         try:
-            image, _ = read_image(path)
+            data = path.read_bytes()
+            image, _ = decode_file(data)
         except (ImageDecodeError, OSError) as e:
-            skip(one_line(e))
+            tqdm.write(f"skipped {path}: {one_line(e)}", file=sys.stderr)
             skipped += 1
             continue
+        quality, how = (args.quality, "given") if args.quality is not None else input_quality(data, image)
+        notes = []  # what is said of this file: one line
+        if how == "pixels":
+            estimated += 1
+            notes.append(f"no usable JPEG tables: quality {quality} estimated from the pixels")
+        reason = outside(quality, how, trained) if not args.force else None
         try:
-            result = restore_image(network, image, **kw)
+            if reason is not None:
+                say("; ".join([*notes, f"{reason}: written unchanged (--force restores it anyway)"]))
+                save_png(plan[path][0], image)
+                unchanged += 1
+                continue
+            if quality is None and network.takes_quality:  # no JPEG trace, and --force
+                quality = trained[1] if trained else 95
+                notes.append(f"no JPEG trace: restored as quality {quality}, the gentlest the network knows")
+            if notes:
+                say("; ".join(notes))
+            result = restore_image(network, image, quality=quality if network.takes_quality else None, **kw)
             save_png(plan[path][0], result)
         except (ValueError, OSError, RuntimeError, torch.OutOfMemoryError) as e:  # unwritable output, memory
-            skip(one_line(e))
+            tqdm.write(f"skipped {path}: {one_line(e)}", file=sys.stderr)
             skipped += 1
             continue
         restored += 1
@@ -273,8 +307,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     pic.save(f, format="PNG")
             except (ValueError, OSError, RuntimeError) as e:
                 tqdm.write(f"note {path}: no compare picture ({one_line(e)})", file=sys.stderr)
-    print(f"restored {restored}, skipped {skipped}, output dir {out_dir}")
-    return 1 if restored == 0 else 0
+    print(f"restored {restored}" + (f" ({estimated} with the quality estimated from the pixels)" if estimated else "")
+          + f", unchanged {unchanged}" + (f" (outside the network's qualities {trained[0]}-{trained[1]}, or no JPEG "
+                                          "trace; --force restores them)" if unchanged else "")
+          + f", skipped {skipped}, output dir {out_dir}")
+    return 1 if restored + unchanged == 0 else 0
+
+
+def outside(quality: Optional[int], how: str, trained: Optional[tuple[int, int]]) -> Optional[str]:
+    """Why a file must not go through a network trained on the qualities `trained` (None: it may)."""
+    if trained is None:  # an exported file without a card: nothing to compare with
+        return None
+    lo, hi = trained
+    if quality is None:
+        return (f"no usable JPEG tables and no JPEG trace in its pixels (never compressed, or resized since); "
+                f"the network restores JPEG qualities {lo}-{hi}")
+    if not lo <= quality <= hi:
+        said = {"tables": f"its JPEG tables say quality {quality}", "pixels": "that is",
+                "given": f"--quality says {quality}"}[how]
+        return f"{said}, outside the qualities the network was trained on ({lo}-{hi})"
+    return None
 
 
 if __name__ == "__main__":

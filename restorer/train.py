@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from restorer import dist
-from restorer.checkpoint import (BEST, LAST, CheckpointError, best_psnr_on_disk, keep_step_copy, load_latest,
-                                 remove_run_files, remove_stale_temp_files, run_files, save_checkpoint)
+from restorer.checkpoint import (BEST, LAST, Checkpoint, CheckpointError, best_psnr_on_disk, keep_step_copy,
+                                 load_latest, remove_run_files, remove_stale_temp_files, run_files, save_checkpoint)
 from restorer.cli import Parser, UsageError, fail
 from restorer.config import Config, ConfigError, config_from_dict, dump_config, load_config
 from restorer.data.manifest import ManifestError
@@ -45,7 +45,7 @@ from restorer.data.pipeline import (NoTrainingData, check_shards, ring_bytes, sh
                                     train_loader, val_loader)
 from restorer.inference import autocast, to_float
 from restorer.metrics import psnr, ssim
-from restorer.models import build_model, describe, load_weights
+from restorer.models import describe, load_weights
 from restorer.stop import StopRequest
 
 PROG = "train"
@@ -58,10 +58,19 @@ class TrainingError(Exception):
 # ----------------------------------------------------------------------------- the step
 
 
+def psnr_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean over images of 10 log10(MSE): minus their PSNR (NAFNet's PSNRLoss). Every image
+    counts by its relative error: a q90 patch, whose error is a hundredth of a q10 patch's, weighs
+    as much as it, where a plain MSE would let the network spoil the finely compressed ones."""
+    return 10.0 / math.log(10.0) * torch.log((out - y).square().flatten(1).mean(1) + 1e-10).mean()
+
+
 def loss_fn(cfg: Config):
     name, eps = cfg.optim.loss, cfg.optim.charbonnier_eps
     if name == "charbonnier":  # a smooth L1 (Lai et al. 2017); KAIR trains its JPEG SwinIR with it
         return lambda out, y: torch.sqrt((out - y).square() + eps * eps).mean()
+    if name == "psnr":
+        return psnr_loss
     return {"mse_sum": lambda out, y: F.mse_loss(out, y, reduction="sum"),
             "mse": F.mse_loss,
             "l1": F.l1_loss}[name]
@@ -134,7 +143,7 @@ class Training:
 
     @classmethod
     def build(cls, cfg: Config, device: torch.device, world_size: int = 1) -> Training:
-        model = build_model(cfg.model.name, **model_arguments(cfg)).to(device)
+        model = cfg.network().build().to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.optim.ema else None
@@ -170,24 +179,21 @@ def compile_problem(device_type: str, which=shutil.which, include_dir: Optional[
     return None
 
 
-def model_arguments(cfg: Config) -> dict:
-    """What build_model takes for this config (and checkpoints keep, to rebuild the network)."""
-    return {"in_channels": cfg.data.patch.channels, **cfg.model.options()}
-
-
-def train_step(t: Training, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """One optimizer step over `batches` (grad_accum micro-batches of uint8 inputs and targets),
-    gradients synchronised on the last only. Never reads a value back from the device: a
+def train_step(t: Training, batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """One optimizer step over `batches` (grad_accum micro-batches of uint8 inputs and targets, and
+    the inputs' JPEG qualities), gradients synchronised on the last only. Never reads a value back
+    from the device: a
     non-finite gradient (identical on every rank after DDP's all-reduce) skips the update on the
     device and counts in `t.nonfinite_streak`."""
     cfg = t.cfg
     n = len(batches)
-    for i, (inputs, targets) in enumerate(batches):
+    for i, (inputs, targets, qualities) in enumerate(batches):
         x = to_float(inputs, t.device, cfg.train.channels_last)
         y = to_float(targets, t.device, cfg.train.channels_last)
+        q = qualities.to(t.device, non_blocking=True)
         no_sync = t.ddp.no_sync() if t.ddp is not None and i < n - 1 else contextlib.nullcontext()
         with no_sync, autocast(t.device, cfg.train.precision):
-            loss = t.criterion(t.runner(x).float(), y)
+            loss = t.criterion(t.runner(x, q).float(), y)
         t.scaler.scale(loss / n).backward()
         with torch.no_grad():
             t.loss_sum += loss.detach() / n
@@ -275,34 +281,46 @@ class StepFlags:
 @torch.no_grad()
 def validate(model: nn.Module, cfg: Config, info: dist.DistInfo, stop: StopRequest) -> Optional[dict]:
     """PSNR and SSIM of the model output and of the JPEG input on this rank's share of the
-    validation images, summed over all ranks: exact means, whatever the split. None when a stop
-    signal came in the middle (on any rank): the run then saves and exits rather than finish it."""
+    validation images, at each of data.val_qualities, summed over all ranks: exact means, whatever
+    the split. `val_psnr` etc. are the means over images and qualities (best.pt follows val_psnr),
+    `val_psnr_q30` etc. each quality's. None when a stop signal came in the middle (on any rank):
+    the run then saves and exits rather than finish it."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(6, dtype=torch.float64, device=info.device)  # psnr, psnr_jpeg, ssim, ssim_jpeg, images, stopped
-    images, stopped = 0, False  # counted on the host: nothing goes to or comes from the device per image
-    for inputs, targets, _ in val_loader(cfg.data, rank=info.rank, world_size=info.world_size,
-                                         pin_memory=info.device.type == "cuda"):
+    qualities = list(cfg.data.val_qualities)
+    row = {q: i for i, q in enumerate(qualities)}
+    # per quality: psnr, psnr_jpeg, ssim, ssim_jpeg, images; then one more row: stopped
+    sums = torch.zeros(len(qualities) + 1, 5, dtype=torch.float64, device=info.device)
+    counts = [0] * len(qualities)  # counted on the host: nothing goes to or comes from the device per image
+    stopped = False
+    for inputs, targets, quality, _ in val_loader(cfg.data, rank=info.rank, world_size=info.world_size,
+                                                  pin_memory=info.device.type == "cuda"):
         if stop.requested:
             stopped = True
             break
+        i = row[int(quality[0])]  # the quality the JPEG's tables say: the one it was encoded at
         x = to_float(inputs, info.device, cfg.train.channels_last)
         y = to_float(targets, info.device, cfg.train.channels_last)
         with autocast(info.device, cfg.train.precision):
-            out = model(x)
+            out = model(x, quality.to(info.device, non_blocking=True))
         out = out.float().clamp_(0, 1)
-        sums[:4] += torch.stack([psnr(out, y).sum(), psnr(x, y).sum(), ssim(out, y).sum(), ssim(x, y).sum()]).double()
-        images += len(x)
+        sums[i, :4] += torch.stack([psnr(out, y).sum(), psnr(x, y).sum(), ssim(out, y).sum(), ssim(x, y).sum()]).double()
+        counts[i] += len(x)
     model.train(was_training)
-    sums[4].fill_(images)
-    sums[5].fill_(float(stopped))
+    sums[:-1, 4] = torch.tensor(counts, dtype=torch.float64)
+    sums[-1, 0].fill_(float(stopped))
     dist.all_reduce(sums)
     vals = sums.tolist()
-    if vals[5]:
+    if vals[-1][0]:
         return None
-    n = max(vals[4], 1)
-    return {"val_psnr": vals[0] / n, "val_psnr_jpeg": vals[1] / n, "val_ssim": vals[2] / n,
-            "val_ssim_jpeg": vals[3] / n, "val_images": int(vals[4])}
+    names = ("val_psnr", "val_psnr_jpeg", "val_ssim", "val_ssim_jpeg")
+    total = sum(r[4] for r in vals[:-1])
+    out = {name: sum(r[k] for r in vals[:-1]) / max(total, 1) for k, name in enumerate(names)}
+    out["val_images"] = int(vals[0][4])  # every image is validated at every quality
+    if len(qualities) > 1:
+        for q, r in zip(qualities, vals):
+            out.update({f"{name}_q{q}": r[k] / max(r[4], 1) for k, name in enumerate(names)})
+    return out
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
@@ -317,24 +335,21 @@ class Progress:
     train_seconds: float = 0.0  # training time so far, resumed runs included
 
 
-def checkpoint_state(t: Training, progress: Progress, steps_epoch: int) -> dict:
+def take_checkpoint(t: Training, progress: Progress, steps_epoch: int) -> Checkpoint:
     """Everything a run needs to go on, as CPU copies (taken now: the device goes on training)."""
-    state = {
-        "model": _to_cpu(t.model.state_dict()),  # the bare model: no `module.` or `_orig_mod.` prefixes
-        "model_name": t.cfg.model.name,
-        "model_args": model_arguments(t.cfg),
-        "optimizer": _to_cpu(t.optimizer.state_dict()),
-        "scaler": t.scaler.state_dict(),
-        "step": progress.step,
-        "epoch": progress.step // steps_epoch,
-        "best_psnr": progress.best_psnr,
-        "train_seconds": progress.train_seconds,
-        "config": t.cfg.to_dict(),
-        "rng": {"torch": torch.get_rng_state()},
-    }
-    if t.ema is not None:
-        state["ema"] = _to_cpu(t.ema.state_dict())
-    return state
+    return Checkpoint(
+        network=t.cfg.network(),
+        weights=_to_cpu(t.model.state_dict()),  # the bare model: no `module.` or `_orig_mod.` prefixes
+        ema=_to_cpu(t.ema.state_dict()) if t.ema is not None else None,
+        optimizer=_to_cpu(t.optimizer.state_dict()),
+        scaler=t.scaler.state_dict(),
+        step=progress.step,
+        epoch=progress.step // steps_epoch,
+        best_psnr=progress.best_psnr,
+        train_seconds=progress.train_seconds,
+        config=t.cfg.to_dict(),
+        rng={"torch": torch.get_rng_state()},
+    )
 
 
 def _to_cpu(tree):
@@ -371,25 +386,23 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     return [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if k not in _NOT_SETTINGS and old.get(k) != new[k]]
 
 
-def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[dict]:
+def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[Checkpoint]:
     """Rank 0 decides whether the run resumes (and from which file) and everyone gets its decision:
-    the checkpoint's state, None to start fresh, or the same TrainingError on every rank. A rank
-    that cannot see the run folder (node-local disk, a stale NFS cache) still resumes with the rest."""
-    decision: tuple[Optional[dict], Optional[str], Optional[str]] = (None, None, None)  # state, path, error
+    the checkpoint, None to start fresh, or the same TrainingError on every rank. A rank that
+    cannot see the run folder (node-local disk, a stale NFS cache) still resumes with the rest."""
+    decision: tuple[Optional[Checkpoint], Optional[str]] = (None, None)  # checkpoint, error
     if info.is_main:
         out_dir = Path(cfg.train.out_dir)
         try:
             found = load_latest(out_dir) if cfg.train.resume else None
             if found is not None:
-                state, path = found
-                if (state.get("model_name"), state.get("model_args")) != (cfg.model.name, model_arguments(cfg)):
-                    raise TrainingError(f"{path} is a {state.get('model_name')} {state.get('model_args')} checkpoint, not "
-                                        f"{cfg.model.name} {model_arguments(cfg)}: use another train.out_dir, or "
-                                        "train.resume=false train.overwrite=true")
+                if found.network != cfg.network():
+                    raise TrainingError(f"{found.path} is a {found.network} checkpoint, not {cfg.network()}: use "
+                                        "another train.out_dir, or train.resume=false train.overwrite=true")
                 best = best_psnr_on_disk(out_dir)  # best.pt's own figure: last.pt is written after it
                 if best is not None:
-                    state["best_psnr"] = max(state.get("best_psnr", -math.inf), best)
-                decision = (state, str(path), None)
+                    found.best_psnr = max(found.best_psnr, best)
+                decision = (found, None)
             elif old := run_files(out_dir):
                 if cfg.train.resume:
                     # an attempt that died before its first checkpoint (a requeue, a crash): nothing to
@@ -404,33 +417,31 @@ def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[dict]:
             out_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(out_dir)
         except (TrainingError, CheckpointError, OSError) as e:
-            decision = (None, None, str(e))
-    state, path, error = dist.broadcast(decision)
+            decision = (None, str(e))
+    checkpoint, error = dist.broadcast(decision)
     if error:
         raise TrainingError(error)
-    if state is not None:
-        state["path"] = path
-    return state
+    return checkpoint
 
 
-def resume(t: Training, state: dict) -> Progress:
-    """Load a checkpoint's state into the training. The config the run is started with applies:
-    its lr, schedule and other settings replace the checkpoint's (the optimizer keeps its moments);
-    the network cannot change (prepare_run_dir refuses that)."""
-    load_weights(t.model, state["model"], state["path"])
+def resume(t: Training, checkpoint: Checkpoint) -> Progress:
+    """Load a checkpoint into the training. The config the run is started with applies: its lr,
+    schedule and other settings replace the checkpoint's (the optimizer keeps its moments); the
+    network cannot change (prepare_run_dir refuses that)."""
+    source = str(checkpoint.path)
+    load_weights(t.model, checkpoint.weights, source)
     base_lrs = [g["base_lr"] for g in t.optimizer.param_groups]
-    t.optimizer.load_state_dict(state["optimizer"])
+    t.optimizer.load_state_dict(checkpoint.optimizer)
     for group, base_lr in zip(t.optimizer.param_groups, base_lrs):
         group["base_lr"] = base_lr  # from this run's config, not the checkpoint's
         group.update({k: v for k, v in t.optimizer.defaults.items() if k != "lr"})
-    if t.scaler.is_enabled() and state.get("scaler"):  # fp16 now but not then: a fresh scaler
-        t.scaler.load_state_dict(state["scaler"])
+    if t.scaler.is_enabled() and checkpoint.scaler:  # fp16 now but not then: a fresh scaler
+        t.scaler.load_state_dict(checkpoint.scaler)
     if t.ema is not None:
         # EMA switched on at resume starts from the resumed weights, not the random initial ones
-        load_weights(t.ema, state["ema"] if "ema" in state else state["model"], state["path"])
-    torch.set_rng_state(state["rng"]["torch"])
-    return Progress(step=state["step"], best_psnr=state.get("best_psnr", -math.inf),
-                    train_seconds=state.get("train_seconds", 0.0))
+        load_weights(t.ema, checkpoint.ema if checkpoint.ema is not None else checkpoint.weights, source)
+    torch.set_rng_state(checkpoint.rng["torch"])
+    return Progress(step=checkpoint.step, best_psnr=checkpoint.best_psnr, train_seconds=checkpoint.train_seconds)
 
 
 class Checkpointer:
@@ -441,12 +452,12 @@ class Checkpointer:
     def __init__(self, t: Training, info: dist.DistInfo, stop: StopRequest, steps_epoch: int):
         self.t, self.info, self.stop, self.steps_epoch = t, info, stop, steps_epoch
         self.out_dir = Path(t.cfg.train.out_dir)
-        self.pending: list[dict] = []  # taken, not yet written
+        self.pending: list[Checkpoint] = []  # taken, not yet written
         self.written_step: Optional[int] = None
 
     def take(self, progress: Progress) -> None:
         if self.info.is_main:
-            self.pending.append(checkpoint_state(self.t, progress, self.steps_epoch))
+            self.pending.append(take_checkpoint(self.t, progress, self.steps_epoch))
 
     def settle(self, agreed: Agreed, write: bool = True) -> None:
         """Write the newest pending checkpoint a later finite step has vouched for (older ones are
@@ -455,23 +466,23 @@ class Checkpointer:
         divergence never gets one. `write=False`: a save that follows makes them moot."""
         if agreed.streak:
             return
-        vouched = [s for s in self.pending if s["step"] < agreed.step]
-        self.pending = [s for s in self.pending if s["step"] >= agreed.step]
+        vouched = [c for c in self.pending if c.step < agreed.step]
+        self.pending = [c for c in self.pending if c.step >= agreed.step]
         if vouched and write:
             self._write(vouched[-1], LAST)
 
     def save_now(self, progress: Progress, name: str = LAST) -> None:
         if self.info.is_main and not (name == LAST and self.written_step == progress.step):
-            self._write(checkpoint_state(self.t, progress, self.steps_epoch), name)
+            self._write(take_checkpoint(self.t, progress, self.steps_epoch), name)
 
-    def _write(self, state: dict, name: str) -> None:
+    def _write(self, checkpoint: Checkpoint, name: str) -> None:
         try:
             with self.stop.saving():
-                save_checkpoint(self.out_dir / name, state)
+                save_checkpoint(self.out_dir / name, checkpoint)
                 if name == LAST:
-                    self.written_step = state["step"]
+                    self.written_step = checkpoint.step
                     if self.t.cfg.checkpoint.keep:
-                        keep_step_copy(self.out_dir, state["step"], self.t.cfg.checkpoint.keep)
+                        keep_step_copy(self.out_dir, checkpoint.step, self.t.cfg.checkpoint.keep)
         except OSError as e:
             raise TrainingError(f"cannot write a checkpoint in {self.out_dir}: {e.strerror or e} "
                                 f"({e.filename or name})") from None
@@ -572,8 +583,8 @@ def train(cfg: Config) -> dict:
 
     # --- network, optimizer, and the state to start from
     t = Training.build(cfg, info.device, info.world_size)
-    state = prepare_run_dir(cfg, info)
-    progress = resume(t, state) if state is not None else Progress()
+    checkpoint = prepare_run_dir(cfg, info)
+    progress = resume(t, checkpoint) if checkpoint is not None else Progress()
     micro_batch = cfg.train.batch_size
     steps_epoch = steps_per_epoch(cfg.data, micro_batch * cfg.train.grad_accum, info.world_size)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_epoch
@@ -583,16 +594,16 @@ def train(cfg: Config) -> dict:
         (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         log = MetricsLog(out_dir, cfg.log.tensorboard)
         print(f"{PROG}: network {describe(t.model, cfg.model.name)}", file=sys.stderr, flush=True)
-        start = {"event": "resume" if state else "start", "step": progress.step, "world_size": info.world_size,
+        start = {"event": "resume" if checkpoint is not None else "start", "step": progress.step, "world_size": info.world_size,
                  "steps_per_epoch": steps_epoch, "total_steps": total_steps}
-        if state is not None:
-            changes = config_changes(state["config"], cfg)
-            print(f"{PROG}: resuming from {state['path']} at step {progress.step}"
+        if checkpoint is not None:
+            changes = config_changes(checkpoint.config, cfg)
+            print(f"{PROG}: resuming from {checkpoint.path} at step {progress.step}"
                   + (f"; settings changed since, applied now: {'; '.join(changes)}" if changes else ""),
                   file=sys.stderr, flush=True)
-            start.update(checkpoint=state["path"], changes=changes)
+            start.update(checkpoint=str(checkpoint.path), changes=changes)
         log.write(start)
-    del state  # the checkpoint's tensors: the model and optimizer hold their own now
+    del checkpoint  # the checkpoint's tensors: the model and optimizer hold their own now
     saver = Checkpointer(t, info, stop, steps_epoch)
 
     def run_validation() -> bool:

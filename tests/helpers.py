@@ -111,7 +111,8 @@ def messy_photo_folder(root: Path) -> dict:
 
 # tiny and fast: patch 32, batch 2, one DataLoader worker per rank
 TINY = ["data.patch.size=32", "data.patches_per_image=8", "data.shuffle_buffer=16", "data.workers=1",
-        "data.val_crop=64", "train.batch_size=2", "log.every=2", "log.progress=false", "log.tensorboard=false"]
+        "data.val_crop=64", "data.val_qualities=[10,50]", "train.batch_size=2", "log.every=2", "log.progress=false",
+        "log.tensorboard=false"]
 INJECT = REPO / "tests" / "inject"  # sitecustomize.py: faults injected into real processes
 
 
@@ -162,3 +163,32 @@ def train_lines(out: Path) -> list[dict]:
 
 def events(out: Path) -> list[str]:
     return [m["event"] for m in metrics(out) if "event" in m]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint file as the contract says anyone can read it: a dict, torch.load(weights_only=True)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_state(path: Path, state: dict) -> Path:
+    """A raw dict as a checkpoint file (an older format's, or a damaged one)."""
+    import torch
+
+    torch.save(state, path)
+    return path
+
+
+def save_network(path: Path, model, name: str, options: dict, *, channels: int = 3, grayscale: bool = False,
+                 ema: dict | None = None, config: dict | None = None, step: int = 0, best_psnr: float = float("-inf")) -> Path:
+    """A checkpoint of `model` (built as build_model(name, in_channels=channels, **options)), as the trainer writes one."""
+    from restorer.checkpoint import Checkpoint, save_checkpoint
+    from restorer.models import NetworkSpec
+
+    save_checkpoint(path, Checkpoint(NetworkSpec(name, dict(options), channels, grayscale), model.state_dict(), ema=ema,
+                                     config=config or {}, step=step, best_psnr=best_psnr))
+    return path

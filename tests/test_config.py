@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_seed_yaml_is_the_seed_exactly():
     cfg = load_config(str(REPO / "configs" / "seed.yaml"))
     assert (cfg.train.batch_size, cfg.data.workers, cfg.optim.lr, cfg.train.epochs) == (8, 4, 5e-4, 100)
-    assert (cfg.data.patch.size, cfg.data.patch.quality) == (128, (10, 10))
+    assert (cfg.data.patch.size, cfg.data.jpeg.quality, cfg.data.jpeg.chroma, cfg.data.jpeg.double_p) == (128, (10, 10), "420", 0)
+    assert cfg.data.val_qualities == (10,) and cfg.model.seed.conditioning == "none"  # the document's network
     assert (cfg.optim.name, cfg.optim.last_lr_scale, cfg.optim.loss, cfg.optim.schedule) == ("adam", 0.5, "mse_sum", "constant")
     assert (cfg.data.patch.rescale_p, cfg.data.patch.scales) == (0.5, (0.9, 0.8, 0.7, 0.6))
     assert (cfg.data.patch.rotate_p, cfg.data.patch.rotations, cfg.data.patch.flip_p) == (0.5, (90, 180, 270), 0.0)
@@ -32,9 +33,9 @@ def test_shipped_configs_load_and_round_trip(name, tmp_path):
 
 def test_overrides_are_parsed_as_yaml_values():
     cfg = load_config(None, ["data.shards=/x", "train.max_steps=100", "optim.lr=1e-3", "train.compile=true",
-                             "data.patch.quality=[10, 60]", "train.out_dir=runs/a b"])
+                             "data.jpeg.quality=[10, 60]", "train.out_dir=runs/a b"])
     assert cfg.data.shards == "/x" and cfg.train.max_steps == 100 and cfg.optim.lr == 1e-3
-    assert cfg.train.compile is True and cfg.data.patch.quality == (10, 60) and cfg.train.out_dir == "runs/a b"
+    assert cfg.train.compile is True and cfg.data.jpeg.quality == (10, 60) and cfg.train.out_dir == "runs/a b"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -44,8 +45,10 @@ def test_overrides_are_parsed_as_yaml_values():
     (["train.batch_size=0"], "train.batch_size: must be >= 1, got 0"),
     (["optim.lr=-1"], "optim.lr: must be > 0"),
     (["train.precision=fp8"], "train.precision: 'fp8' is not one of fp32, bf16, fp16"),
-    (["data.patch.quality=[60, 10]"], "data.patch.quality must be [low, high]"),
-    (["data.patch.quality=[10]"], "data.patch.quality: expected a list of 2 values"),
+    (["data.jpeg.quality=[60, 10]"], "data.jpeg.quality: must be 2 or more qualities in 1..100, ascending"),
+    (["data.jpeg.quality=[10]"], "data.jpeg.quality: must be 2 or more qualities"),
+    (["data.jpeg.quality_weights=[1, 2]"], "data.jpeg.quality_weights: must be one weight >= 0 per interval"),
+    (["data.patch.quality=[10, 60]"], "unknown key data.patch.quality; valid keys in data.patch: size"),
     (["model.name=unet2"], "model.name: unknown model 'unet2'; choose from: dncnn, nafnet, seed, unet"),
     (["train.compile=yes please"], "train.compile: expected true or false"),
     (["train.epochs"], "is not key=value"),

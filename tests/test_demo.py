@@ -21,12 +21,14 @@ def test_demo_runs_end_to_end(tmp_path):
     p = subprocess.run([sys.executable, "-m", "restorer.demo", "--out", str(tmp_path), "--steps", "4"],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "demo finished: on astronaut.png" in p.stdout and "PSNR  JPEG" in p.stdout
+    assert "demo finished: one network for every JPEG quality, on astronaut.png" in p.stdout
+    assert "PSNR gain" in p.stdout and "at q10: PSNR JPEG" in p.stdout
     result = json.loads((tmp_path / "evaluation.json").read_text())
-    assert list(result["qualities"]) == ["10", "20", "30", "40"]
-    mean = result["qualities"]["10"]["mean"]
-    assert set(mean) == {"psnr_jpeg", "psnr_model", "ssim_jpeg", "ssim_model", "psnrb_jpeg", "psnrb_model"}
-    assert 20 < mean["psnr_jpeg"] < 40
+    assert list(result["qualities"]) == ["10", "20", "30", "40", "50", "60", "70", "80", "90", "95"]
+    means = [result["qualities"][q]["mean"] for q in result["qualities"]]
+    assert set(means[0]) == {"psnr_jpeg", "psnr_model", "ssim_jpeg", "ssim_model", "psnrb_jpeg", "psnrb_model"}
+    assert 20 < means[0]["psnr_jpeg"] < 40 and means[-1]["psnr_jpeg"] > means[0]["psnr_jpeg"] + 8
+    assert any(abs(m["psnr_model"] - m["psnr_jpeg"]) > 1e-3 for m in means)  # the network trained: it changes them
     restored = Image.open(tmp_path / "restored" / "astronaut.png")
     assert restored.size == (512, 512)
     assert (tmp_path / "restored" / "astronaut_compare.png").exists()

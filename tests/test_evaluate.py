@@ -15,13 +15,22 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, encode, photo_like, write
-from restorer.checkpoint import load_checkpoint, save_checkpoint
-from restorer.data.degrade import jpeg_decode, jpeg_encode
-from restorer.evaluate import KEYS, evaluate, main, matlab_y_u8
+from helpers import REPO, encode, load_state, photo_like, save_network, save_state, write
+from restorer.data import jpeg
+from restorer.evaluate import KEYS, SWEEP, double_shift, evaluate, main, matlab_y_u8
+from restorer.inference import load_network, restore_array
 from restorer.models import build_model
 
-ROW = re.compile(r"^\s*(\d+|given)\s+(\d+) \|\s+(\S+)\s+(\S+)\s+(\S+) \|\s+(\S+)\s+(\S+)\s+(\S+) \|\s+(\S+)\s+(\S+)\s+(\S+)$")
+ROW = re.compile(r"^\s*(\d+|given)\s+(\d+) \|\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+) \|\s+(\S+)\s+(\S+)\s+(\S+) \|"
+                 r"\s+(\S+)\s+(\S+)\s+(\S+)$")
+
+
+def jpeg_encode(pixels: np.ndarray, quality: int) -> bytes:
+    return jpeg.encode(pixels, quality)
+
+
+def jpeg_decode(data: bytes) -> np.ndarray:
+    return jpeg.decode(data)[0]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +43,10 @@ def ckpt(tmp_path_factory):
     with torch.no_grad():
         m.last.weight.zero_()
     path = tmp_path_factory.mktemp("ckpt") / "seed.pt"
-    save_checkpoint(path, {"model": fresh, "ema": m.state_dict(), "model_name": "seed",
-                           "model_args": {"in_channels": 3, "residual": True},
-                           "config": {"data": {"patch": {"grayscale": False}}}})
-    return path
+    m.load_state_dict(fresh)
+    ema = {k: v.clone() for k, v in m.state_dict().items()}
+    ema["last.weight"].zero_()
+    return save_network(path, m, "seed", {"residual": True}, ema=ema, config={"data": {"patch": {"grayscale": False}}})
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +92,8 @@ def test_the_default_protocol_is_one_table_of_four_qualities_and_the_json_agrees
         assert set(mean) == set(KEYS)
         for k in KEYS:
             assert mean[k] == pytest.approx(np.mean([v[k] for v in block["images"].values()]), abs=1e-9)
-        n, pj, pm, pg, sj, sm, sg, bj, bm, bg = table[q]
+        n, pj, pm, pg, worst, sj, sm, sg, bj, bm, bg = table[q]
+        assert worst == round(min(v["psnr_model"] - v["psnr_jpeg"] for v in block["images"].values()), 3)
         assert n == 3 and (pj, pm, sj, sm, bj, bm) == (
             round(mean["psnr_jpeg"], 3), round(mean["psnr_model"], 3), round(mean["ssim_jpeg"], 4),
             round(mean["ssim_model"], 4), round(mean["psnrb_jpeg"], 3), round(mean["psnrb_model"], 3))
@@ -101,7 +111,7 @@ def test_jpeg_figures_are_whole_images_recomputed_independently(ckpt, images):
         for name, vals in res["qualities"][str(q)]["images"].items():
             clean = _clean(images / name)  # whole: 99x83 stays 99x83
             jpeg = np.asarray(Image.open(io.BytesIO(jpeg_encode(clean, q))).convert("RGB"))
-            assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg, clean), abs=1e-6)
+            assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg, clean), abs=1e-4)  # float32 metrics: 1e-4 dB
 
 
 def test_opencv_encodes_the_same_jpeg_input(ckpt, images):
@@ -140,7 +150,7 @@ def test_gray_protocol_scores_matlab_y_through_an_rgb_network(ckpt, images, tmp_
         y = matlab_y_u8(_clean(images / name))
         assert 16 <= y.min() and y.max() <= 235
         jpeg = jpeg_decode(jpeg_encode(y[..., None], 10))[..., 0]  # one-channel JPEG
-        assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg, y), abs=1e-6)
+        assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg, y), abs=1e-4)
         assert abs(vals["psnr_model"] - vals["psnr_jpeg"]) < 0.01  # the identity, through three channels
 
 
@@ -149,7 +159,7 @@ def test_gray_protocol_takes_a_grayscale_files_own_values(ckpt, tmp_path):
     write(tmp_path / "classic" / "g.png", encode(gray, "PNG"))
     vals = evaluate(ckpt, tmp_path / "classic", [10], device="cpu", gray=True)["qualities"]["10"]["images"]["g.png"]
     jpeg = jpeg_decode(jpeg_encode(gray[..., None], 10))[..., 0]
-    assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg, gray), abs=1e-6)  # not squeezed into 16-235
+    assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg, gray), abs=1e-4)  # not squeezed into 16-235
 
 
 def test_y_channel_measures_colour_on_matlab_y(ckpt, images):
@@ -162,7 +172,7 @@ def test_y_channel_measures_colour_on_matlab_y(ckpt, images):
         a = a.astype(np.float64)
         return 16 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255
 
-    assert y["psnr_jpeg"] == pytest.approx(_psnr(y_of(jpeg), y_of(clean)), abs=1e-6)
+    assert y["psnr_jpeg"] == pytest.approx(_psnr(y_of(jpeg), y_of(clean)), abs=1e-4)
     assert y["psnr_jpeg"] != pytest.approx(rgb["psnr_jpeg"], abs=1e-3)
 
 
@@ -238,15 +248,84 @@ def test_errors_exit_2_one_line(case, ckpt, images, tmp_path, capsys):
 
 
 def test_ema_preferred_and_a_grayscale_network(ckpt, images, tmp_path, capsys):
-    state = load_checkpoint(ckpt)
-    save_checkpoint(tmp_path / "noema.pt", {k: v for k, v in state.items() if k != "ema"})
+    state = load_state(ckpt)
+    save_state(tmp_path / "noema.pt", {k: v for k, v in state.items() if k != "ema"})
     a = evaluate(ckpt, images, [10], device="cpu")["qualities"]["10"]["mean"]
     b = evaluate(tmp_path / "noema.pt", images, [10], device="cpu")["qualities"]["10"]["mean"]
     assert a["psnr_jpeg"] == b["psnr_jpeg"] and abs(b["psnr_model"] - a["psnr_model"]) > 0.05
     g = build_model("seed", in_channels=1, residual=True)
-    save_checkpoint(tmp_path / "gray.pt", {"model": g.state_dict(), "model_name": "seed",
-                                           "model_args": {"in_channels": 1, "residual": True},
-                                           "config": {"data": {"patch": {"grayscale": True}}}})
+    save_network(tmp_path / "gray.pt", g, "seed", {"residual": True}, channels=1, grayscale=True)
     rc, out, err = run_main(capsys, "--ckpt", tmp_path / "gray.pt", "--images", images, "--quality", 10)
     assert rc == 0, err
     assert "grayscale protocol" in out and parse_table(out)["10"][0] == 3
+
+
+# ----------------------------------------------------------------------------- the JPEGs people have
+
+
+def _conditioned(tmp_path):
+    torch.manual_seed(4)
+    model = build_model("unet", widths=[4, 8], conditioning="decoder")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "film" in n or "cond" in n or n == "tail.weight":
+                p.normal_(0, 0.2)
+    return save_network(tmp_path / "cond.pt", model, "unet", {"widths": [4, 8], "conditioning": "decoder"},
+                        config={"data": {"jpeg": {"quality": [10, 95]}}})
+
+
+def test_a_sweep_of_chroma_and_double_jpegs_feeds_the_network_its_tables_quality(images, tmp_path, capsys):
+    ckpt = _conditioned(tmp_path)
+    js = tmp_path / "sweep.json"
+    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", images, "--sweep", "--chroma", "444", "--json", js)
+    assert rc == 0, err
+    assert list(parse_table(out)) == [str(q) for q in SWEEP] and "4:4:4" in out
+    res = json.loads(js.read_text())
+    assert res["chroma"] == "444" and res["double"] is None
+    net = load_network(ckpt, "cpu")
+    clean = _clean(images / "a.png")
+    for q in (10, 70):
+        data = jpeg.encode(clean, q, "444")
+        pixels, read_back = jpeg.decode(data)
+        assert read_back == q
+        out_img = restore_array(net, pixels, tile=1024, overlap=32, batch=4, quality=q)
+        expected = 10 * np.log10(255**2 / np.mean((out_img.astype(np.float64) - clean) ** 2))
+        assert res["qualities"][str(q)]["images"]["a.png"]["psnr_model"] == pytest.approx(expected, abs=1e-3)
+    # double JPEG: first at Q1, the grid shifted 1-7 px (fixed per image), then the quality of the row
+    res = evaluate(ckpt, images, [50], device="cpu", double=20)
+    assert res["double"] == 20
+    dy, dx = double_shift("a.png")
+    assert 1 <= dy <= 7 and 1 <= dx <= 7
+    once = jpeg.decode(jpeg.encode(clean, 20))[0]
+    twice = jpeg.decode(jpeg.encode(np.ascontiguousarray(once[dy:, dx:]), 50))[0]
+    ref = clean[dy:, dx:]
+    assert res["qualities"]["50"]["images"]["a.png"]["psnr_jpeg"] == pytest.approx(_psnr(twice, ref), abs=1e-4)
+    single = evaluate(ckpt, images, [50], device="cpu")["qualities"]["50"]["images"]["a.png"]["psnr_jpeg"]
+    assert res["qualities"]["50"]["images"]["a.png"]["psnr_jpeg"] < single - 0.3  # the first, coarse JPEG shows
+
+
+def test_metrics_in_float32_agree_with_float64(images):
+    from restorer.metrics import psnr, psnr_b, ssim
+
+    clean = _clean(images / "a.png")
+    noisy = jpeg_decode(jpeg_encode(clean, 10))
+    to = lambda a, dtype: torch.from_numpy(a.astype(np.float64) / 255).permute(2, 0, 1)[None].to(dtype)  # noqa: E731
+    for f, tol in ((psnr, 1e-4), (ssim, 1e-5), (psnr_b, 1e-4)):
+        d64 = float(f(to(noisy, torch.float64), to(clean, torch.float64))[0])
+        d32 = float(f(to(noisy, torch.float32), to(clean, torch.float32))[0])
+        assert abs(d64 - d32) < tol, (f.__name__, d64, d32)
+
+
+def test_a_plot_of_the_gain_and_the_sweeps_mistakes(images, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the plot extra draws the pictures")
+    ckpt = _conditioned(tmp_path)
+    png = tmp_path / "gain.png"
+    rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", images, "--quality", 30, 90, "--double", 20, "--plot", png)
+    assert rc == 0, err
+    assert Image.open(png).format == "PNG"
+    for args, message in ((["--sweep", "--quality", 10], "give --quality or --sweep, not both"),
+                          (["--double", 0], "--double: must be a quality in 1..100"),
+                          (["--quality", 101], "--quality: must be in 1..100"),
+                          (["--chroma", "411"], "argument --chroma: invalid choice")):
+        rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", images, *args)
+        assert rc == 2 and err.startswith("evaluate: error: ") and message in err and err.count("\n") == 1, err

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from helpers import REPO, encode, photo_like, write
-from restorer.checkpoint import save_checkpoint
+from helpers import REPO, encode, photo_like, save_network, write
 from restorer.inference import load_network, restore_array
 from restorer.models import build_model
 
@@ -24,16 +24,18 @@ TINY = {"seed": {"residual": True}, "dncnn": {"depth": 4, "channels": 8},
         "nafnet": {"width": 4, "enc_blocks": [1, 1], "middle_blocks": 1, "dec_blocks": [1, 1]}}
 
 
-def _checkpoint(path, name: str, channels: int = 3):
+def _checkpoint(path, name: str, channels: int = 3, conditioning: str = "none"):
     torch.manual_seed(0)
-    model = build_model(name, in_channels=channels, **TINY[name])
+    options = {**TINY[name], **({"conditioning": conditioning} if conditioning != "none" else {})}
+    model = build_model(name, in_channels=channels, **options)
     with torch.no_grad():  # not the identity it starts as
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    save_checkpoint(path, {"model": model.state_dict(), "model_name": name, "step": 7, "best_psnr": 29.5,
-                           "model_args": {"in_channels": channels, **TINY[name]},
-                           "config": {"data": {"patch": {"grayscale": channels == 1, "quality": [10, 10], "size": 64},
-                                               "val_quality": 10}}})
+            p.add_(torch.randn_like(p) * (0.2 if p.dim() == 2 else 0.02))  # (the quality's layers: more)
+    config = {"data": {"patch": {"grayscale": channels == 1, "size": 64},
+                       "jpeg": {"quality": [10, 60, 95], "quality_weights": [0.75, 0.25], "chroma": "random"},
+                       "val_qualities": [10, 50]}}
+    save_network(path, model, name, options, channels=channels, grayscale=channels == 1, config=config, step=7,
+                 best_psnr=29.5)
     return path, model.eval()
 
 
@@ -52,7 +54,7 @@ def test_onnx_has_dynamic_sizes_and_matches_pytorch(tmp_path, name):
     assert "checked against PyTorch on odd sizes" in p.stdout
     session = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
     card = json.loads(session.get_modelmeta().custom_metadata_map["restorer"])
-    assert card["network"] == name and card["in_channels"] == 3 and card["training"]["jpeg_quality"] == [10, 10]
+    assert card["network"] == name and card["in_channels"] == 3 and card["training"]["qualities"] == [10, 95]
     assert card["validation"]["best_psnr_db"] == 29.5 and card["options"] == TINY[name]
     for shape in ((1, 3, 45, 67), (2, 3, 9, 130)):  # sizes the export never saw
         x = torch.rand(*shape)
@@ -105,3 +107,40 @@ def test_export_mistakes_are_one_line(tmp_path):
                  ["--ckpt", ckpt, "--format", "onnx", "--out", tmp_path]):
         p = _export(*args)
         assert p.returncode == 2 and p.stderr.startswith("export: error: ") and p.stderr.count("\n") == 1, p.stderr
+
+
+@pytest.mark.parametrize("name", ["unet", "nafnet"])
+def test_a_conditioned_network_exports_with_its_quality_input_in_every_format(tmp_path, name):
+    import onnxruntime as ort
+    from safetensors import safe_open
+
+    ckpt, model = _checkpoint(tmp_path / "net.pt", name, conditioning="decoder")
+    for fmt, out in (("onnx", "net.onnx"), ("torchscript", "net.ts"), ("safetensors", "net.safetensors")):
+        p = _export("--ckpt", ckpt, "--format", fmt, "--out", tmp_path / out)
+        assert p.returncode == 0, p.stderr[-3000:]
+    session = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input", "quality"]
+    card = json.loads(session.get_modelmeta().custom_metadata_map["restorer"])
+    assert card["conditioning"] == "decoder" and "IJG quality" in card["quality_input"]
+    x, q = torch.rand(2, 3, 41, 29), torch.tensor([15.0, 85.0])
+    with torch.no_grad():
+        ref = model(x, q).clamp(0, 1)
+        assert (model(x, q.flip(0)) - model(x, q)).abs().max() > 1e-3  # the quality matters
+        got = session.run(None, {"input": x.numpy(), "quality": q.numpy()})[0]
+        assert np.abs(np.clip(got, 0, 1) - ref.numpy()).max() <= 1 / 255
+        scripted = torch.jit.load(str(tmp_path / "net.ts"))
+        assert torch.allclose(scripted(x, q).clamp(0, 1), ref, atol=1e-5)
+    with safe_open(str(tmp_path / "net.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["restorer"])["options"]["conditioning"] == "decoder"
+    # restore reads a file's tables for an .onnx network as for a checkpoint
+    image = photo_like(72, 56, 5)
+    src = write(tmp_path / "in" / "photo.jpg", encode(image, "JPEG", quality=35))
+    pixels = np.asarray(Image.open(src))
+    expected = restore_array(load_network(ckpt, "cpu"), pixels, tile=1024, quality=35)
+    for out in ("net.onnx", "net.safetensors", "net.pt"):
+        target = tmp_path / out.replace(".", "_")
+        p = subprocess.run([sys.executable, "-m", "restorer.restore", "--ckpt", str(tmp_path / out), str(src),
+                            "--out", str(target), "--tile", "1024"], capture_output=True, text=True, cwd=REPO)
+        assert p.returncode == 0 and "restored 1, unchanged 0" in p.stdout, p.stderr[-3000:]
+        got = np.asarray(Image.open(target / "photo.png"))
+        assert np.abs(got.astype(int) - expected).max() <= 1, out

@@ -54,7 +54,8 @@ def test_a_slurm_job_runs_one_process_per_allocated_gpu_and_shares_its_cpus():
 def test_the_batch_rings_must_fit_in_shared_memory():
     cfg = load_config(str(REPO / "configs" / "gpu.yaml"), ["data.shards=x"])
     per_rank = ring_bytes(cfg.data, cfg.train.batch_size)
-    assert per_rank == cfg.data.workers * 7 * 2 * cfg.train.batch_size * 3 * 128 * 128
+    # workers x 7 slots x batch x (input and target pixels + the input's float32 quality)
+    assert per_rank == cfg.data.workers * 7 * cfg.train.batch_size * (2 * 3 * 128 * 128 + 4)
     assert shm_problem(4 * per_rank, 64 * 2**20, cfg.data.workers).startswith(
         f"the DataLoader workers' batch rings need {4 * per_rank / 2**20:,.0f} MiB of shared memory")
     assert "--shm-size" in shm_problem(4 * per_rank, 64 * 2**20, 8) and shm_problem(per_rank, 2 * per_rank, 8) is None

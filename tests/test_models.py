@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from restorer.checkpoint import save_checkpoint
+from helpers import save_network, save_state
 from restorer.config import ConfigError, load_config
-from restorer.models import (MODELS, DnCNN, NAFNet, SeedNet, UNet, build_model, count_parameters, describe,
-                             load_weights, macs_per_pixel)
-from restorer.inference import load_model, restore_array
+from restorer.inference import load_checkpoint_network, restore_array
+from restorer.models import (CONDITIONING, MODELS, DnCNN, NAFNet, SeedNet, UNet, build_model, count_parameters,
+                             describe, load_weights, macs_per_pixel)
 
 # small options so every network runs in milliseconds
 TINY = {"seed": {"residual": True}, "dncnn": {"depth": 4, "channels": 8},
@@ -65,13 +65,11 @@ def test_seed_starts_near_the_identity_with_its_residual_and_near_zero_without()
 
 def test_a_checkpoint_of_the_old_seed_layout_is_refused_in_one_line(tmp_path):
     old = {"base.0.weight": torch.zeros(32, 3, 3, 3), "base.0.bias": torch.zeros(32), "last.weight": torch.zeros(3, 32, 5, 5)}
-    with pytest.raises(ValueError, match="old layout") as info:
-        load_weights(SeedNet(), old, "old.pt")
+    path = save_state(tmp_path / "old.pt", {"model": old, "model_name": "seed",
+                                            "model_args": {"in_channels": 3, "residual": True}})
+    with pytest.raises(ValueError, match="old.pt: it holds the seed network's old layout") as info:
+        load_checkpoint_network(path)
     assert "\n" not in str(info.value)
-    path = tmp_path / "old.pt"
-    save_checkpoint(path, {"model": old, "model_name": "seed", "model_args": {"in_channels": 3, "residual": True}})
-    with pytest.raises(ValueError, match="old.pt holds the seed network's old layout"):
-        load_model(path)
 
 
 def test_weights_of_another_shape_are_one_line():
@@ -178,10 +176,9 @@ def test_every_network_compiles(name):
 def test_tiled_restore_matches_the_whole_image_and_the_checkpoint_rebuilds_it(name, tmp_path):
     model = _perturbed(name, std=0.02)
     path = tmp_path / "net.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "model_name": name,
-                           "model_args": {"in_channels": 3, **TINY[name]}})
-    rebuilt, gray = load_model(path)
-    assert not gray and type(rebuilt) is MODELS[name]
+    save_network(path, model, name, TINY[name])
+    rebuilt, checkpoint = load_checkpoint_network(path)
+    assert not checkpoint.network.grayscale and type(rebuilt) is MODELS[name]
     rng = np.random.default_rng(0)
     image = (rng.random((100, 140, 3)) * 255).astype(np.uint8)
     whole = restore_array(rebuilt, image, tile=256, overlap=0)
@@ -193,7 +190,9 @@ def test_tiled_restore_matches_the_whole_image_and_the_checkpoint_rebuilds_it(na
 
 def test_describe_names_the_network_its_parameters_and_macs():
     line = describe(UNet(), "unet")
-    assert line.startswith("unet (widths=[16, 32, 64, 128], blocks=1; RGB): 575,328 parameters,")
+    assert line.startswith("unet (widths=[16, 32, 64, 128], blocks=1, conditioning=none; RGB): 575,328 parameters,")
+    line = describe(UNet(conditioning="decoder"), "unet")  # the quality embedding and a FiLM per decoder scale
+    assert "conditioning=decoder" in line and "594,176 parameters, 36.2 k MACs" in line
     assert line.endswith("k MACs per pixel")
     assert macs_per_pixel(SeedNet(), 3) == count_parameters(SeedNet()) - 7 - 128 * 3 - 64 * 3 - 32 * 3 - 16 - 3
 
@@ -217,7 +216,7 @@ def test_presets_fill_the_section_and_explicit_keys_win():
     assert cfg.model.unet.widths == (64, 128, 256, 512) and cfg.model.unet.blocks == 4
     cfg = load_config(None, ["data.shards=x", "model.name=unet", "model.preset=gpu", "model.unet.blocks=2"])
     assert cfg.model.unet.widths == (64, 128, 256, 512) and cfg.model.unet.blocks == 2
-    assert cfg.model.options() == {"widths": [64, 128, 256, 512], "blocks": 2}
+    assert cfg.model.options() == {"widths": [64, 128, 256, 512], "blocks": 2, "conditioning": "none"}
     assert load_config(None, ["data.shards=x", "model.preset=cpu"]).model.seed.residual is True
     assert load_config(None, ["data.shards=x", "model.preset=cpu", "model.seed.residual=false"]).model.seed.residual is False
     for overrides, message in ((["model.name=unet", "model.preset=huge"], "model.preset: unet has no preset 'huge'"),
@@ -225,3 +224,62 @@ def test_presets_fill_the_section_and_explicit_keys_win():
                                (["model.unet.depth=3"], "unknown key model.unet.depth")):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             load_config(None, ["data.shards=x", *overrides])
+
+
+# ----------------------------------------------------------------------------- conditioned on the JPEG quality
+
+
+def _conditioned(name: str, conditioning: str) -> nn.Module:
+    """A tiny conditioned network whose output and modulation are random (not the start's identity)."""
+    torch.manual_seed(1)
+    model = _perturbed(name) if conditioning == "none" else build_model(name, **TINY[name], conditioning=conditioning)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "film" in n or "cond" in n or n in ("tail.weight", "ending.weight", "body.11.weight", "last.weight"):
+                p.normal_(0, 0.2)
+            elif name == "nafnet" and p.dim() == 4 and p.shape[2:] == (1, 1) and p.shape[0] == 1:
+                p.normal_(0, 0.5)
+            elif name == "dncnn" and n == f"body.{len(model.body) - 1}.weight":
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["dncnn", "unet", "nafnet"])
+@pytest.mark.parametrize("conditioning", CONDITIONING[1:])
+def test_conditioned_networks_take_the_quality_start_as_the_identity_and_script(name, conditioning):
+    fresh = build_model(name, **TINY[name], conditioning=conditioning)
+    assert fresh.takes_quality
+    x = torch.rand(2, 3, 37, 45)
+    q = torch.tensor([10.0, 90.0])
+    with torch.no_grad():
+        assert torch.equal(fresh(x, q), x)  # the identity at start, as unconditioned
+        model = _conditioned(name, conditioning)
+        low, high = model(x, torch.tensor([10.0, 10.0])), model(x, torch.tensor([90.0, 90.0]))
+        assert (low - high).abs().max() > 1e-3  # the quality changes the output ...
+        both = model(x, q)
+        assert torch.allclose(both[0], low[0], atol=1e-5) and torch.allclose(both[1], high[1], atol=1e-5)  # ... per image
+        scripted = torch.jit.script(model)
+        assert torch.allclose(scripted(x, q), both, atol=1e-5)
+    with pytest.raises(ValueError, match="conditioned on the JPEG quality"):
+        model(x)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_unconditioned_networks_keep_their_layers_and_ignore_the_quality(name):
+    model = _perturbed(name)
+    assert not model.takes_quality
+    assert not [k for k in model.state_dict() if "film" in k or k.startswith("cond.")]
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x, torch.tensor([55.0])))
+
+
+def test_conditioning_is_checked_and_the_seed_takes_only_an_input_plane():
+    with pytest.raises(ValueError, match="conditioning: must be one of none, input, decoder, scales, got 'film'"):
+        UNet(conditioning="film")
+    with pytest.raises(ValueError, match="conditioning: must be one of none, input"):
+        SeedNet(conditioning="decoder")
+    seed = SeedNet(conditioning="input")
+    assert seed.base[0].in_channels == 4 and count_parameters(seed) == 313_066 + 128 * 9
+    with pytest.raises(ConfigError, match="model.unet.conditioning: must be one of"):
+        load_config(None, ["data.shards=x", "model.name=unet", "model.unet.conditioning=sideways"])

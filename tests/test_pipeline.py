@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from helpers import encode, photo_like, write
-from restorer.data.degrade import PatchSpec, center_pair, jpeg_decode, jpeg_encode, random_patch
+from restorer.data import jpeg
+from restorer.data.jpeg import JpegSpec
+from restorer.data.patches import PatchSpec, center_crop, random_patch, training_pair
 from restorer.data.manifest import load_manifest, shard_paths
 from restorer.data.pipeline import DataConfig, steps_per_epoch, train_loader, val_loader
 from restorer.data.sharding import PackOptions, run
@@ -53,7 +55,7 @@ def test_rescale_and_rotation_follow_the_seed_distribution(ramp_image):
     scales, quarters = collections.Counter(), collections.Counter()
     n = 1600
     for _ in range(n):
-        jpeg, target = random_patch(ramp_image, PatchSpec(), rng)
+        target = random_patch(ramp_image, PatchSpec(), rng)
         assert target.shape == (128, 128, 3) and target.dtype == np.uint8 and target.flags.c_contiguous
         scale, quarter = _geometry(target)
         nearest = min((1.0, 0.9, 0.8, 0.7, 0.6), key=lambda s: abs(s - scale))
@@ -74,7 +76,7 @@ def test_crops_cover_the_whole_image(ramp_image):
     spec = PatchSpec(rescale_p=0.0, rotate_p=0.0)
     xs, ys = [], []
     for _ in range(400):
-        _, target = random_patch(ramp_image, spec, rng)
+        target = random_patch(ramp_image, spec, rng)
         xs.append(target[0, 0, 0] / RAMP)
         ys.append(target[0, 0, 1] / RAMP)
     h, w = ramp_image.shape[:2]
@@ -88,32 +90,39 @@ def test_flips_give_all_eight_dihedral_modes(ramp_image):
     spec = PatchSpec(rescale_p=0.0, rotate_p=0.75, flip_p=0.5)
     modes = set()
     for _ in range(200):
-        _, t = random_patch(ramp_image, spec, rng)
+        t = random_patch(ramp_image, spec, rng)
         c = t[1:-1, 1:-1, :2].astype(int)
         # direction of the R and G ramps along columns and rows identifies the dihedral element
         modes.add(tuple(np.sign([np.diff(c[..., k], axis=a).mean() for k in (0, 1) for a in (0, 1)]).astype(int)))
     assert len(modes) == 8
 
 
-def test_input_is_exactly_the_jpeg_of_the_target():
+def test_input_is_exactly_the_jpeg_of_the_target_and_its_tables_say_the_quality():
     image = photo_like(400, 300, 3)
     rng = np.random.default_rng(3)
     for quality in (10, 40):
-        jpeg, target = random_patch(image, PatchSpec(quality=(quality, quality)), rng)
-        assert jpeg == jpeg_encode(target, quality)  # re-encoding matches byte for byte
-        decoded = jpeg_decode(jpeg)
-        assert decoded.shape == target.shape
+        data, target = training_pair(image, PatchSpec(), JpegSpec(quality=(quality, quality)), rng)
+        assert data == jpeg.encode(target, quality)  # re-encoding matches byte for byte
+        decoded, read_back = jpeg.decode(data)
+        assert decoded.shape == target.shape and read_back == quality
         band = (22, 34) if quality == 10 else (28, 42)
         assert band[0] < psnr(decoded, target) < band[1], psnr(decoded, target)
 
 
-def test_quality_range_and_grayscale():
+def test_quality_knots_and_weights_and_grayscale():
     image = photo_like(300, 300, 4)
     rng = np.random.default_rng(4)
-    sizes = {len(random_patch(image, PatchSpec(quality=(10, 60)), rng)[0]) for _ in range(30)}
-    assert len(sizes) > 10  # qualities vary
-    jpeg, target = random_patch(image, PatchSpec(grayscale=True), rng)
-    assert target.shape == (128, 128, 1) and jpeg_decode(jpeg).shape == (128, 128, 1)
+    drawn = [jpeg.decode(training_pair(image, PatchSpec(size=32), JpegSpec(quality=(10, 60)), rng)[0])[1]
+             for _ in range(60)]
+    assert min(drawn) >= 10 and max(drawn) <= 60 and len(set(drawn)) > 20  # uniform over the range
+    # FBCNN's recipe: three quarters in [10, 60], a quarter in [60, 95]
+    spec = JpegSpec(quality=(10, 60, 95), quality_weights=(0.75, 0.25))
+    qs = np.array([spec.draw_quality(rng) for _ in range(4000)])
+    assert qs.min() >= 10 and qs.max() <= 95 and {10, 95} <= set(qs.tolist())
+    assert abs((qs < 60).mean() - 0.75) < 0.03, (qs < 60).mean()
+    assert spec.qualities == (10, 95)
+    data, target = training_pair(image, PatchSpec(grayscale=True), JpegSpec(), rng)
+    assert target.shape == (128, 128, 1) and jpeg.decode(data)[0].shape == (128, 128, 1)
 
 
 @pytest.mark.parametrize("shape", [(50, 70), (128, 128), (130, 400), (90, 1000)])
@@ -121,16 +130,22 @@ def test_small_images_are_upscaled_not_refused(shape):
     image = photo_like(shape[1], shape[0], 5)
     rng = np.random.default_rng(5)
     for _ in range(20):
-        jpeg, target = random_patch(image, PatchSpec(), rng)
-        assert target.shape == (128, 128, 3) and jpeg_decode(jpeg).shape == (128, 128, 3)
+        data, target = training_pair(image, PatchSpec(), JpegSpec(double_p=0.5), rng)
+        assert target.shape == (128, 128, 3) and jpeg.decode(data)[0].shape == (128, 128, 3)
 
 
-def test_center_pair_is_block_aligned_and_deterministic():
+def test_center_crop_is_block_aligned_and_its_jpeg_deterministic():
     image = photo_like(301, 203, 6)
-    a, b = center_pair(image, 256, 10), center_pair(image, 256, 10)
-    assert a[0] == b[0] and np.array_equal(a[1], b[1])
-    assert a[1].shape == (200, 256, 3)
-    np.testing.assert_array_equal(a[1], image[1:201, 22:278])
+    crop = center_crop(image, 256)
+    assert crop.shape == (200, 256, 3)
+    np.testing.assert_array_equal(crop, image[1:201, 22:278])
+    a, b = jpeg.compress(crop, 10, "444"), jpeg.compress(center_crop(image, 256), 10, "444")
+    assert a[0] == b[0] and _sampling(a[0]) == "444"
+    # validation's chroma: the spec's, or with random one fixed per image, all three across images
+    assert jpeg.val_chroma(JpegSpec(chroma="422"), "k") == "422"
+    picks = {jpeg.val_chroma(JpegSpec(chroma="random"), f"key{i}") for i in range(30)}
+    assert picks == {"444", "422", "420"} and jpeg.val_chroma(JpegSpec(chroma="random"), "k1") == \
+        jpeg.val_chroma(JpegSpec(chroma="random"), "k1")
 
 
 # ----------------------------------------------------------------------------- shards and loaders
@@ -166,20 +181,25 @@ def _cfg(shards: Path, **kw) -> DataConfig:
     return DataConfig(**base)
 
 
-def _batches(cfg: DataConfig, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(cfg: DataConfig, **kw) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return list(train_loader(cfg, **{"batch_size": 4, "seed": 0, **kw}))
 
 
-def test_batches_are_uint8_nchw_and_the_input_is_the_targets_jpeg(photo_shards):
-    cfg = _cfg(photo_shards)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_uint8_nchw_the_input_is_the_targets_jpeg_and_its_quality_rides_along(photo_shards, workers):
+    cfg = _cfg(photo_shards, workers=workers, jpeg=JpegSpec(quality=(10, 90)))
     batches = _batches(cfg, steps=6)
     assert len(batches) == 6
-    for inputs, targets in batches:
+    qualities = set()
+    for inputs, targets, quality in batches:
         assert inputs.shape == targets.shape == (4, 3, 128, 128)
-        assert inputs.dtype == targets.dtype == torch.uint8
-        for x, y in zip(inputs, targets):
+        assert inputs.dtype == targets.dtype == torch.uint8 and quality.dtype == torch.float32 and quality.shape == (4,)
+        for x, y, q in zip(inputs, targets, quality):
             y_hwc = np.ascontiguousarray(y.permute(1, 2, 0).numpy())
-            assert np.array_equal(x.permute(1, 2, 0).numpy(), jpeg_decode(jpeg_encode(y_hwc, 10)))
+            # the quality the worker read back from the JPEG's tables is the one it was encoded at
+            assert np.array_equal(x.permute(1, 2, 0).numpy(), jpeg.decode(jpeg.encode(y_hwc, int(q)))[0])
+            qualities.add(int(q))
+    assert len(qualities) > 8
 
 
 def test_same_seed_reproduces_and_workers_epochs_seeds_differ(photo_shards):
@@ -187,7 +207,7 @@ def test_same_seed_reproduces_and_workers_epochs_seeds_differ(photo_shards):
     a, b = _batches(cfg, steps=6), _batches(cfg, steps=6)
     assert all(torch.equal(x[1], y[1]) for x, y in zip(a, b))
     # the DataLoader takes batches from its 2 workers in turn: 0 and 1 come from different workers
-    flat = lambda batches: {t.numpy().tobytes() for _, ts in batches for t in ts}  # noqa: E731
+    flat = lambda batches: {t.numpy().tobytes() for _, ts, _ in batches for t in ts}  # noqa: E731
     assert not flat(a[0:6:2]) & flat(a[1:6:2])
     assert not flat(a) & flat(_batches(cfg, steps=6, epoch=1))  # a run resumed at epoch 1
     assert not flat(a) & flat(_batches(cfg, steps=6, seed=1))
@@ -202,7 +222,7 @@ def test_epochs_continue_through_the_shards(tmp_path, workers):
     loader = train_loader(cfg, batch_size=1, seed=0, steps=workers or 1)
     seen: dict[int, list] = collections.defaultdict(list)  # stream -> images, in order
     for _ in range(3):
-        epoch = [int(t[0, 0].float().mean().round()) for _, t in loader]
+        epoch = [int(t[0, 0].float().mean().round()) for _, t, _ in loader]
         assert len(epoch) == (workers or 1)
         for i, c in enumerate(epoch):
             seen[i].append(c)
@@ -235,7 +255,7 @@ def test_every_rank_gets_the_same_steps_and_streams_share_no_image(tmp_path, n_i
     for rank in (0, 1):
         batches = _batches(cfg, batch_size=1, rank=rank, world_size=2, steps=24)
         assert len(batches) == 24
-        for i, (inputs, targets) in enumerate(batches):
+        for i, (inputs, targets, _) in enumerate(batches):
             red = int(targets[0, 0].float().mean().round())
             seen[(rank, i % 2)].add(next(k for k, v in colours.items() if abs(v - red) <= 1))
     streams = list(seen.values())
@@ -246,21 +266,22 @@ def test_every_rank_gets_the_same_steps_and_streams_share_no_image(tmp_path, n_i
     assert set().union(*streams) == set(colours)
 
 
-def test_val_split_is_covered_exactly_once_across_ranks(photo_shards):
-    cfg = _cfg(photo_shards)
-    keys, per_rank = [], []
+def test_val_split_is_covered_exactly_once_across_ranks_at_every_quality(photo_shards):
+    cfg = _cfg(photo_shards, val_qualities=(10, 50), jpeg=JpegSpec(chroma="random"))
+    seen, per_rank = collections.Counter(), []
     for rank in (0, 1):
         per_rank.append(0)
-        for inputs, targets, key in val_loader(cfg, rank=rank, world_size=2):
+        for inputs, targets, quality, key in val_loader(cfg, rank=rank, world_size=2):
             assert inputs.shape == targets.shape == (1, 3, 200, 256)
-            keys.append(key)
+            seen[key, int(quality)] += 1
             per_rank[-1] += 1
-    assert min(per_rank) >= 1  # shared, not all on one rank
+    assert min(per_rank) >= 2  # shared, not all on one rank
     expected = sorted(key for url in shard_paths(photo_shards, "val")
                       for key in {Path(n).name.split(".")[0] for n in tarfile.open(url).getnames()})
-    assert sorted(keys) == expected and len(expected) == 4
-    again = [t for r in (0, 1) for _, t, _ in val_loader(cfg, rank=r, world_size=2)]
-    first = [t for r in (0, 1) for _, t, _ in val_loader(cfg, rank=r, world_size=2)]
+    assert len(expected) == 4 and set(seen.values()) == {1}
+    assert sorted(seen) == sorted((k, q) for k in expected for q in (10, 50))
+    again = [x for r in (0, 1) for x, _, _, _ in val_loader(cfg, rank=r, world_size=2)]
+    first = [x for r in (0, 1) for x, _, _, _ in val_loader(cfg, rank=r, world_size=2)]
     assert all(torch.equal(a, b) for a, b in zip(again, first))
 
 
@@ -311,18 +332,22 @@ def test_config_errors_name_the_field():
         DataConfig().validate()
     with pytest.raises(ValueError, match="epoch_samples"):
         DataConfig(train_urls="x-{0..1}.tar").validate()
-    with pytest.raises(ValueError, match="quality"):
-        DataConfig(shards="x", patch=PatchSpec(quality=(60, 10))).validate()
-    with pytest.raises(ValueError, match="size must be a multiple of 8"):
+    with pytest.raises(ValueError, match=r"jpeg.quality: must be 2 or more qualities in 1..100, ascending"):
+        DataConfig(shards="x", jpeg=JpegSpec(quality=(60, 10))).validate()
+    with pytest.raises(ValueError, match=r"quality_weights: must be one weight >= 0 per interval of quality \(2\)"):
+        JpegSpec(quality=(10, 60, 95), quality_weights=(1.0,)).validate()
+    with pytest.raises(ValueError, match="size: must be a multiple of 8"):
         PatchSpec(size=100).validate()
+    with pytest.raises(ValueError, match="val_qualities: must be one or more qualities in 1..100"):
+        DataConfig(shards="x", val_qualities=(0,)).validate()
     with pytest.raises(ValueError, match="set data.allow_pipe=true"):
         DataConfig(train_urls="pipe:cat x.tar", epoch_samples=8).validate()
     with pytest.raises(ValueError, match="val_crop must be >= 16"):
         DataConfig(shards="x", val_crop=8).validate()
-    with pytest.raises(ValueError, match="chroma must be one of 444, 422, 420, random"):
-        PatchSpec(chroma="411").validate()
-    with pytest.raises(ValueError, match="double_quality must be"):
-        PatchSpec(double_quality=(0, 50)).validate()
+    with pytest.raises(ValueError, match="chroma: must be one of 444, 422, 420, random"):
+        JpegSpec(chroma="411").validate()
+    with pytest.raises(ValueError, match="double_quality: must be"):
+        JpegSpec(double_quality=(0, 50)).validate()
 
 
 # ----------------------------------------------------------------------------- degradations of real photos
@@ -338,9 +363,10 @@ def _sampling(jpeg: bytes) -> str:
 def test_chroma_subsampling_is_what_the_bytes_say():
     image = photo_like(300, 260, 6)
     rng = np.random.default_rng(6)
+    pair = lambda spec: training_pair(image, PatchSpec(), spec, rng)[0]  # noqa: E731
     for chroma in ("444", "422", "420"):
-        assert {_sampling(random_patch(image, PatchSpec(chroma=chroma), rng)[0]) for _ in range(10)} == {chroma}
-    drawn = collections.Counter(_sampling(random_patch(image, PatchSpec(chroma="random"), rng)[0]) for _ in range(90))
+        assert {_sampling(pair(JpegSpec(chroma=chroma))) for _ in range(10)} == {chroma}
+    drawn = collections.Counter(_sampling(pair(JpegSpec(chroma="random"))) for _ in range(90))
     assert set(drawn) == {"444", "422", "420"} and min(drawn.values()) > 15, drawn
 
 
@@ -358,24 +384,28 @@ def _grid_phase(image: np.ndarray) -> tuple[int, int]:
 def test_double_jpeg_shifts_the_first_block_grid():
     image = photo_like(400, 400, 7)
     rng = np.random.default_rng(7)
-    once = PatchSpec(quality=(5, 5))
+    pair = lambda spec: training_pair(image, PatchSpec(), spec, rng)  # noqa: E731
+    pixels = lambda spec: jpeg.decode(pair(spec)[0])[0]  # noqa: E731
+    once = JpegSpec(quality=(5, 5))
     # the last JPEG nearly lossless: what shows is the first one's grid
-    twice = PatchSpec(quality=(98, 98), double_p=1.0, double_quality=(5, 5))
-    assert {_grid_phase(jpeg_decode(random_patch(image, once, rng)[0])) for _ in range(20)} == {(7, 7)}
-    phases = [_grid_phase(jpeg_decode(random_patch(image, twice, rng)[0])) for _ in range(200)]
+    twice = JpegSpec(quality=(98, 98), double_p=1.0, double_quality=(5, 5))
+    assert {_grid_phase(pixels(once)) for _ in range(20)} == {(7, 7)}
+    phases = [_grid_phase(pixels(twice)) for _ in range(200)]
     for axis in (0, 1):  # shifts 0-7 both ways, about uniform, and independent
         counts = collections.Counter(p[axis] for p in phases)
         assert len(counts) == 8 and min(counts.values()) >= 10, counts
     assert len(set(phases)) > 30
-    jpeg, target = random_patch(image, twice, rng)
-    assert target.shape == (128, 128, 3) and jpeg_decode(jpeg).shape == (128, 128, 3)
-    assert psnr(jpeg_decode(jpeg), target) < 32  # the first, coarse JPEG is in the input
+    data, target = pair(twice)
+    decoded, read_back = jpeg.decode(data)
+    assert target.shape == (128, 128, 3) and decoded.shape == (128, 128, 3)
+    assert psnr(decoded, target) < 32  # the first, coarse JPEG is in the input ...
+    assert read_back == 98  # ... but its file's tables are the last JPEG's, as in a user's file
     # nearly lossless both times (4:4:4, q98): the input matches its target as closely as one such JPEG
     # does (a 42.9 dB here; one pixel of misalignment would be ~20 dB): the target is cut at the same shift
-    fine = PatchSpec(quality=(98, 98), double_p=1.0, double_quality=(98, 98), chroma="444")
+    fine = JpegSpec(quality=(98, 98), double_p=1.0, double_quality=(98, 98), chroma="444")
     for _ in range(10):
-        jpeg, target = random_patch(image, fine, rng)
-        assert psnr(jpeg_decode(jpeg), target) > 38
+        data, target = pair(fine)
+        assert psnr(jpeg.decode(data)[0], target) > 38
 
 
 def _seed_draws(rng: np.random.Generator, spec: PatchSpec, h: int, w: int) -> None:
@@ -393,6 +423,6 @@ def test_the_defaults_draw_exactly_the_seeds_random_numbers():
     image = photo_like(300, 200, 8)
     for seed in range(40):
         ours, seeds = np.random.default_rng(seed), np.random.default_rng(seed)
-        random_patch(image, PatchSpec(), ours)
+        training_pair(image, PatchSpec(), JpegSpec(), ours)
         _seed_draws(seeds, PatchSpec(), 200, 300)
         assert ours.bit_generator.state == seeds.bit_generator.state, seed

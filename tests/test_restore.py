@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from helpers import encode, photo_like, write
-from restorer.checkpoint import save_checkpoint
+from helpers import encode, photo_like, save_network, save_state, write
+from restorer.data import jpeg
+from restorer.inference import load_checkpoint_network, load_network, restore_array
 from restorer.models import build_model
-from restorer.inference import load_model, restore_array
 from restorer.restore import LABEL_H, compare_size, main
 
 
@@ -28,17 +28,11 @@ def _model(std: float = 0.005, seed: int = 0, in_channels: int = 3) -> nn.Module
     return m.eval()
 
 
-def _ckpt(path, model: nn.Module, grayscale: bool = False, ema: nn.Module | None = None):
-    state = {
-        "model": model.state_dict(),
-        "model_name": "seed",
-        "model_args": {"in_channels": 1 if grayscale else 3, "residual": True},
-        "config": {"data": {"patch": {"grayscale": grayscale}}},
-    }
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    save_checkpoint(path, state)
-    return path
+def _ckpt(path, model: nn.Module, grayscale: bool = False, ema: nn.Module | None = None, trained=None):
+    """A seed checkpoint; `trained`: the data.jpeg section of its config (None: it does not say)."""
+    config = {"data": {"patch": {"grayscale": grayscale}, **({"jpeg": trained} if trained is not None else {})}}
+    return save_network(path, model, "seed", {"residual": True}, channels=1 if grayscale else 3, grayscale=grayscale,
+                        ema=ema.state_dict() if ema is not None else None, config=config)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +55,8 @@ def test_round_trip_file_matches_array(tmp_path, ckpt):
     src = _jpeg(tmp_path / "in" / "photo.jpg", 200, 150)
     out = tmp_path / "out"
     assert main(["--ckpt", str(ckpt), str(src), "--out", str(out), "--tile", "64", "--overlap", "16"]) == 0
-    model, gray = load_model(ckpt, "cpu")
-    assert gray is False
+    model, checkpoint = load_checkpoint_network(ckpt)
+    assert checkpoint.network.grayscale is False
     with Image.open(src) as im:
         image = np.asarray(im.convert("RGB"))
     expected = restore_array(model, image, tile=64, overlap=16, batch=8)
@@ -88,7 +82,7 @@ def test_tiled_equals_whole(std, overlap, max_diff):
 def test_load_model_prefers_ema(tmp_path):
     plain, ema = _model(0.005, seed=0), _model(0.005, seed=1)
     path = _ckpt(tmp_path / "c.pt", plain, ema=ema)
-    model, _ = load_model(path, "cpu")
+    model, _ = load_checkpoint_network(path)
     for k, v in ema.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v)
 
@@ -111,8 +105,7 @@ def test_grayscale_stays_grayscale(tmp_path, ckpt):
 
 def test_grayscale_model(tmp_path):
     path = _ckpt(tmp_path / "g.pt", _model(in_channels=1), grayscale=True)
-    _, gray = load_model(path, "cpu")
-    assert gray is True
+    assert load_checkpoint_network(path)[1].network.grayscale is True
     _jpeg(tmp_path / "in" / "g.jpg", 70, 50, gray=True)
     _jpeg(tmp_path / "in" / "c.jpg", 70, 50)
     out = tmp_path / "out"
@@ -137,7 +130,7 @@ def test_skipped_inputs_reported_others_restored(tmp_path, ckpt, capsys):
     assert len(skips) == 2
     assert any("text.jpg" in s for s in skips) and any("empty.png" in s for s in skips)
     assert sorted(p.name for p in out.iterdir()) == ["Other.png", "good.png"]
-    assert "restored 2, skipped 2" in captured.out
+    assert "restored 2, unchanged 0, skipped 2" in captured.out
 
 
 def test_restore_never_writes_over_an_input(tmp_path, ckpt, capsys):
@@ -261,3 +254,118 @@ print(kib("VmHWM:") - before, out.nbytes)
     full_float = 2000 * 3000 * 3 * 4  # one float32 copy of the image: 72 MB
     # the uint8 output (18 MB) plus band-sized buffers (a 128-row band is 4.6 MB as float32)
     assert grew_kib * 1024 < out_bytes + full_float / 2, (grew_kib, out_bytes)
+
+
+# ----------------------------------------------------------------------------- the quality of each file, and the guard
+
+
+def _conditioned_ckpt(path, trained=(10, 95)):
+    """A U-Net conditioned on the quality (decoder FiLM), trained (its config says) on `trained`;
+    its modulation random, so the quality it is given shows in its output."""
+    torch.manual_seed(3)
+    model = build_model("unet", widths=[4, 8], conditioning="decoder")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "film" in n or "cond" in n or n == "tail.weight":
+                p.normal_(0, 0.2)
+    config = {"data": {"patch": {"grayscale": False}, "jpeg": {"quality": list(trained)}}}
+    return save_network(path, model, "unet", {"widths": [4, 8], "conditioning": "decoder"}, config=config)
+
+
+def test_a_conditioned_network_gets_each_files_quality_and_quality_overrides_it(tmp_path, capsys):
+    ckpt = _conditioned_ckpt(tmp_path / "net.pt")
+    image = photo_like(96, 80, 7)
+    write(tmp_path / "in" / "q20.jpg", encode(image, "JPEG", quality=20))
+    write(tmp_path / "in" / "q70.jpg", encode(image, "JPEG", quality=70))
+    assert main(["--ckpt", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
+    net = load_network(ckpt, "cpu")
+    for name, q in (("q20", 20), ("q70", 70)):
+        pixels = np.asarray(Image.open(tmp_path / "in" / f"{name}.jpg"))
+        expected = restore_array(net, pixels, tile=64, overlap=32, quality=q)
+        np.testing.assert_array_equal(_decode_png(tmp_path / "out" / f"{name}.png"), expected)
+        other = restore_array(net, pixels, tile=64, overlap=32, quality=100 - q)
+        assert not np.array_equal(expected, other)  # the quality given matters
+    # --quality N: every file restored as N
+    assert main(["--ckpt", str(ckpt), str(tmp_path / "in" / "q20.jpg"), "--out", str(tmp_path / "forced"), "--tile", "64",
+                 "--quality", "50"]) == 0
+    pixels = np.asarray(Image.open(tmp_path / "in" / "q20.jpg"))
+    np.testing.assert_array_equal(_decode_png(tmp_path / "forced" / "q20.png"),
+                                  restore_array(net, pixels, tile=64, overlap=32, quality=50))
+    out = capsys.readouterr()
+    assert "restored 2, unchanged 0, skipped 0" in out.out
+
+
+def test_a_png_gets_the_quality_its_pixels_show_said_once(tmp_path, capsys):
+    ckpt = _conditioned_ckpt(tmp_path / "net.pt")
+    image = photo_like(160, 128, 8)
+    once = jpeg.decode(jpeg.encode(image, 30))[0]
+    write(tmp_path / "in" / "was_jpeg.png", encode(once, "PNG"))
+    assert main(["--ckpt", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
+    out = capsys.readouterr()
+    assert out.err.count("no usable JPEG tables: quality 30 estimated from the pixels") == 1
+    assert "restored 1 (1 with the quality estimated from the pixels)" in out.out
+    np.testing.assert_array_equal(_decode_png(tmp_path / "out" / "was_jpeg.png"),
+                                  restore_array(load_network(ckpt, "cpu"), once, tile=64, overlap=32, quality=30))
+
+
+def test_files_outside_the_trained_qualities_are_written_unchanged_unless_forced(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path / "q10.pt", _model(0.05), trained={"quality": [10, 10]})  # a q10-only network
+    image = photo_like(96, 80, 9)
+    write(tmp_path / "in" / "low.jpg", encode(image, "JPEG", quality=10))
+    write(tmp_path / "in" / "high.jpg", encode(image, "JPEG", quality=90))
+    write(tmp_path / "in" / "clean.png", encode(image, "PNG"))  # no JPEG trace at all
+    assert main(["--ckpt", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
+    out = capsys.readouterr()
+    assert "its JPEG tables say quality 90, outside the qualities the network was trained on (10-10): written " \
+           "unchanged" in out.err
+    assert "clean.png: no usable JPEG tables and no JPEG trace in its pixels" in out.err
+    assert "restored 1, unchanged 2 (outside the network's qualities 10-10, or no JPEG trace; --force restores " \
+           "them), skipped 0" in out.out
+    high = np.asarray(Image.open(tmp_path / "in" / "high.jpg"))
+    np.testing.assert_array_equal(_decode_png(tmp_path / "out" / "high.png"), high)  # the input's pixels exactly
+    np.testing.assert_array_equal(_decode_png(tmp_path / "out" / "clean.png"), image)
+    assert not np.array_equal(_decode_png(tmp_path / "out" / "low.png"), np.asarray(Image.open(tmp_path / "in" / "low.jpg")))
+    assert main(["--ckpt", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "forced"), "--tile", "64",
+                 "--force"]) == 0
+    assert "restored 3, unchanged 0" in capsys.readouterr().out
+    assert not np.array_equal(_decode_png(tmp_path / "forced" / "high.png"), high)
+
+
+def test_a_checkpoint_from_before_the_quality_input_restores_as_before(tmp_path, capsys):
+    """Format version 1: the network as model_name / model_args, the JPEG settings in data.patch."""
+    model = _model(0.05)
+    path = save_state(tmp_path / "v1.pt", {
+        "model": model.state_dict(), "model_name": "seed", "model_args": {"in_channels": 3, "residual": True},
+        "step": 300, "epoch": 1, "config": {"data": {"patch": {"grayscale": False, "quality": [10, 10], "size": 64},
+                                                     "val_quality": 10}}})
+    image = photo_like(96, 80, 10)
+    write(tmp_path / "in" / "a.jpg", encode(image, "JPEG", quality=10))
+    write(tmp_path / "in" / "b.jpg", encode(image, "JPEG", quality=80))
+    assert main(["--ckpt", str(path), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
+    pixels = np.asarray(Image.open(tmp_path / "in" / "a.jpg"))
+    np.testing.assert_array_equal(_decode_png(tmp_path / "out" / "a.png"), restore_array(model, pixels, tile=64))
+    out = capsys.readouterr()
+    assert "quality 80, outside the qualities the network was trained on (10-10)" in out.err  # its card's range
+    assert "restored 1, unchanged 1" in out.out
+
+
+@pytest.mark.parametrize("quality", ["0", "101", "x"])
+def test_a_quality_out_of_range_is_one_line_and_exit_2(tmp_path, ckpt, capsys, quality):
+    src = _jpeg(tmp_path / "a.jpg", 40, 30)
+    assert main(["--ckpt", str(ckpt), str(src), "--out", str(tmp_path / "out"), "--quality", quality]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("restore: error: ") and err.count("\n") == 1 and "--quality" in err
+
+
+def test_a_jpeg_with_absurd_tables_falls_back_to_its_pixels_said_once(tmp_path, capsys):
+    ckpt = _conditioned_ckpt(tmp_path / "net.pt")
+    image = photo_like(96, 80, 11)
+    upside_down = jpeg.ijg_table(50)[::-1].astype(int).tolist()  # no IJG quality looks like it
+    write(tmp_path / "in" / "odd.jpg", encode(image, "JPEG", qtables=[upside_down, upside_down]))
+    write(tmp_path / "in" / "std.jpg", encode(image, "JPEG", quality=40))
+    assert jpeg.file_quality((tmp_path / "in" / "odd.jpg").read_bytes()) is None
+    assert main(["--ckpt", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "odd.jpg" in line]
+    assert len(lines) == 1 and "no usable JPEG tables" in lines[0], err  # one line for that file
+    assert not [line for line in err.splitlines() if "std.jpg" in line]  # a standard file needs no word

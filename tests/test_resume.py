@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (REPO, assert_ok, events, metrics, pack_photos, run_cmd, train_cmd,
+from helpers import (REPO, assert_ok, events, load_state, metrics, pack_photos, run_cmd, save_state, train_cmd,
                      train_env, train_lines)
-from restorer.checkpoint import load_checkpoint, save_checkpoint
 from restorer.config import load_config
 from restorer.train import Training, train_step
 
@@ -27,7 +26,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _max_abs_weight(path: Path) -> float:
-    return max(v.abs().max().item() for v in load_checkpoint(path)["model"].values() if v.is_floating_point())
+    return max(v.abs().max().item() for v in load_state(path)["model"].values() if v.is_floating_point())
 
 
 def _one_error_line(p: subprocess.CompletedProcess, code: int, text: str) -> None:
@@ -44,12 +43,12 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint_and_step_copies(tmp_path
     out = tmp_path / "run"
     assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=4", "checkpoint.every=1", "checkpoint.keep=2",
                                 "log.val_every=0")))
-    good = load_checkpoint(out / "last.pt")
+    good = load_state(out / "last.pt")
     assert good["step"] == 4
     p = run_cmd(train_cmd(0, shards, out, "train.max_steps=40", "checkpoint.every=1", "checkpoint.keep=2",
                           "log.val_every=0", "optim.lr=1e12", "train.max_nonfinite=3"))
     _one_error_line(p, 1, "non-finite steps in a row")
-    kept = load_checkpoint(out / "last.pt")
+    kept = load_state(out / "last.pt")
     # the blown-up update (step 5, finite itself) is vouched for by no later step: never written
     assert kept["step"] == 4 and _max_abs_weight(out / "last.pt") < 100
     assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
@@ -63,17 +62,17 @@ def test_resume_false_into_a_used_folder_is_refused_unless_overwrite(tmp_path, s
                                 "log.val_every=0")))
     p = run_cmd(train_cmd(0, shards, out, "train.max_steps=2", "train.resume=false"))
     _one_error_line(p, 1, "holds another run")
-    assert load_checkpoint(out / "last.pt")["step"] == 4 and len(list(out.glob("step-*.pt"))) == 2
+    assert load_state(out / "last.pt")["step"] == 4 and len(list(out.glob("step-*.pt"))) == 2
     assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=2", "train.resume=false", "train.overwrite=true",
                                 "log.val_every=0")))
     assert events(out) == ["start", "finished"]  # the old run's lines are gone, not mixed in
-    assert load_checkpoint(out / "last.pt")["step"] == 2 and not list(out.glob("step-*.pt"))
+    assert load_state(out / "last.pt")["step"] == 2 and not list(out.glob("step-*.pt"))
 
 
 def test_a_resumed_run_says_so_and_applies_the_new_settings(tmp_path, shards):
     out = tmp_path / "run"
     assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=4", "log.val_every=0", "optim.schedule=constant")))
-    before = load_checkpoint(out / "last.pt")
+    before = load_state(out / "last.pt")
     p = run_cmd(train_cmd(0, shards, out, "train.max_steps=8", "log.val_every=0", "optim.lr=1e-5", "optim.ema=0.999",
                           "optim.schedule=constant"))
     assert_ok(p)
@@ -83,7 +82,7 @@ def test_a_resumed_run_says_so_and_applies_the_new_settings(tmp_path, shards):
     resumed = [m for m in metrics(out) if m.get("event") == "resume"][0]
     assert resumed["step"] == 4 and "optim.lr 0.001 -> 1e-05" in resumed["changes"]
     # the EMA switched on at resume started from the resumed weights, not from a random network
-    state = load_checkpoint(out / "last.pt")
+    state = load_state(out / "last.pt")
     drift = max((state["ema"][k] - before["model"][k]).abs().max().item() for k in before["model"])
     assert drift < 1e-3, drift
 
@@ -91,14 +90,14 @@ def test_a_resumed_run_says_so_and_applies_the_new_settings(tmp_path, shards):
 def test_best_pt_follows_its_own_metric_after_a_resume(tmp_path, shards):
     out = tmp_path / "run"
     assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "log.val_every=2", "optim.lr=2e-3")))
-    best = load_checkpoint(out / "best.pt")
+    best = load_state(out / "best.pt")
     # a kill between writing best.pt and the next last.pt: last.pt knows an older (lower) best
-    last = load_checkpoint(out / "last.pt")
+    last = load_state(out / "last.pt")
     last["best_psnr"] = -math.inf
-    save_checkpoint(out / "last.pt", last)
+    save_state(out / "last.pt", last)
     # resumed weights barely move: validation gives the last figure again, no better than best.pt's
     assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=8", "log.val_every=2", "optim.lr=1e-12")))
-    again = load_checkpoint(out / "best.pt")
+    again = load_state(out / "best.pt")
     assert (again["step"], again["best_psnr"]) == (best["step"], best["best_psnr"])
 
 
@@ -123,7 +122,7 @@ def test_precision_switched_to_fp16_on_resume_works(tmp_path, shards):
     out = tmp_path / "run"
     assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=2", "log.val_every=0")))
     assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=4", "log.val_every=0", "train.precision=fp16")))
-    assert load_checkpoint(out / "last.pt")["step"] == 4
+    assert load_state(out / "last.pt")["step"] == 4
 
 
 def test_a_failed_save_is_one_line_and_leaves_no_temp_file(tmp_path, shards):
@@ -206,7 +205,7 @@ class _NoHostReads(torch.overrides.TorchFunctionMode):
 def test_a_training_step_reads_nothing_back_from_the_device(extra):
     cfg = load_config(str(REPO / "configs" / "cpu.yaml"), ["data.shards=unused", "data.patch.size=16", *extra])
     t = Training.build(cfg, torch.device("cpu"))
-    batch = tuple(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8) for _ in range(2))
+    batch = (*(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8) for _ in range(2)), torch.tensor([20.0, 80.0]))
     weights = [p.detach().clone() for p in t.model.parameters()]
     with _NoHostReads():
         for _ in range(2):
@@ -215,7 +214,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(extra):
     # a non-finite batch is skipped on the device, and counted there
     weights = [p.detach().clone() for p in t.model.parameters()]
     runner = t.runner
-    t.runner = lambda x: runner(x) * float("nan")
+    t.runner = lambda x, q: runner(x, q) * float("nan")
     with _NoHostReads():
         train_step(t, [batch] * cfg.train.grad_accum)
     t.runner = runner
@@ -259,7 +258,7 @@ def test_sigterm_during_a_long_validation_saves_and_exits_0(tmp_path, big_val):
     _, stderr = proc.communicate(timeout=60)
     assert time.monotonic() - t < 15, "validation was not cut short"
     assert "stopped by SIGTERM at step 4" in stderr, stderr[-3000:]
-    assert load_checkpoint(out / "last.pt")["step"] == 4  # the work since the last periodic save is kept
+    assert load_state(out / "last.pt")["step"] == 4  # the work since the last periodic save is kept
     assert events(out)[-1] == "stopped" and not [m for m in metrics(out) if "val_psnr" in m]
 
 
@@ -294,7 +293,7 @@ def test_rank0_decides_the_resume_for_a_rank_that_sees_another_disk(tmp_path, sh
                 fault={"rank": 1, "set": {"train.out_dir": str(elsewhere)}}, timeout=180)
     assert_ok(p)
     assert [m["step"] for m in metrics(out) if m.get("event") == "resume"] == [6]
-    assert load_checkpoint(out / "last.pt")["step"] == 10 and not elsewhere.exists()
+    assert load_state(out / "last.pt")["step"] == 10 and not elsewhere.exists()
 
 
 @pytest.mark.slow

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
-from helpers import REPO, TINY, metrics, pack_photos, train_lines
-from restorer.checkpoint import load_checkpoint
+from helpers import REPO, TINY, load_state, metrics, pack_photos, train_lines
 
 _metrics, _train_lines = metrics, train_lines
 
@@ -69,7 +68,7 @@ def test_sbatch_trains_two_ranks_to_the_end(cluster, shards, tmp_path):
     job = _sbatch(cluster, out, *_args(shards, out, "train.max_steps=8"))
     state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED", "the job to complete")
     assert state["ExitCode"] == "0:0", _log(out)
-    assert load_checkpoint(out / "last.pt")["step"] == 8
+    assert load_state(out / "last.pt")["step"] == 8
     assert _metrics(out)[0]["world_size"] == 2
     log = _log(out)
     assert f"restorer: job {job} start" in log and "restart 0: 1 node(s) x 2 process(es)" in log
@@ -102,7 +101,7 @@ def test_time_limit_warning_requeues_and_the_job_resumes(cluster, shards, tmp_pa
     assert 6 <= stopped < 60 and events[2]["step"] == stopped  # resumed where it saved
     steps = [m["step"] for m in _train_lines(out)]
     assert len(steps) == len(set(steps)) and steps[-1] == 60  # no step done twice
-    assert load_checkpoint(out / "last.pt")["step"] == 60
+    assert load_state(out / "last.pt")["step"] == 60
 
 
 def test_srun_one_task_per_rank_without_torchrun(cluster, shards, tmp_path):
@@ -114,7 +113,7 @@ def test_srun_one_task_per_rank_without_torchrun(cluster, shards, tmp_path):
     start = _metrics(out)[0]
     assert start["world_size"] == 2 and start["event"] == "start"
     assert [m["step"] for m in _train_lines(out)] == [2, 4, 6]
-    assert load_checkpoint(out / "last.pt")["step"] == 6
+    assert load_state(out / "last.pt")["step"] == 6
 
 
 def test_a_batch_script_running_the_trainer_without_srun_is_told_how(cluster, shards, tmp_path):

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, assert_ok, metrics, pack_photos, run_cmd, train_cmd, train_lines
-from restorer.checkpoint import load_checkpoint, save_checkpoint
-from restorer.models import build_model
+from helpers import REPO, assert_ok, load_state, metrics, pack_photos, run_cmd, train_cmd, train_lines
+from restorer.checkpoint import read_checkpoint
+from restorer.models import NetworkSpec
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,11 @@ def test_bad_config_and_missing_shards_exit_2_with_one_line(tmp_path, shards):
 def test_one_process_trains_validates_and_checkpoints(tmp_path, shards):
     out = tmp_path / "run"
     assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "log.val_every=3", "checkpoint.every=3")))
-    state = load_checkpoint(out / "last.pt")
-    assert state["step"] == 6 and state["model_name"] == "unet"
+    state = load_state(out / "last.pt")  # the file's contract: a dict that torch.load(weights_only=True) reads
+    assert state["step"] == 6 and state["format"] == "restorer-checkpoint" and state["version"] == 2
+    assert state["network"]["name"] == "unet" and state["network"]["options"]["conditioning"] == "decoder"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
-    model = build_model(state["model_name"], **state["model_args"])
+    model = NetworkSpec.from_dict(state["network"]).build()
     model.load_state_dict(state["model"])  # the network rebuilds from the checkpoint alone
     vals = [m for m in metrics(out) if "val_psnr" in m]
     assert [v["step"] for v in vals] == [3, 6] and all(v["val_images"] == 2 for v in vals)
@@ -62,7 +63,7 @@ def test_the_loop_switches_work_together(tmp_path, shards):
                   "train.channels_last=true", "optim.ema=0.9", "optim.schedule=cosine", "optim.warmup_steps=2",
                   "optim.grad_clip=0.5", "optim.name=adamw", "log.val_every=2", "log.every=1",
                   "optim.loss=charbonnier")))
-    state = load_checkpoint(out / "last.pt")
+    state = load_state(out / "last.pt")
     assert state["step"] == 4 and "ema" in state
     lines = train_lines(out)
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
@@ -87,7 +88,7 @@ def test_a_time_budget_ends_the_run_and_drives_the_schedule(tmp_path, shards):
     assert end["event"] == "finished" and end["reason"] == "max_minutes" and 0.05 <= end["minutes"] < 0.5
     lrs = [m["lr"] for m in train_lines(out)]
     assert lrs[0] == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.2e-3  # cosine over the time spent
-    assert load_checkpoint(out / "last.pt")["train_seconds"] >= 3
+    assert read_checkpoint(out / "last.pt").train_seconds >= 3
 
 
 def test_a_diverging_run_stops_with_a_clear_error(tmp_path, shards):
@@ -115,7 +116,7 @@ def test_two_ranks_learn_and_only_rank0_writes(tmp_path, shards):
     assert start["world_size"] == 2 and start["total_steps"] == 30
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt", "step-00000020.pt", "step-00000030.pt"]
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
-    assert load_checkpoint(out / "last.pt")["step"] == 30
+    assert read_checkpoint(out / "last.pt").step == 30
 
 
 @pytest.mark.slow
@@ -125,7 +126,7 @@ def test_uneven_shards_never_hang(tmp_path, maxcount):
     out = tmp_path / "run"
     # an epoch is 8 images x 8 patches / (2 per batch x 2 ranks) = 16 steps: run past one epoch
     assert_ok(run_cmd(train_cmd(2, data, out, "data.workers=2", "train.max_steps=20", "log.val_every=0"), timeout=180))
-    assert load_checkpoint(out / "last.pt")["step"] == 20
+    assert read_checkpoint(out / "last.pt").step == 20
     assert metrics(out)[0]["steps_per_epoch"] == 16
 
 
@@ -173,7 +174,7 @@ def test_sigterm_saves_now_and_a_restart_resumes_to_the_same_end(tmp_path, shard
     # torchrun forwards SIGTERM to the ranks, waits for them, then exits 1 itself (it was signalled)
     assert "stopped by SIGTERM at step" in stderr, stderr[-4000:]
     assert str(REPO / "restorer") not in stderr  # the only traceback is torchrun's own SignalException
-    stopped = load_checkpoint(out / "last.pt")["step"]
+    stopped = read_checkpoint(out / "last.pt").step
     end = metrics(out)[-1]
     assert 10 <= stopped < 40 and {k: end[k] for k in ("event", "step", "signal", "nonfinite")} == {
         "event": "stopped", "step": stopped, "signal": "SIGTERM", "nonfinite": 0}
@@ -184,7 +185,7 @@ def test_sigterm_saves_now_and_a_restart_resumes_to_the_same_end(tmp_path, shard
     steps = [m["step"] for m in train_lines(out)]
     assert len(steps) == len(set(steps)) and steps[-1] == 40  # no step done twice
     assert train_lines(out)[-1]["lr"] == pytest.approx(train_lines(reference)[-1]["lr"])
-    assert load_checkpoint(out / "last.pt")["step"] == 40
+    assert read_checkpoint(out / "last.pt").step == 40
 
 
 @pytest.mark.slow
@@ -204,23 +205,27 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, shards):
     assert proc.returncode == 0, stderr[-4000:]
     events = [m.get("event") for m in metrics(out) if "event" in m]
     assert events[:2] == ["start", "resume"] and events[-1] == "finished"
-    assert load_checkpoint(out / "last.pt")["step"] == 30
+    assert read_checkpoint(out / "last.pt").step == 30
 
 
 @pytest.mark.slow
 def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
-    script = (f"import torch, sys; sys.path.insert(0, {str(REPO)!r}); "
-              "from restorer.checkpoint import save_checkpoint; "
-              f"save_checkpoint({str(path)!r}, {{'step': 2, 'w': torch.zeros(150_000_000)}})")
-    proc = subprocess.Popen([sys.executable, "-c", script])
+
+    def writer(n: int, v: int) -> list[str]:  # a real save of a checkpoint of n weights, all v, at step v
+        return [sys.executable, "-c", f"import torch, sys; sys.path.insert(0, {str(REPO)!r}); "
+                "from restorer.checkpoint import Checkpoint, save_checkpoint; from restorer.models import NetworkSpec; "
+                f"save_checkpoint({str(path)!r}, Checkpoint(NetworkSpec('seed'), {{'w': torch.full([{n}], {v}.0)}}, "
+                f"step={v}))"]
+
+    subprocess.run(writer(3, 1), check=True)
+    proc = subprocess.Popen(writer(150_000_000, 2))
     _wait_for(lambda: any(p.name.startswith(".last.pt.tmp") and p.stat().st_size > 1_000_000
                           for p in tmp_path.iterdir()), proc, "the temporary file")
     proc.kill()
     proc.wait()
-    state = load_checkpoint(path)
-    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.step == 1 and torch.equal(checkpoint.weights["w"], torch.ones(3))
 
 
 # ----------------------------------------------------------------------------- every network, end to end
@@ -239,8 +244,7 @@ def test_each_network_trains_resumes_restores_and_evaluates(tmp_path, shards, na
     assert f"train: network {name} (" in p.stderr and "parameters" in p.stderr and "MACs per pixel" in p.stderr
     assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=4", *common)))  # resumes
     assert [m["step"] for m in metrics(out) if m.get("event") == "resume"] == [2]
-    state = load_checkpoint(out / "last.pt")
-    assert state["step"] == 4 and state["model_name"] == name
+    assert read_checkpoint(out / "last.pt").step == 4 and read_checkpoint(out / "last.pt").network.name == name
     photo = tmp_path / "photo.jpg"
     photo.write_bytes((shards.parent / "src" / "p00.jpg").read_bytes())
     restored = tmp_path / "restored"

@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
+from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from restorer.data.degrade import PatchSpec, center_pair, jpeg_decode, random_patch
+from restorer.data.patches import PatchSpec, center_crop, training_pair
 from restorer.data.manifest import ManifestError, load_manifest, manifest_path, shard_paths
 from restorer.stop import shutdown_event, worker_signals
 
@@ -43,12 +44,13 @@ class DataConfig:
     train_urls: str = ""  # instead of the manifest's list: any URL pattern webdataset reads
     val_urls: str = ""  # (brace patterns, pipe:aws s3 cp s3://... -, http://...)
     epoch_samples: int = 0  # patches per epoch; 0: every training image once, patches_per_image each
-    patch: PatchSpec = field(default_factory=PatchSpec)
+    patch: PatchSpec = field(default_factory=PatchSpec)  # the clean patches: size, rescale, rotation, colour
+    jpeg: jpeg.JpegSpec = field(default_factory=jpeg.JpegSpec)  # their JPEG: qualities, chroma, double JPEG
     patches_per_image: int = 256  # patches cut from each decoded image: a decode costs ~100 patches
     shuffle_buffer: int = 2048  # patches held per stream, ~50 KB each at patch 128
     workers: int = 4  # DataLoader worker processes per rank
     val_crop: int = 256  # validation: centre crop of at most this side ...
-    val_quality: int = 10  # ... JPEG-encoded at this quality
+    val_qualities: tuple[int, ...] = (10,)  # ... JPEG-encoded at each of these qualities (jpeg.chroma's subsampling)
     verify: bool = False  # at start, check every shard's sha256 against the manifest (sizes are always checked)
     allow_pipe: bool = False  # let train_urls/val_urls use pipe: (it runs a shell command on every rank and worker)
 
@@ -69,12 +71,13 @@ class DataConfig:
             if "pipe:" in getattr(self, name) and not self.allow_pipe:
                 raise ValueError(f"{name}: a pipe: URL runs a shell command on every rank and worker; "
                                  "set data.allow_pipe=true if you mean it")
-        if not 1 <= self.val_quality <= 100:
-            raise ValueError(f"val_quality must be in [1, 100]; got {self.val_quality}")
-        try:
-            self.patch.validate()
-        except ValueError as e:
-            raise ValueError(f"patch.{e}") from None
+        if not self.val_qualities or not all(1 <= q <= 100 for q in self.val_qualities):
+            raise ValueError(f"val_qualities: must be one or more qualities in 1..100, got {list(self.val_qualities)}")
+        for name in ("patch", "jpeg"):
+            try:
+                getattr(self, name).validate()
+            except ValueError as e:
+                raise ValueError(f"{name}.{e}") from None
 
 
 def split_urls(cfg: DataConfig, split: str) -> list[str]:
@@ -180,20 +183,27 @@ def read_images(urls: list[str], skip: SkipLog, keep=None) -> Iterator[tuple[str
             skip(f"{key} in {sample.get('__url__')}", str(e))
 
 
-def _batch(pairs: list[tuple[bytes, np.ndarray]], out: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets) as uint8 N x H x W x C arrays, written into `out` (2 x N x H x W x C) if given."""
+def _batch(pairs: list[tuple[bytes, np.ndarray]], out: Optional[np.ndarray] = None,
+           qualities: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, targets, qualities): uint8 N x H x W x C arrays, written into `out` (2 x N x H x W x C)
+    if given, and each input's quality as its JPEG's tables say (float32 N, into `qualities`)."""
     if out is None:
         out = np.empty((2, len(pairs), *pairs[0][1].shape), np.uint8)
-    for i, (jpeg, target) in enumerate(pairs):
-        out[0, i] = jpeg_decode(jpeg)
+    if qualities is None:
+        qualities = np.empty(len(pairs), np.float32)
+    for i, (data, target) in enumerate(pairs):
+        out[0, i], quality = jpeg.decode(data)
+        qualities[i] = quality if quality is not None else 0.0
         out[1, i] = target
-    return out[0], out[1]
+    return out[0], out[1], qualities
 
 
-def to_tensors(inputs: np.ndarray, targets: np.ndarray, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensors(inputs: np.ndarray, targets: np.ndarray, qualities: np.ndarray,
+               pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """uint8 N x C x P x P tensors in channels-last memory (a permuted NHWC buffer): what the GPU's
-    channels_last convolutions read, with no transpose on the CPU. Pinned for non-blocking copies."""
-    out = tuple(torch.from_numpy(a).permute(0, 3, 1, 2) for a in (inputs, targets))
+    channels_last convolutions read, with no transpose on the CPU; and the N qualities (float32).
+    Pinned for non-blocking copies."""
+    out = (*(torch.from_numpy(a).permute(0, 3, 1, 2) for a in (inputs, targets)), torch.from_numpy(qualities))
     return tuple(t.pin_memory() for t in out) if pin_memory else out
 
 
@@ -202,9 +212,10 @@ RING = PREFETCH + 3  # batch slots per worker: those in flight, one being copied
 
 
 def ring_bytes(cfg: DataConfig, batch_size: int) -> int:
-    """Shared memory one rank's training loader takes: workers x slots x (input, target) x batch x C x P x P."""
+    """Shared memory one rank's training loader takes: workers x slots x batch x ((input, target) x C x P x P
+    bytes + a float32 quality)."""
     p = cfg.patch.size
-    return cfg.workers * RING * 2 * batch_size * cfg.patch.channels * p * p
+    return cfg.workers * RING * batch_size * (2 * cfg.patch.channels * p * p + 4)
 
 
 def shm_problem(need: int, free: int, workers: int) -> Optional[str]:
@@ -222,7 +233,7 @@ class TrainPatches(IterableDataset):
     """An endless stream of training batches for one rank; the DataLoader takes as many as it needs.
 
     DataLoader workers write each batch into a slot of a shared-memory ring made once per epoch
-    and hand over only (worker, slot). Pickling 1.5 MB batches through a pipe, or torch's fresh
+    (the pixels, and beside them each input's quality) and hand over only (worker, slot). Pickling 1.5 MB batches through a pipe, or torch's fresh
     shared-memory segment per tensor, cost 15-25% of the workers' time (bench/loader.py). The
     main process copies a slot out (into pinned memory on CUDA) before the worker can reuse it:
     a worker has at most PREFETCH batches in flight, and the ring has more slots than that.
@@ -239,19 +250,21 @@ class TrainPatches(IterableDataset):
         p, c = cfg.patch.size, cfg.patch.channels
         self.ring = (torch.empty((cfg.workers, RING, 2, batch_size, p, p, c), dtype=torch.uint8).share_memory_()
                      if cfg.workers else None)
+        self.quality_ring = (torch.empty((cfg.workers, RING, batch_size), dtype=torch.float32).share_memory_()
+                             if cfg.workers else None)
 
-    def batch(self, item) -> tuple[np.ndarray, np.ndarray]:
-        """The (inputs, targets) an item of this dataset stands for; a ring slot is copied out."""
-        pair = self.view(item)
-        return (pair[0], pair[1]) if self.ring is None else (pair[0].copy(), pair[1].copy())
+    def batch(self, item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (inputs, targets, qualities) an item of this dataset stands for; a ring slot is copied out."""
+        pair, qualities = self.view(item)
+        return (pair[0], pair[1], qualities) if self.ring is None else (pair[0].copy(), pair[1].copy(), qualities.copy())
 
-    def view(self, item) -> np.ndarray:
-        """The 2 x N x P x P x C uint8 pair an item stands for, not copied (a ring slot stays the
-        worker's to reuse: copy it before asking the loader for more)."""
+    def view(self, item) -> tuple[np.ndarray, np.ndarray]:
+        """The 2 x N x P x P x C uint8 pair and the N qualities an item stands for, not copied (a
+        ring slot stays the worker's to reuse: copy it before asking the loader for more)."""
         if self.ring is None:
-            return np.stack(item)
+            return np.stack(item[:2]), item[2]
         worker, slot = item
-        return self.ring[worker, slot].numpy()
+        return self.ring[worker, slot].numpy(), self.quality_ring[worker, slot].numpy()
 
     def __iter__(self) -> Iterator:
         """The stream goes on where the last epoch left it (the DataLoader keeps its workers, and
@@ -293,12 +306,13 @@ class TrainPatches(IterableDataset):
                                          f"({skip.count} samples or shards skipped)")
 
         ring = self.ring[worker].numpy() if self.ring is not None else None
+        quality_ring = self.quality_ring[worker].numpy() if self.ring is not None else None
         buffer: list[tuple[bytes, np.ndarray]] = []
         batch: list[tuple[bytes, np.ndarray]] = []
         made = 0
         for image in images():
             for _ in range(k):
-                pair = random_patch(image, cfg.patch, rng)
+                pair = training_pair(image, cfg.patch, cfg.jpeg, rng)
                 if len(buffer) < cfg.shuffle_buffer:
                     buffer.append(pair)
                     continue
@@ -309,24 +323,28 @@ class TrainPatches(IterableDataset):
                     if ring is None:
                         yield _batch(batch)
                     else:
-                        _batch(batch, out=ring[made % RING])
+                        _batch(batch, out=ring[made % RING], qualities=quality_ring[made % RING])
                         yield worker, made % RING
                     made += 1
                     batch = []
 
 
 class ValPairs(IterableDataset):
-    """Every validation image exactly once across all ranks and workers: (input, target, key) with
-    batch 1 (crops may differ in size). Deterministic: fixed centre crops, fixed quality."""
+    """Every validation image exactly once across all ranks and workers, at each validation quality:
+    (input, target, quality, key) with batch 1 (crops may differ in size). Deterministic: fixed
+    centre crops, fixed qualities, the chroma of data.jpeg (with `random`, one fixed per image)."""
 
     def __init__(self, urls: list[str], cfg: DataConfig, *, rank: int, world_size: int):
         self.urls, self.cfg, self.rank, self.world_size = list(urls), cfg, rank, world_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
         worker, _, stream, streams = _stream_id(self.rank, self.world_size)
         skip = SkipLog(f"rank {self.rank} val worker {worker}")
+        cfg = self.cfg
         for key, image in read_images(self.urls, skip, keep=lambda key: _owner(key, streams) == stream):
-            yield *_batch([center_pair(image, self.cfg.val_crop, self.cfg.val_quality, self.cfg.patch.grayscale)]), key
+            target = center_crop(image, cfg.val_crop, cfg.patch.grayscale)
+            for quality in cfg.val_qualities:
+                yield *_batch([jpeg.compress(target, quality, jpeg.val_chroma(cfg.jpeg, key))]), key
 
 
 def _mp_context(workers: int):
@@ -360,7 +378,7 @@ class EpochLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         items = itertools.islice(iter(self.loader), self.steps)
         if self.device.type != "cuda":
             for item in items:
@@ -372,8 +390,8 @@ class EpochLoader:
 
 
 class Uploader:
-    """Host-to-device transfer of uint8 batch pairs, one batch ahead, through a few pinned buffers
-    reused once their upload's event has completed."""
+    """Host-to-device transfer of uint8 batch pairs (and their qualities), one batch ahead, through a
+    few pinned buffers reused once their upload's event has completed."""
 
     DEPTH = 3  # pinned buffer pairs: one being filled, one uploading, one spare
 
@@ -381,27 +399,31 @@ class Uploader:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.buffers: list[Optional[torch.Tensor]] = [None] * self.DEPTH
+        self.quality_buffers: list[Optional[torch.Tensor]] = [None] * self.DEPTH
         self.events: list[Optional[torch.cuda.Event]] = [None] * self.DEPTH
         self.n = 0
 
-    def _upload(self, dataset, item) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]:
+    def _upload(self, dataset, item) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.Event]:
         i = self.n % self.DEPTH
         self.n += 1
         if self.events[i] is not None:
             self.events[i].synchronize()  # its last upload has finished: the buffer is free (long since)
-        view = dataset.view(item)  # (2, N, P, P, C) uint8, the worker's ring slot or a plain array
+        view, qualities = dataset.view(item)  # (2, N, P, P, C) uint8 and (N,) float32: the worker's ring slot
         if self.buffers[i] is None or self.buffers[i].shape != view.shape:
             self.buffers[i] = torch.empty(view.shape, dtype=torch.uint8, pin_memory=True)
-        pinned = self.buffers[i]
+            self.quality_buffers[i] = torch.empty(qualities.shape, dtype=torch.float32, pin_memory=True)
+        pinned, pinned_q = self.buffers[i], self.quality_buffers[i]
         np.copyto(pinned.numpy(), view)  # the one host copy; the ring slot is free after it
+        np.copyto(pinned_q.numpy(), qualities)
         with torch.cuda.stream(self.stream):
             on_device = pinned.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)  # 2 x N x C x P x P
+            q_on_device = pinned_q.to(self.device, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
         self.events[i] = event
-        return on_device[0], on_device[1], event
+        return on_device[0], on_device[1], q_on_device, event
 
-    def run(self, dataset, items) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def run(self, dataset, items) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         ahead = None
         for item in items:
             nxt = self._upload(dataset, item)
@@ -411,18 +433,19 @@ class Uploader:
         if ahead is not None:
             yield self._hand_over(*ahead)
 
-    def _hand_over(self, x: torch.Tensor, y: torch.Tensor, event) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hand_over(self, x: torch.Tensor, y: torch.Tensor, q: torch.Tensor, event) -> tuple[torch.Tensor, ...]:
         current = torch.cuda.current_stream(self.device)
         current.wait_event(event)  # on the device: the step's kernels start after the upload
-        for t in (x, y):
+        for t in (x, y, q):
             t.record_stream(current)  # the allocator must not hand this memory out while the step uses it
-        return x, y
+        return x, y, q
 
 
 def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  epoch: int = 0, step: int = 0, steps: Optional[int] = None, device="cpu") -> EpochLoader:
     """Training batches for this rank, epoch after epoch: each `iter()` yields one epoch of
-    (input, target) uint8 N x C x P x P, and the next one continues the same streams.
+    (input, target) uint8 N x C x P x P and the inputs' N qualities (float32, from their JPEG's
+    tables), and the next one continues the same streams.
 
     `steps` (per epoch) defaults to `steps_per_epoch`; it is the same on every rank whatever the
     shards. `epoch` and `step` say where the run starts (a resumed run starts later); with the
@@ -438,10 +461,12 @@ def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
 
 
 def val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
-               pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
-    """This rank's share of the validation images: (input, target, key), batch 1, deterministic."""
+               pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]]:
+    """This rank's share of the validation images at each validation quality: (input, target,
+    quality, key), batch 1, deterministic."""
     dataset = ValPairs(split_urls(cfg, "val"), cfg, rank=rank, world_size=world_size)
     workers = min(cfg.workers, 2)
-    for inputs, targets, key in DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_worker_init(),
-                                           num_workers=workers, multiprocessing_context=_mp_context(workers)):
-        yield *to_tensors(inputs, targets, pin_memory), key
+    for inputs, targets, qualities, key in DataLoader(dataset, batch_size=None, collate_fn=_as_is,
+                                                      worker_init_fn=_worker_init(), num_workers=workers,
+                                                      multiprocessing_context=_mp_context(workers)):
+        yield *to_tensors(inputs, targets, qualities, pin_memory), key

@@ -8,10 +8,11 @@ holds the options and ``model.preset`` picks a preset.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from restorer.models.common import count_parameters, macs_per_pixel
+from restorer.models.common import CONDITIONING, count_parameters, macs_per_pixel
 from restorer.models.dncnn import DnCNN, DnCNNOptions
 from restorer.models.nafnet import NAFNet, NAFNetOptions
 from restorer.models.seed import SeedNet, SeedOptions
@@ -35,16 +36,40 @@ def build_model(name: str, **kwargs) -> nn.Module:
         raise ValueError(f"bad argument for model {name!r}: {exc}") from None
 
 
-def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
-    """`model.load_state_dict(state_dict)`, or ValueError in one line that says what does not fit.
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Everything that rebuilds a network and says how to feed it: its name in MODELS, its options
+    (its conditioning on the JPEG quality among them), its channels, and whether it restores
+    luma (a grayscale network) or colour. Checkpoints and exported cards carry it."""
 
-    A checkpoint of the seed network's first layout (before it followed the original document's
-    layer list; its first layer was 3->32) is recognised and named as such.
-    """
-    first = state_dict.get("base.0.weight")
-    if isinstance(model, SeedNet) and first is not None and tuple(first.shape[:1]) == (32,):
-        raise ValueError(f"{source} holds the seed network's old layout (first layer 3->32, not the document's "
-                         "3->128); it cannot be loaded into today's SeedNet: train it again")
+    name: str
+    options: dict = field(default_factory=dict)
+    in_channels: int = 3
+    grayscale: bool = False
+
+    @property
+    def conditioning(self) -> str:
+        return str(self.options.get("conditioning", "none"))
+
+    @property
+    def takes_quality(self) -> bool:
+        """Whether the network's forward takes the input's JPEG quality (N,) beside the image."""
+        return self.conditioning != "none"
+
+    def build(self) -> nn.Module:
+        return build_model(self.name, in_channels=self.in_channels, **self.options)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "options": dict(self.options), "in_channels": self.in_channels,
+                "grayscale": self.grayscale}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkSpec":
+        return cls(str(d["name"]), dict(d.get("options") or {}), int(d["in_channels"]), bool(d["grayscale"]))
+
+
+def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
+    """`model.load_state_dict(state_dict)`, or ValueError in one line that says what does not fit."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     extra = [k for k in state_dict if k not in own]
@@ -65,5 +90,5 @@ def describe(model: nn.Module, name: str) -> str:
             f"{macs_per_pixel(model, c) / 1e3:,.1f} k MACs per pixel")
 
 
-__all__ = ["MODELS", "DnCNN", "DnCNNOptions", "NAFNet", "NAFNetOptions", "SeedNet", "SeedOptions",
+__all__ = ["CONDITIONING", "MODELS", "DnCNN", "DnCNNOptions", "NAFNet", "NAFNetOptions", "NetworkSpec", "SeedNet", "SeedOptions",
            "UNet", "UNetOptions", "build_model", "count_parameters", "describe", "load_weights", "macs_per_pixel"]

@@ -1,6 +1,9 @@
-"""Pieces the networks share: padding to the multiple a U-Net needs, and counting what a network costs."""
+"""Pieces the networks share: padding to the multiple a U-Net needs, counting what a network costs, and
+the conditioning on the JPEG quality."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +52,108 @@ def macs_per_pixel(model: nn.Module, in_channels: int, size: int = 64) -> float:
     param = next(model.parameters())
     try:
         model.eval()
-        model(torch.zeros(1, in_channels, size, size, device=param.device, dtype=param.dtype))
+        x = torch.zeros(1, in_channels, size, size, device=param.device, dtype=param.dtype)
+        model(x, torch.full((1,), 50.0, device=param.device)) if getattr(model, "takes_quality", False) else model(x)
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
     return total / (size * size)
+
+
+# ----------------------------------------------------------------------------- conditioning on the JPEG quality
+
+# How a network takes the quality its input's JPEG tables say (restorer.data.jpeg.table_quality):
+#   none     it does not (the seed's network, and networks trained on one quality)
+#   input    as one more input plane of 1 - q/100 (FFDNet's and DRUNet's noise-level map)
+#   decoder  an embedding of 1 - q/100 scales and shifts the decoder's features, per scale (FBCNN's)
+#   scales   the same at every scale: encoder, middle and decoder (FiLM, Perez et al. 2018)
+CONDITIONING = ("none", "input", "decoder", "scales")
+EMBEDDING = 64  # width of the quality embedding (an MLP per image, not per pixel: its cost is nothing)
+
+
+def quality_feature(quality: torch.Tensor) -> torch.Tensor:
+    """What a network sees of the quality: FBCNN's 1 - q/100, N -> N x 1 (float32)."""
+    return 1.0 - quality.float().reshape(-1, 1) / 100.0
+
+
+class QualityEmbedding(nn.Module):
+    """FBCNN's quality embedding: 1 - q/100 through a small MLP, N -> N x EMBEDDING."""
+
+    def __init__(self, width: int = EMBEDDING) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(1, width), nn.ReLU(inplace=True), nn.Linear(width, width),
+                                 nn.ReLU(inplace=True))
+
+    def forward(self, quality: torch.Tensor) -> torch.Tensor:
+        return self.mlp(quality_feature(quality))
+
+
+class FiLM(nn.Module):
+    """x * (1 + scale(e)) + shift(e), per image and channel, from the quality embedding e. Both start
+    at zero: a network starts as it would unconditioned."""
+
+    def __init__(self, channels: int, width: int = EMBEDDING) -> None:
+        super().__init__()
+        self.scale = nn.Linear(width, channels)
+        self.shift = nn.Linear(width, channels)
+        for layer in (self.scale, self.shift):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, embedding: Optional[torch.Tensor]) -> torch.Tensor:
+        assert embedding is not None
+        n, c = x.shape[0], x.shape[1]
+        scale = self.scale(embedding).to(x.dtype).reshape(n, c, 1, 1) + 1
+        shift = self.shift(embedding).to(x.dtype).reshape(n, c, 1, 1)
+        return torch.addcmul(shift, x, scale)  # one pass over the features
+
+
+class NoFiLM(nn.Module):
+    """Where a network's conditioning does not modulate: x as it is (no parameters)."""
+
+    def forward(self, x: torch.Tensor, embedding: Optional[torch.Tensor]) -> torch.Tensor:
+        return x
+
+
+def check_conditioning(conditioning: str, allowed: tuple[str, ...] = CONDITIONING) -> str:
+    if conditioning not in allowed:
+        raise ValueError(f"conditioning: must be one of {', '.join(allowed)}, got {conditioning!r}")
+    return conditioning
+
+
+class Conditioned(nn.Module):
+    """The quality input of a network: `takes_quality`, its embedding (decoder, scales), its input
+    plane (input), and a FiLM (or nothing) for each place a network can modulate."""
+
+    def __init__(self, conditioning: str) -> None:
+        super().__init__()
+        self.conditioning = conditioning
+        self.takes_quality = conditioning != "none"
+        self.embed = QualityEmbedding() if conditioning in ("decoder", "scales") else None
+        self.extra_planes = 1 if conditioning == "input" else 0
+
+    def film(self, channels: int, where: str) -> nn.Module:
+        """A FiLM for a place in the encoder, the middle or the decoder (`where`), when the
+        conditioning modulates there; else NoFiLM."""
+        modulated = {"decoder": ("decoder",), "scales": ("encoder", "middle", "decoder")}.get(self.conditioning, ())
+        return FiLM(channels) if where in modulated else NoFiLM()
+
+    def embedding(self, quality: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if self.embed is None:
+            return None
+        if quality is None:
+            raise ValueError("this network is conditioned on the JPEG quality: give it the input's quality (N,)")
+        return self.embed(quality)
+
+    def with_planes(self, x: torch.Tensor, quality: Optional[torch.Tensor]) -> torch.Tensor:
+        """x, or x with the quality plane after its channels (conditioning `input`)."""
+        return with_quality_plane(x, quality) if self.extra_planes else x
+
+
+def with_quality_plane(x: torch.Tensor, quality: Optional[torch.Tensor]) -> torch.Tensor:
+    """x with one more plane, 1 - q/100 everywhere (FFDNet's and DRUNet's level map)."""
+    if quality is None:
+        raise ValueError("this network is conditioned on the JPEG quality: give it the input's quality (N,)")
+    plane = quality_feature(quality).to(x.dtype).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, x.shape[2], x.shape[3])
+    return torch.cat([x, plane], dim=1)

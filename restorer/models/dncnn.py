@@ -5,11 +5,12 @@ paper's blind model for Gaussian noise, super-resolution and JPEG deblocking, ha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-from restorer.models.common import check_channels
+from restorer.models.common import CONDITIONING, Conditioned, check_channels, check_conditioning
 
 
 @dataclass
@@ -17,8 +18,10 @@ class DnCNNOptions:
     depth: int = 12  # convolution layers, first and last included (the paper: 17, DnCNN-3: 20)
     channels: int = 32  # feature maps (the paper: 64)
     batch_norm: bool = True  # the paper's BN after each middle convolution
+    conditioning: str = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
 
     def validate(self) -> None:
+        check_conditioning(self.conditioning, CONDITIONING)
         if self.depth < 2:
             raise ValueError(f"depth must be >= 2, got {self.depth}")
         if self.channels < 1:
@@ -30,6 +33,9 @@ class DnCNN(nn.Module):
 
     As in the paper, the middle convolutions have no bias (batch normalisation's shift replaces it),
     nor has the last one. The last convolution starts at zero: the network starts as the identity.
+
+    Conditioned on the JPEG quality (`conditioning`): `input` adds FFDNet's level map as an input
+    plane; `scales` modulates every layer's features with a FiLM, `decoder` the second half's.
     """
 
     Options = DnCNNOptions
@@ -41,18 +47,33 @@ class DnCNN(nn.Module):
         opts.validate()
         c, f = check_channels(in_channels), opts.channels
         self.in_channels, self.options = c, opts
-        layers: list[nn.Module] = [nn.Conv2d(c, f, 3, padding=1), nn.ReLU(inplace=True)]
-        for _ in range(opts.depth - 2):
+        self.cond = Conditioned(opts.conditioning)
+        self.takes_quality = self.cond.takes_quality
+        layers: list[nn.Module] = [nn.Conv2d(c + self.cond.extra_planes, f, 3, padding=1), nn.ReLU(inplace=True)]
+        places = ["none", "encoder"]  # where each layer's output is modulated (after the ReLUs)
+        for i in range(opts.depth - 2):
             layers.append(nn.Conv2d(f, f, 3, padding=1, bias=not opts.batch_norm))
+            places.append("none")
             if opts.batch_norm:
                 layers.append(nn.BatchNorm2d(f))
+                places.append("none")
             layers.append(nn.ReLU(inplace=True))
+            places.append("encoder" if i < (opts.depth - 2) // 2 else "decoder")
         layers.append(nn.Conv2d(f, c, 3, padding=1, bias=False))
+        places.append("none")
         self.body = nn.Sequential(*layers)
+        # a FiLM (or nothing) after each layer; an unconditioned DnCNN keeps the paper's keys exactly
+        self.films = nn.ModuleList(self.cond.film(f, p) for p in places) if self.takes_quality else None
         nn.init.zeros_(self.body[-1].weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.body(x)
+    def forward(self, x: torch.Tensor, quality: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.films is None:
+            return x - self.body(x)
+        emb = self.cond.embedding(quality)
+        y = self.cond.with_planes(x, quality)
+        for layer, film in zip(self.body, self.films):
+            y = film(layer(y), emb)
+        return x - y
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, {self.options}"

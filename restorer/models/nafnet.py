@@ -6,11 +6,12 @@ starts at zero."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-from restorer.models.common import check_channels, pad_to_multiple
+from restorer.models.common import CONDITIONING, Conditioned, check_channels, check_conditioning, pad_to_multiple
 
 
 @dataclass
@@ -19,8 +20,10 @@ class NAFNetOptions:
     enc_blocks: tuple[int, ...] = (1, 1, 1, 1)  # NAFBlocks per encoder scale (its length sets the scales)
     middle_blocks: int = 1
     dec_blocks: tuple[int, ...] = (1, 1, 1, 1)  # per decoder scale, deepest first; as long as enc_blocks
+    conditioning: str = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
 
     def validate(self) -> None:
+        check_conditioning(self.conditioning, CONDITIONING)
         if self.width < 1 or self.width % 2:
             raise ValueError(f"width must be a positive even number, got {self.width}")
         if len(self.enc_blocks) != len(self.dec_blocks) or not 1 <= len(self.enc_blocks) <= 6:
@@ -81,6 +84,9 @@ class NAFNet(nn.Module):
     [1x1 conv + PixelShuffle(2) halving them, plus the encoder's output, NAFBlocks] per scale ->
     ending 3x3; output = input + ending. The ending convolution starts at zero (the paper's does
     not): the network starts as the identity. Any H x W: padded inside to a multiple of 2^scales.
+
+    Conditioned on the JPEG quality (`conditioning`): `input` adds a level plane to the intro's input;
+    `decoder` (FBCNN's) and `scales` modulate each scale's blocks' output with a FiLM.
     """
 
     Options = NAFNetOptions
@@ -96,34 +102,40 @@ class NAFNet(nn.Module):
         c, chan = check_channels(in_channels), opts.width
         self.in_channels, self.options = c, opts
         self.multiple = 2 ** len(opts.enc_blocks)
-        self.intro = nn.Conv2d(c, chan, 3, padding=1)
-        self.encoders, self.downs = nn.ModuleList(), nn.ModuleList()
+        self.cond = Conditioned(opts.conditioning)
+        self.takes_quality = self.cond.takes_quality
+        self.intro = nn.Conv2d(c + self.cond.extra_planes, chan, 3, padding=1)
+        self.encoders, self.downs, self.enc_films = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for n in opts.enc_blocks:
             self.encoders.append(nn.Sequential(*(NAFBlock(chan) for _ in range(n))))
+            self.enc_films.append(self.cond.film(chan, "encoder"))
             self.downs.append(nn.Conv2d(chan, 2 * chan, 2, stride=2))
             chan *= 2
         self.middle = nn.Sequential(*(NAFBlock(chan) for _ in range(opts.middle_blocks)))
-        self.ups, self.decoders = nn.ModuleList(), nn.ModuleList()
+        self.mid_film = self.cond.film(chan, "middle")
+        self.ups, self.decoders, self.dec_films = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for n in opts.dec_blocks:
             self.ups.append(nn.Sequential(nn.Conv2d(chan, 2 * chan, 1, bias=False), nn.PixelShuffle(2)))
             chan //= 2
             self.decoders.append(nn.Sequential(*(NAFBlock(chan) for _ in range(n))))
+            self.dec_films.append(self.cond.film(chan, "decoder"))
         self.ending = nn.Conv2d(chan, c, 3, padding=1)
         nn.init.zeros_(self.ending.weight)
         nn.init.zeros_(self.ending.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quality: Optional[torch.Tensor] = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         inp = pad_to_multiple(x, self.multiple)
-        y = self.intro(inp)
+        emb = self.cond.embedding(quality)
+        y = self.intro(self.cond.with_planes(inp, quality))
         skips: list[torch.Tensor] = []
-        for encoder, down in zip(self.encoders, self.downs):
-            y = encoder(y)
+        for encoder, film, down in zip(self.encoders, self.enc_films, self.downs):
+            y = film(encoder(y), emb)
             skips.append(y)
             y = down(y)
-        y = self.middle(y)
-        for i, (decoder, up) in enumerate(zip(self.decoders, self.ups)):  # (TorchScript compiles this)
-            y = decoder(up(y) + skips[len(skips) - 1 - i])
+        y = self.mid_film(self.middle(y), emb)
+        for i, (decoder, film, up) in enumerate(zip(self.decoders, self.dec_films, self.ups)):  # (TorchScript compiles this)
+            y = film(decoder(up(y) + skips[len(skips) - 1 - i]), emb)
         return (inp + self.ending(y))[..., :h, :w]
 
     def extra_repr(self) -> str:

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-from restorer.models.common import check_channels
+from restorer.models.common import check_channels, check_conditioning, with_quality_plane
+
+SEED_CONDITIONING = ("none", "input")  # no scales to modulate: the quality can only be an input plane
 
 
 @dataclass
 class SeedOptions:
     residual: bool = False  # output = input + network(input); the seed had none
+    conditioning: str = "none"  # none (the seed) | input: the JPEG quality as one more input plane
+
+    def validate(self) -> None:
+        check_conditioning(self.conditioning, SEED_CONDITIONING)
 
 
 def conv_unit(c_in: int, c_out: int) -> list[nn.Module]:
@@ -41,14 +48,16 @@ class SeedNet(nn.Module):
     # its layers are the document's; the presets add the global residual (the seed itself has none)
     PRESETS = {"cpu": {"residual": True}, "gpu": {"residual": True}}
 
-    def __init__(self, in_channels: int = 3, residual: bool = False) -> None:
+    def __init__(self, in_channels: int = 3, residual: bool = False, conditioning: str = "none") -> None:
         super().__init__()
         c = check_channels(in_channels)
         self.in_channels = c
         self.residual = bool(residual)
-        self.options = SeedOptions(self.residual)
+        self.options = SeedOptions(self.residual, conditioning)
+        self.options.validate()
+        self.takes_quality = conditioning != "none"  # (no module of its own: the seed's children stay base, last)
         self.base = nn.Sequential(
-            *conv_unit(c, 128),
+            *conv_unit(c + int(self.takes_quality), 128),
             *conv_unit(128, 64),
             *conv_unit(64, 32),
             nn.Conv2d(32, 16, kernel_size=1), nn.PReLU(),
@@ -71,9 +80,9 @@ class SeedNet(nn.Module):
         nn.init.normal_(self.last.weight, mean=0.0, std=1e-3)
         nn.init.zeros_(self.last.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.last(self.base(x))
+    def forward(self, x: torch.Tensor, quality: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = self.last(self.base(with_quality_plane(x, quality) if self.takes_quality else x))
         return x + y if self.residual else y
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, residual={self.residual}"
+        return f"in_channels={self.in_channels}, residual={self.residual}, conditioning={self.options.conditioning}"

@@ -6,19 +6,22 @@ blocks at each scale, additive skips, and a global residual."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-from restorer.models.common import check_channels, pad_to_multiple
+from restorer.models.common import CONDITIONING, Conditioned, check_channels, check_conditioning, pad_to_multiple
 
 
 @dataclass
 class UNetOptions:
     widths: tuple[int, ...] = (16, 32, 64, 128)  # channels per scale, full resolution first (DRUNet: 64..512)
     blocks: int = 1  # residual blocks per scale, in the encoder, the middle and the decoder (DRUNet: 4)
+    conditioning: str = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
 
     def validate(self) -> None:
+        check_conditioning(self.conditioning, CONDITIONING)
         if not 2 <= len(self.widths) <= 6 or any(w < 1 for w in self.widths):
             raise ValueError(f"widths must be 2 to 6 positive channel counts, got {list(self.widths)}")
         if self.blocks < 0:
@@ -43,6 +46,9 @@ class UNet(nn.Module):
     output = input + tail. With widths (64, 128, 256, 512) and 4 blocks it is DRUNet layer for layer
     (less DRUNet's noise-level input channel, plus the global residual). The tail starts at zero:
     the network starts as the identity. Any H x W: padded inside to a multiple of 2^(scales-1).
+
+    Conditioned on the JPEG quality (`conditioning`): `input` adds DRUNet's level map as a plane of
+    the head's input; `decoder` (FBCNN's) and `scales` modulate each scale's output with a FiLM.
     """
 
     Options = UNetOptions
@@ -56,11 +62,13 @@ class UNet(nn.Module):
         c, w = check_channels(in_channels), opts.widths
         self.in_channels, self.options = c, opts
         self.multiple = 2 ** (len(w) - 1)
+        self.cond = Conditioned(opts.conditioning)
+        self.takes_quality = self.cond.takes_quality
 
         def blocks(ch: int) -> list[nn.Module]:
             return [ResBlock(ch) for _ in range(opts.blocks)]
 
-        self.head = nn.Conv2d(c, w[0], 3, padding=1, bias=False)
+        self.head = nn.Conv2d(c + self.cond.extra_planes, w[0], 3, padding=1, bias=False)
         self.downs = nn.ModuleList(nn.Sequential(*blocks(w[i]), nn.Conv2d(w[i], w[i + 1], 2, stride=2, bias=False))
                                    for i in range(len(w) - 1))
         self.body = nn.Sequential(*blocks(w[-1]))
@@ -68,16 +76,20 @@ class UNet(nn.Module):
                                  for i in reversed(range(len(w) - 1)))  # deepest first, the order they run in
         self.tail = nn.Conv2d(w[0], c, 3, padding=1, bias=False)
         nn.init.zeros_(self.tail.weight)
+        self.enc_films = nn.ModuleList(self.cond.film(w[i + 1], "encoder") for i in range(len(w) - 1))
+        self.mid_film = self.cond.film(w[-1], "middle")
+        self.dec_films = nn.ModuleList(self.cond.film(w[i], "decoder") for i in reversed(range(len(w) - 1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quality: Optional[torch.Tensor] = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         inp = pad_to_multiple(x, self.multiple)
-        skips = [self.head(inp)]
-        for down in self.downs:
-            skips.append(down(skips[-1]))
-        y = self.body(skips[-1])
-        for i, up in enumerate(self.ups):  # (indices, not reversed(): TorchScript compiles this)
-            y = up(y + skips[len(skips) - 1 - i])
+        emb = self.cond.embedding(quality)
+        skips = [self.head(self.cond.with_planes(inp, quality))]
+        for down, film in zip(self.downs, self.enc_films):
+            skips.append(film(down(skips[-1]), emb))
+        y = self.mid_film(self.body(skips[-1]), emb)
+        for i, (up, film) in enumerate(zip(self.ups, self.dec_films)):  # (indices: TorchScript compiles this)
+            y = film(up(y + skips[len(skips) - 1 - i]), emb)
         y = self.tail(y + skips[0])
         return (inp + y)[..., :h, :w]
 

@@ -1,0 +1,278 @@
+"""The JPEG degradation, in one place: how training, validation, evaluate and restore compress images,
+and how they read a JPEG's quality back from its file.
+
+* :class:`JpegSpec` is the degradation's record (the config's `data.jpeg` section, and the training
+  facts on a network's card): the distribution of qualities, the chroma subsampling, the share of
+  double JPEGs. :func:`degrade` draws one training pair from it; :func:`compress` is the deterministic
+  form validation and evaluate use.
+* Every JPEG carries its quantization tables in its header. :func:`table_quality` maps them to the
+  equivalent IJG (libjpeg) quality, 1-100: exactly for the standard tables Pillow, libjpeg-turbo,
+  OpenCV and most software write, and to the nearest one for others (cameras, Photoshop, mozjpeg),
+  weighted towards the low frequencies, which carry most of a photo's energy. The networks are
+  conditioned on that number; the training worker reads it back from the bytes it just encoded,
+  exactly as restore reads it from a user's file.
+* An image without tables (a PNG saved from a JPEG, a video frame) gets :func:`pixel_quality`: the
+  "JPEG ghost" (Farid 2009): re-compressing an image at the quality it was once compressed at changes
+  it far less than at any nearby quality, so the error against the re-compressed copy dips there.
+
+Pillow's encoder is libjpeg-turbo with the standard tables (the seed's PIL save), 4:2:0 for colour
+unless `chroma` says otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import zlib
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+CHROMA = {"444": 0, "422": 1, "420": 2}  # Pillow's `subsampling` values
+CHROMA_CHOICES = (*CHROMA, "random")
+DOUBLE_SHIFT = 8  # a double JPEG's second block grid is shifted by 0..7 px: the pair needs 8 spare pixels
+
+# The IJG standard tables (JPEG Annex K), natural (row-major) order, as Pillow reports them.
+# (Only the luma table decides the quality: it is the one every JPEG has, grayscale ones included.)
+LUMA_BASE = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+                      14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+                      18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+                      49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], np.float64)
+CHROMA_BASE = np.array([17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
+                        24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99,
+                        *([99] * 32)], np.float64)
+# How much each frequency counts when tables are compared: natural images put most of their energy
+# (and a JPEG most of its error) in the low frequencies, so a camera's table that caps its high
+# frequencies at 12 is still judged by its first rows.
+_U, _V = np.divmod(np.arange(64), 8)
+_WEIGHTS = 1.0 / (1.0 + _U + _V) ** 2
+_WEIGHTS /= _WEIGHTS.sum()
+ABSURD_DISTANCE = 0.45  # weighted mean |log ratio| to the nearest IJG table: beyond it, tables say nothing
+GHOST_DIP = 0.75  # pixel_quality: the error at the found quality, relative to the rise on each side, dips below this
+GHOST_SIDE = 384  # pixel_quality measures a centre crop this big (constant time on any image)
+
+
+class JpegError(ValueError):
+    """A JPEG setting that cannot be used; one line."""
+
+
+# ----------------------------------------------------------------------------- the record
+
+
+@dataclass
+class JpegSpec:
+    """The JPEG degradation of training pairs. Defaults are the seed's (one JPEG at quality 10, 4:2:0).
+
+    `quality` lists knots q0 <= q1 <= ... : a quality is drawn uniformly from one interval [q_i, q_i+1],
+    chosen with probability `quality_weights[i]` (default: proportional to the interval's width, i.e.
+    uniform over [q0, qn]). [10, 10] is the seed's q10; [10, 60, 95] with weights [0.75, 0.25] is FBCNN's
+    blind recipe (most of the mass on 10-60, the rest up to 95).
+    """
+
+    quality: tuple[int, ...] = (10, 10)
+    quality_weights: tuple[float, ...] = ()
+    chroma: str = "420"  # 444 | 422 | 420 (Pillow's default, the seed's) | random (each pair one of the three)
+    double_p: float = 0.0  # share of double JPEGs: a first JPEG at double_quality, a 0-7 px shift, the last
+    double_quality: tuple[int, int] = (10, 95)  # the first JPEG's quality, drawn uniformly from [low, high]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field that is wrong ("field: must be ..., got ...")."""
+        q = list(self.quality)
+        if len(q) < 2 or any(not 1 <= v <= 100 for v in q) or q != sorted(q):
+            raise ValueError(f"quality: must be 2 or more qualities in 1..100, ascending ([10, 10], [10, 60, 95]), got {q}")
+        w = list(self.quality_weights)
+        if w and (len(w) != len(q) - 1 or any(v < 0 for v in w) or not sum(w) > 0):
+            raise ValueError(f"quality_weights: must be one weight >= 0 per interval of quality ({len(q) - 1}), "
+                             f"not all 0, got {w}")
+        if self.chroma not in CHROMA_CHOICES:
+            raise ValueError(f"chroma: must be one of {', '.join(CHROMA_CHOICES)}, got {self.chroma!r}")
+        if not 0.0 <= self.double_p <= 1.0:
+            raise ValueError(f"double_p: must be in [0, 1], got {self.double_p}")
+        lo, hi = self.double_quality
+        if not 1 <= lo <= hi <= 100:
+            raise ValueError(f"double_quality: must be [low, high] with 1 <= low <= high <= 100, got {[lo, hi]}")
+
+    @property
+    def qualities(self) -> tuple[int, int]:
+        """The range of last-JPEG qualities training draws from: what a network trained on it knows."""
+        return int(min(self.quality)), int(max(self.quality))
+
+    def draw_quality(self, rng: np.random.Generator) -> int:
+        knots = self.quality
+        if len(knots) == 2:  # one interval: no draw for a fixed quality (the seed's random numbers)
+            return _draw((knots[0], knots[1]), rng)
+        widths = [b - a for a, b in zip(knots, knots[1:])]
+        weights = np.asarray(self.quality_weights or [max(w, 1e-9) for w in widths], np.float64)
+        i = int(np.searchsorted(np.cumsum(weights / weights.sum()), rng.random(), side="right"))
+        i = min(i, len(widths) - 1)
+        return _draw((knots[i], knots[i + 1]), rng)
+
+    def draw_double(self, rng: np.random.Generator, room: bool) -> bool:
+        """Whether the next pair is a double JPEG (it needs DOUBLE_SHIFT spare pixels: `room`)."""
+        return bool(self.double_p) and rng.random() < self.double_p and room
+
+    def draw_chroma(self, rng: np.random.Generator) -> str:
+        return self.chroma if self.chroma != "random" else ("444", "422", "420")[int(rng.integers(3))]
+
+    def card(self) -> dict:
+        """What a network's card says of its training's JPEGs."""
+        return {"qualities": list(self.qualities), "quality_knots": list(self.quality),
+                "quality_weights": list(self.quality_weights), "chroma": self.chroma,
+                "double_p": self.double_p, "double_quality": list(self.double_quality)}
+
+
+def _draw(bounds: tuple[int, int], rng: np.random.Generator) -> int:
+    lo, hi = bounds
+    return int(lo) if lo == hi else int(rng.integers(lo, hi + 1))
+
+
+# ----------------------------------------------------------------------------- encode, decode
+
+
+def encode(pixels: np.ndarray, quality: int, chroma: str = "420") -> bytes:
+    """(H, W, C) uint8 -> JPEG bytes at `quality` (Pillow: libjpeg-turbo, the standard tables);
+    `chroma` sets the subsampling of a colour image (a one-channel image has no chroma)."""
+    buf = io.BytesIO()
+    if pixels.ndim == 2 or pixels.shape[-1] == 1:
+        Image.fromarray(pixels.reshape(pixels.shape[:2])).save(buf, format="JPEG", quality=int(quality))
+    else:
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=int(quality), subsampling=CHROMA[chroma])
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> tuple[np.ndarray, Optional[int]]:
+    """JPEG bytes -> ((H, W, C) uint8 pixels, C = 1 for a grayscale JPEG; the quality its tables say)."""
+    with Image.open(io.BytesIO(data)) as im:
+        quality = table_quality(getattr(im, "quantization", None))
+        out = np.asarray(im)
+    return (out[..., None] if out.ndim == 2 else out), quality
+
+
+def compress(target: np.ndarray, quality: int, chroma: str = "420", first: Optional[int] = None,
+             shift: tuple[int, int] = (0, 0), size: Optional[int] = None) -> tuple[bytes, np.ndarray]:
+    """The deterministic degradation (validation, evaluate): (JPEG bytes, the target they restore to).
+
+    With `first`, a double JPEG: `target` JPEG'd at quality `first`, its block grid shifted by `shift`
+    (dy, dx in 0..7: the first dy rows and dx columns cut off; then `size` px square, or the rest of
+    the image), then JPEG'd at `quality`; the target is cut the same way. A one-channel target is
+    encoded as a grayscale JPEG."""
+    if first is None:
+        return encode(target, quality, chroma), target
+    dy, dx = shift
+    h, w = target.shape[:2]
+    sh, sw = (size, size) if size else (h - dy, w - dx)
+    once = decode(encode(target, first, chroma))[0]
+    cut = np.ascontiguousarray(once[dy:dy + sh, dx:dx + sw])
+    return encode(cut, quality, chroma), np.ascontiguousarray(target[dy:dy + sh, dx:dx + sw])
+
+
+def degrade(patch: np.ndarray, spec: JpegSpec, rng: np.random.Generator, double: bool) -> tuple[bytes, np.ndarray]:
+    """One training pair from a clean (P, P, C) patch, or (P+8, P+8, C) for a double JPEG (`double`,
+    from JpegSpec.draw_double): (the input as JPEG bytes, the (P, P, C) target). FBCNN's double JPEG
+    (Jiang et al. 2021): JPEG at q1, the block grid shifted by (dy, dx) in 0..7, then the last JPEG."""
+    chroma = spec.draw_chroma(rng)
+    if not double:
+        return encode(patch, spec.draw_quality(rng), chroma), patch
+    first = _draw(spec.double_quality, rng)
+    dy, dx = (int(v) for v in rng.integers(0, DOUBLE_SHIFT, 2))
+    return compress(patch, spec.draw_quality(rng), chroma, first=first, shift=(dy, dx),
+                    size=patch.shape[0] - DOUBLE_SHIFT)
+
+
+def val_chroma(spec: JpegSpec, key: str) -> str:
+    """Validation's chroma for an image: the spec's, or with `random` one fixed by the image's key."""
+    return spec.chroma if spec.chroma != "random" else ("444", "422", "420")[zlib.crc32(key.encode()) % 3]
+
+
+# ----------------------------------------------------------------------------- the quality of a file
+
+
+def ijg_table(quality: int, base: np.ndarray = LUMA_BASE) -> np.ndarray:
+    """libjpeg's jpeg_quality_scaling + jpeg_add_quant_table (baseline: 1..255)."""
+    q = min(max(int(quality), 1), 100)
+    scale = 5000 // q if q < 50 else 200 - 2 * q
+    return np.clip((base * scale + 50) // 100, 1, 255)
+
+
+@functools.lru_cache(maxsize=1)
+def _log_tables() -> np.ndarray:
+    """log of the IJG luma tables of qualities 1..100: (100, 64)."""
+    return np.log(np.stack([ijg_table(q) for q in range(1, 101)]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _table_quality(luma: tuple) -> Optional[int]:
+    t = np.asarray(luma, np.float64)
+    if t.shape != (64,) or not (t > 0).all():
+        return None  # a zero step is not a JPEG table
+    dist = np.abs(_log_tables() - np.log(t)) @ _WEIGHTS
+    best = int(np.argmin(dist))
+    if dist[best] > ABSURD_DISTANCE:
+        return None
+    # several qualities can share one table (q 98..100 are nearly all ones): the middle of the tie
+    ties = np.flatnonzero(dist <= dist[best] + 1e-12)
+    return int(ties[len(ties) // 2]) + 1
+
+
+def table_quality(tables: Optional[Mapping[int, Sequence[int]]]) -> Optional[int]:
+    """The IJG quality (1-100) whose standard luma table is nearest to a JPEG's (Pillow's
+    `Image.quantization`: table 0 is the luma's, and a grayscale JPEG has only that one). None when
+    there are no tables, or they are unusable (a zero step, not 64 entries) or absurd (no IJG
+    quality near them: real tables, Photoshop's and mozjpeg's included, stay within 0.35 of one)."""
+    if not tables or 0 not in tables:
+        return None
+    try:
+        luma = tuple(int(v) for v in tables[0])
+    except (TypeError, ValueError):
+        return None
+    return _table_quality(luma)
+
+
+def pixel_quality(pixels: np.ndarray) -> Optional[int]:
+    """The quality an image was once JPEG-compressed at, seen in its pixels (the JPEG ghost), or None
+    when no JPEG trace is seen (never compressed, or resized or cropped off the 8x8 grid since).
+
+    A centre crop (aligned to the 16 px grid of 4:2:0, so the block grid stays in place) is
+    re-compressed at every quality and each chroma subsampling; the quality whose error dips
+    furthest below the highest error within 5 qualities on each side is the answer. Re-compressing
+    a clean image gives an error that only falls as the quality rises: no dip."""
+    h, w = pixels.shape[:2]
+    side = GHOST_SIDE
+    top, left = max(0, (h - side) // 2) // 16 * 16, max(0, (w - side) // 2) // 16 * 16
+    crop = np.ascontiguousarray(pixels[top:top + side, left:left + side])
+    if min(crop.shape[:2]) < 16:
+        return None
+    gray = crop.ndim == 2 or crop.shape[-1] == 1
+    clean = crop.astype(np.float32)
+    best: tuple[float, Optional[int]] = (GHOST_DIP, None)
+    for chroma in ("420",) if gray else ("420", "444", "422"):
+        err = np.empty(101)
+        for q in range(1, 101):
+            again = decode(encode(crop, q, chroma))[0].astype(np.float32).reshape(clean.shape)
+            err[q] = float(np.square(again - clean).mean())
+        for q in range(2, 100):  # a dip: the error rises on both sides (towards 100 it only falls)
+            rise = min(err[max(1, q - 5):q].max(), err[q + 1:min(100, q + 5) + 1].max())
+            dip = err[q] / max(float(rise), 1e-12)
+            if dip < best[0]:
+                best = (dip, q)
+    return best[1]
+
+
+def file_quality(data: bytes) -> Optional[int]:
+    """The quality a file's header says: its tables' IJG quality; None for a file without usable tables."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return table_quality(getattr(im, "quantization", None)) if im.format in ("JPEG", "MPO") else None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def quality_feature(quality) -> float:
+    """How a network sees a quality: FBCNN's 1 - q/100 (0 for a lossless input, near 1 for the worst)."""
+    return 1.0 - float(quality) / 100.0
+
+
+__all__ = ["CHROMA", "CHROMA_CHOICES", "DOUBLE_SHIFT", "JpegError", "JpegSpec", "compress", "decode", "degrade",
+           "encode", "file_quality", "ijg_table", "pixel_quality", "quality_feature", "table_quality", "val_chroma"]
