@@ -27,6 +27,7 @@ bench: install
 	$(PY) bench/shards.py
 	$(PY) bench/loader.py
 	$(PY) bench/train_step.py
+	$(PY) bench/evaluate.py
 	$(PY) bench/models.py
 
 # on a machine with CUDA: train step, is the GPU fed, nccl, a 24 MP restore (bench/gpu_check.py)

@@ -33,8 +33,8 @@ from typing import Optional
 
 import torch
 
-from restorer.cli import one_line
 from restorer.data.jpeg import JpegSpec
+from restorer.errors import RestorerError, one_line
 from restorer.fileio import atomic_open, atomic_path
 from restorer.models import NetworkSpec
 
@@ -51,8 +51,8 @@ QUALITY_INPUT = ("quality: float32 N, the IJG quality (1-100) of each input's JP
                  "lower removes more, higher keeps more detail")
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message is one line for the user."""
+class CheckpointError(RestorerError):
+    """A checkpoint (or an exported network file) that cannot be used; one line."""
 
 
 @dataclass
@@ -185,15 +185,14 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> None:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """The checkpoint at `path`: FileNotFoundError, or CheckpointError (one line) for a file that
-    cannot be used. Tensors and plain values only (`weights_only`): reading runs no pickled code."""
+    """The checkpoint at `path`; CheckpointError (one line) for a file that is missing or cannot be used. Tensors and plain values only (`weights_only`): reading runs no pickled code."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated zip, a pickle error: the file is not usable
-        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(e)[:200]}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(e)}") from None
     return Checkpoint.from_state(state, path)
 
 
@@ -214,7 +213,7 @@ def load_latest(out_dir: Path) -> Optional[Checkpoint]:
         try:
             checkpoint = read_checkpoint(path)
         except (CheckpointError, OSError) as e:  # a truncated zip, a pickle error, a wrong object: try the next
-            failures.append(f"{path.name}: {one_line(e)[:200]}")
+            failures.append(f"{path.name}: {one_line(e)}")
             continue
         if failures:
             print(f"restorer: warning: {'; '.join(failures)}; resuming from {path.name} (step {checkpoint.step}) instead",

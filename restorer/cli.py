@@ -1,14 +1,17 @@
-"""The command-line tools' one error convention: a mistake in the command (a missing file, a bad
-option) is one line `PROG: error: ...` on stderr and exit status 2, never a traceback."""
+"""The command-line tools' one parser and one way to end: a mistake in the command (a missing file,
+a bad option) or any other RestorerError is one line `PROG: error: ...` on stderr and its exit code
+(restorer.errors), never a traceback; so is a file that cannot be read or written (exit 2); Ctrl-C
+is one line and 130."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
+from restorer.errors import RestorerError, UsageError, one_line
 
-class UsageError(Exception):
-    """A mistake in the command; the message is one line."""
+__all__ = ["Parser", "UsageError", "one_line", "run"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,10 +21,19 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def fail(prog: str, e: BaseException) -> int:
-    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-    return 2
+def run(prog: str, body: Callable[[], int], *, quiet: Callable[[RestorerError], bool] = lambda e: False,
+        interrupted: str = "interrupted") -> int:
+    """body()'s exit status; a RestorerError is one line `prog: error: ...` (unless `quiet(e)`: an
+    error every rank of a run raises alike is said by rank 0 alone) and its exit code."""
+    try:
+        return body()
+    except RestorerError as e:
+        if not quiet(e):
+            print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # a file the tool could not read or write (a full disk, no permission): the user's to fix
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: {interrupted}", file=sys.stderr)
+        return 130

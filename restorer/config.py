@@ -1,5 +1,17 @@
-"""Typed configuration: dataclasses loaded from YAML, overridden by `section.key=value` arguments,
-checked before anything starts. Every mistake becomes one ConfigError line naming the key."""
+"""Typed configuration, the whole tree in one place: dataclasses loaded from YAML, overridden by
+`section.key=value` arguments, checked before anything starts. Every mistake becomes one
+ConfigError line naming the key ("key: must be ..., got ...").
+
+    Config
+      data       DataConfig (below): shards, loader, validation
+        patch    restorer.data.patches.PatchSpec: the clean patches
+        jpeg     restorer.data.jpeg.JpegSpec: their JPEG degradation
+      model      ModelConfig: name, preset, and each network's options (restorer.models.*Options)
+      optim      OptimConfig          train  TrainConfig
+      checkpoint CheckpointConfig     log    LogConfig
+
+A choice is a `Literal[...]` field, checked by restorer.choices.check_choices. A new key: a field
+in its section's dataclass here (or in the network's or spec's own, which this file imports)."""
 
 from __future__ import annotations
 
@@ -11,12 +23,59 @@ from typing import Any, Optional
 
 import yaml
 
-from restorer.data.pipeline import DataConfig
+from restorer.choices import Literal, check_choices
+from restorer.data.jpeg import JpegSpec
+from restorer.data.patches import PatchSpec
+from restorer.errors import RestorerError
 from restorer.models import MODELS, DnCNNOptions, NAFNetOptions, NetworkSpec, SeedOptions, UNetOptions
 
 
-class ConfigError(ValueError):
+class ConfigError(RestorerError):
     """A bad config file, key or value; the message is one line."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training pairs come from and how they are made (restorer.data.pipeline)."""
+
+    shards: str = ""  # a shard folder or its manifest.json
+    train_urls: str = ""  # instead of the manifest's list: any URL pattern webdataset reads
+    val_urls: str = ""  # (brace patterns, pipe:aws s3 cp s3://... -, http://...)
+    epoch_samples: int = 0  # patches per epoch; 0: every training image once, patches_per_image each
+    patch: PatchSpec = field(default_factory=PatchSpec)  # the clean patches: size, rescale, rotation, colour
+    jpeg: JpegSpec = field(default_factory=JpegSpec)  # their JPEG: qualities, chroma, double JPEG
+    patches_per_image: int = 256  # patches cut from each decoded image: a decode costs ~100 patches
+    shuffle_buffer: int = 2048  # patches held per stream, ~50 KB each at patch 128
+    workers: int = 4  # DataLoader worker processes per rank
+    val_crop: int = 256  # validation: centre crop of at most this side ...
+    val_qualities: tuple[int, ...] = (10,)  # ... JPEG-encoded at each of these qualities (jpeg.chroma's subsampling)
+    verify: bool = False  # at start, check every shard's sha256 against the manifest (sizes are always checked)
+    allow_pipe: bool = False  # let train_urls/val_urls use pipe: (it runs a shell command on every rank and worker)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field that is wrong."""
+        if not (self.shards or self.train_urls):
+            raise ValueError("shards: must be a shard folder (or its manifest.json), or set train_urls")
+        if self.train_urls and not self.shards and self.epoch_samples <= 0:
+            raise ValueError(f"epoch_samples: must be > 0 when train_urls is used without a manifest, got {self.epoch_samples}")
+        for name in ("patches_per_image", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"workers: must be >= 0, got {self.workers}")
+        if self.val_crop < 16:  # whole 8x8 blocks, at least SSIM's 11x11 window
+            raise ValueError(f"val_crop: must be >= 16 (SSIM's window is 11x11), got {self.val_crop}")
+        for name in ("train_urls", "val_urls"):
+            if "pipe:" in getattr(self, name) and not self.allow_pipe:
+                raise ValueError(f"{name}: a pipe: URL runs a shell command on every rank and worker: "
+                                 "set data.allow_pipe=true if you mean it")
+        if not self.val_qualities or not all(1 <= q <= 100 for q in self.val_qualities):
+            raise ValueError(f"val_qualities: must be one or more qualities in 1..100, got {list(self.val_qualities)}")
+        for name in ("patch", "jpeg"):
+            try:
+                getattr(self, name).validate()
+            except ValueError as e:
+                raise ValueError(f"{name}.{e}") from None
 
 
 @dataclass
@@ -33,13 +92,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.name not in MODELS:
-            raise ValueError(f"name: unknown model {self.name!r}; choose from: {', '.join(sorted(MODELS))}")
-        options = getattr(self, self.name)
-        if hasattr(options, "validate"):
-            try:
-                options.validate()
-            except ValueError as e:
-                raise ValueError(f"{self.name}.{e}") from None
+            raise ValueError(f"name: must be one of {', '.join(sorted(MODELS))}, got {self.name!r}")
+        try:
+            getattr(self, self.name).validate()
+        except ValueError as e:
+            raise ValueError(f"{self.name}.{e}") from None
 
     def options(self) -> dict:
         """The chosen network's options as plain values (what build_model takes, and checkpoints keep)."""
@@ -66,15 +123,15 @@ def apply_preset(raw: dict) -> None:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | adamw
+    name: Literal["adam", "adamw"] = "adam"
     lr: float = 5e-4
-    last_lr_scale: float = 0.5  # the `last` layer's lr = lr x this (the seed: 0.5)
+    last_lr_scale: float = 0.5  # the network's output layer (its last_layer()) at lr x this (the seed: 0.5)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    loss: str = "mse_sum"  # mse_sum (the seed's MSELoss(reduction='sum')) | mse | l1 | charbonnier | psnr
+    loss: Literal["mse_sum", "mse", "l1", "charbonnier", "psnr"] = "mse_sum"  # mse_sum: the seed's MSELoss(reduction='sum')
     charbonnier_eps: float = 1e-3  # charbonnier: mean of sqrt((out - target)^2 + eps^2)
     grad_clip: float = 0.0  # max gradient norm; 0: off
-    schedule: str = "constant"  # constant (the seed) | cosine | step
+    schedule: Literal["constant", "cosine", "step"] = "constant"  # constant: the seed's
     warmup_steps: int = 0
     min_lr_scale: float = 0.0  # cosine: the lr it ends at, as a fraction of lr
     step_every: int = 0  # step schedule: multiply the lr by step_gamma every this many steps
@@ -82,17 +139,13 @@ class OptimConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0: off
 
     def validate(self) -> None:
-        choices = {"name": ("adam", "adamw"), "loss": ("mse_sum", "mse", "l1", "charbonnier", "psnr"),
-                   "schedule": ("constant", "cosine", "step")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        check_choices(self)
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema: must be in [0, 1), got {self.ema}")
         if self.schedule == "step" and self.step_every <= 0:
-            raise ValueError("step_every: the step schedule needs step_every > 0")
+            raise ValueError(f"step_every: must be > 0 for the step schedule, got {self.step_every}")
         for key in ("warmup_steps", "grad_clip", "weight_decay", "last_lr_scale", "min_lr_scale", "charbonnier_eps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
@@ -108,8 +161,8 @@ class TrainConfig:
     batch_size: int = 8  # per rank and per micro-step: the global batch is x ranks x grad_accum
     grad_accum: int = 1
     seed: int = 0
-    device: str = "auto"  # auto (cuda when available) | cuda | cpu
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; a GradScaler only for fp16)
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when available
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16, fp16: autocast (a GradScaler only for fp16)
     channels_last: bool = False
     compile: bool = False
     resume: bool = True  # continue from out_dir/last.pt when it exists; false starts fresh
@@ -118,10 +171,7 @@ class TrainConfig:
     stop_grace_s: float = 25.0  # after SIGTERM/SIGUSR1, exit by force if a step never ends
 
     def validate(self) -> None:
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"device: {self.device!r} is not one of auto, cuda, cpu")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision: {self.precision!r} is not one of fp32, bf16, fp16")
+        check_choices(self)
         for key in ("epochs", "batch_size", "grad_accum", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
@@ -132,7 +182,7 @@ class TrainConfig:
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes: must be >= 0, got {self.max_minutes}")
         if not self.out_dir:
-            raise ValueError("out_dir: must be set")
+            raise ValueError("out_dir: must be a folder, got ''")
 
 
 @dataclass
@@ -200,6 +250,10 @@ def _plain(obj: Any) -> Any:
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """`value` as type `hint`, or ConfigError naming `key`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:  # a choice: read as its values' type (420 -> "420"); validate() checks the choice
+        if all(isinstance(a, str) for a in args) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None

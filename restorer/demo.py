@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from restorer.cli import Parser, UsageError, fail
+from restorer.cli import Parser, UsageError, run
+from restorer.errors import RunError
 from restorer.data import decode_image, jpeg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +65,9 @@ def copy_photos(train_dir: Path, held_out_dir: Path, more_held_out: bool = False
 
 def _run(cmd: list[str], what: str) -> None:
     print(f"\n== {what}\n$ {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
+    code = subprocess.run(cmd, cwd=REPO).returncode
+    if code:
+        raise RunError(f"step {what.split(' ', 1)[0]} failed with exit code {code}: its message is above")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,16 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
     ap.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
     ap.add_argument("--quality", type=int, default=10, help="the JPEG quality of the before/after picture (default 10)")
-    try:
-        args = ap.parse_args(argv)
-    except UsageError as e:
-        return fail("demo", e)
-    try:
-        import skimage  # noqa: F401
-    except ImportError:
-        print("demo: error: scikit-image is needed for the demo photos: pip install -e '.[demo]'", file=sys.stderr)
-        return 2
+    return run("demo", lambda: demo(ap.parse_args(argv)))
 
+
+def demo(args) -> int:
+    if importlib.util.find_spec("skimage") is None:
+        raise UsageError("scikit-image is needed for the demo photos: pip install -e '.[demo]'")
     out = Path(args.out).resolve()
     photos, held_out = out / "photos", out / "held_out"
     copy_photos(photos, held_out)

@@ -15,8 +15,10 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from restorer.errors import RestorerError
 
-class LaunchError(Exception):
+
+class LaunchError(RestorerError):
     """The processes were started in a way that cannot work; one line saying how to launch."""
 
 

@@ -21,6 +21,8 @@ For every image under DIR (recursive; .jpg .jpeg .png .webp .bmp .tif .tiff, any
   B in [0, 1] x 255, rounded to 8 bits (16-235), or a grayscale file's own values (Classic5 is
   grayscale); that one channel is JPEG-encoded as a grayscale JPEG. A grayscale network restores it;
   an RGB network gets it as three equal channels and its output's mean over them. Metrics on it.
+* a grayscale network without ``--gray``: the reference is the luma it trains on (JFIF BT.601, full
+  range: Pillow's L, restorer.data.patches.luma), JPEG-encoded as a grayscale JPEG. Metrics on it.
 * the network runs on the whole image: in tiles of 1024 px (so memory stays bounded), which the
   benchmarks' images (LIVE1, Classic5, BSDS500) fit in whole, on every device alike; the output is
   rounded to 8 bits as a saved image would be. A network conditioned on the quality is given the one
@@ -53,9 +55,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from restorer.cli import Parser, UsageError, fail
+from restorer.cli import Parser, UsageError, run
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
+from restorer.data.patches import luma
 from restorer.fileio import atomic_open, atomic_write_json
 from restorer.inference import (PRECISIONS, Network, decode_file, find_inputs, input_quality, load_network,
                                 restore_image)
@@ -76,11 +79,9 @@ HEADERS = {
     "rgb": "metrics on RGB (all three channels, data range 1.0)",
     "y": "metrics on Y (MATLAB rgb2ycbcr: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255, data range 1.0)",
     "gray": "grayscale protocol: reference = MATLAB rgb2ycbcr Y rounded to 8 bits, one-channel JPEG; metrics on it",
+    "luma": "a grayscale network: reference = the luma it trains on (JFIF BT.601, Pillow's L), one-channel JPEG; "
+            "metrics on it (--gray: the papers' MATLAB Y instead)",
 }
-
-
-class EvaluateError(Exception):
-    """A fatal, user-facing error: reported as one line, exit status 2."""
 
 
 def warn(msg: str) -> None:
@@ -147,22 +148,22 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
     {name: figures}, "mean"}}}."""
     qualities = list(dict.fromkeys(int(q) for q in qualities))
     if not qualities or not all(1 <= q <= 100 for q in qualities):
-        raise EvaluateError(f"--quality: must be in 1..100, got {qualities}")
+        raise UsageError(f"--quality: must be in 1..100, got {qualities}")
     if double is not None and not 1 <= double <= 100:
-        raise EvaluateError(f"--double: must be a quality in 1..100, got {double}")
+        raise UsageError(f"--double: must be a quality in 1..100, got {double}")
     if chroma not in jpeg.CHROMA:
-        raise EvaluateError(f"--chroma: must be one of {', '.join(jpeg.CHROMA)}, got {chroma!r}")
+        raise UsageError(f"--chroma: must be one of {', '.join(jpeg.CHROMA)}, got {chroma!r}")
     if gray and y_channel:
-        raise EvaluateError("--gray already measures on Y: drop --y-channel")
+        raise UsageError("--gray already measures on Y: drop --y-channel")
     if max_side and max_side < 8:
-        raise EvaluateError(f"--max-side must be >= 8 (or 0 for whole images), got {max_side}")
+        raise UsageError(f"--max-side must be >= 8 (or 0 for whole images), got {max_side}")
     root = Path(images_dir)
     paths = _image_files(root, "--images")
     net = _load(ckpt_path, device, precision)
     kw = _tiling(tile)
-    channel = "gray" if (gray or net.grayscale) else "y" if y_channel else "rgb"
+    channel = "gray" if gray else "luma" if net.grayscale else "y" if y_channel else "rgb"
     if y_channel and net.grayscale:
-        warn("a grayscale network is scored on Y anyway: --y-channel changes nothing")
+        warn("a grayscale network is scored on its luma anyway: --y-channel changes nothing")
     per_q: dict[str, dict[str, dict[str, float]]] = {str(q): {} for q in qualities}
     from tqdm import tqdm
 
@@ -179,6 +180,8 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
         image = centre_crop(image, max_side) if max_side else image
         if channel == "gray":  # the reference is Y: a grayscale file's own values, a colour one's MATLAB Y
             clean = image if is_gray else matlab_y_u8(image)
+        elif channel == "luma":  # a grayscale network's own luma convention
+            clean = image if is_gray else luma(image)
         else:
             clean = np.repeat(image[..., None], 3, axis=2) if is_gray else image
         shift = double_shift(name) if double is not None else (0, 0)
@@ -192,7 +195,7 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
             bar.update()
     bar.close()
     if not any(per_q.values()):
-        raise EvaluateError(f"none of the {len(paths)} image(s) under {root} could be read")
+        raise UsageError(f"none of the {len(paths)} image(s) under {root} could be read")
     return _result(ckpt_path, channel, per_q, chroma=chroma, double=double)
 
 
@@ -235,31 +238,28 @@ def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = F
         out = restore_image(net, jpeg_pixels, quality=quality, **kw)
         images[stem] = scored("y" if y_channel else "rgb", ref, jpeg_pixels, out)
     if not images:
-        raise EvaluateError(f"no input under {inputs} has a usable reference under {refs}")
+        raise UsageError(f"no input under {inputs} has a usable reference under {refs}")
     channel = "y" if y_channel else ("gray" if gray_inputs == len(images) else "rgb")
     return _result(ckpt_path, channel, {GIVEN: images})
 
 
 def _image_files(root: Path, option: str) -> list[Path]:
     if not root.is_dir():
-        raise EvaluateError(f"{option} folder not found: {root}")
+        raise UsageError(f"{option} folder not found: {root}")
     paths = find_inputs([str(root)])[0]
     if not paths:
-        raise EvaluateError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+        raise UsageError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
     return paths
 
 
 def _load(ckpt_path, device: str, precision: str) -> Network:
-    try:
-        return load_network(ckpt_path, device, precision)
-    except (FileNotFoundError, ValueError) as e:
-        raise EvaluateError(str(e)) from None
+    return load_network(ckpt_path, device, precision)
 
 
 def _tiling(tile: Optional[int]) -> dict:
     tile = tile or TILE
     if tile < 8 or tile % 8:
-        raise EvaluateError(f"--tile must be a positive multiple of 8, got {tile}")
+        raise UsageError(f"--tile must be a positive multiple of 8, got {tile}")
     return {"tile": tile, "overlap": 32, "batch": 4}
 
 
@@ -307,10 +307,10 @@ def plot(result: dict, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise EvaluateError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+        raise UsageError("--plot needs matplotlib: pip install -e '.[plot]'") from None
     qs = [q for q in result["qualities"] if q != GIVEN]
     if not qs:
-        raise EvaluateError("--plot draws the gain against the quality: it needs --images and --quality")
+        raise UsageError("--plot draws the gain against the quality: it needs --images and --quality")
     blocks = [result["qualities"][q] for q in qs]
     mean = [b["mean"]["psnr_model"] - b["mean"]["psnr_jpeg"] for b in blocks]
     worst = [min(i["psnr_model"] - i["psnr_jpeg"] for i in b["images"].values()) for b in blocks]
@@ -354,7 +354,7 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    try:
+    def body() -> int:
         args = build_parser().parse_args(argv)
         if bool(args.inputs) != bool(args.references) or bool(args.images) == bool(args.inputs):
             raise UsageError("give --images DIR, or --inputs DIR with --references DIR")
@@ -383,9 +383,9 @@ def main(argv=None) -> int:
             atomic_write_json(args.json, result)
         if args.plot:
             plot(result, args.plot)
-    except (UsageError, EvaluateError, OSError) as e:
-        return fail("evaluate", e)
-    return 0
+        return 0
+
+    return run("evaluate", body)
 
 
 if __name__ == "__main__":

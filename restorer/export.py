@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from restorer.cli import Parser, UsageError, fail, one_line
+from restorer.cli import Parser, UsageError, one_line, run
+from restorer.errors import RunError
 from restorer.fileio import atomic_open
 from restorer.inference import ONNX_CARD_KEY, load_checkpoint_network
 
@@ -35,8 +36,8 @@ TOLERANCE = 1 / 255  # an exported network's output may differ from PyTorch's by
 CHECK_SIZES = ((1, 37, 53), (2, 64, 40))  # (batch, height, width): odd sizes, not multiples of the U-Nets' 16
 
 
-class ExportError(Exception):
-    """The export cannot be done or did not check out; one line."""
+class ExportError(RunError):
+    """The export cannot be done or did not check out; one line (exit 1: the checkpoint was fine)."""
 
 
 def _inputs(model: torch.nn.Module, n: int, h: int, w: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -138,14 +139,15 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True, help="a checkpoint (best.pt, last.pt)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="the file to write")
-    try:
+
+    def body() -> int:
         args = p.parse_args(argv)
         worst = export(args.ckpt, args.format, args.out)
-    except (UsageError, ExportError, FileNotFoundError, ValueError, OSError) as e:
-        return fail("export", e)
-    checked = f"; checked against PyTorch on odd sizes: max difference {worst:.1e}" if args.format != "safetensors" else ""
-    print(f"export: wrote {args.out} ({args.format}){checked}")
-    return 0
+        checked = f"; checked against PyTorch on odd sizes: max difference {worst:.1e}" if args.format != "safetensors" else ""
+        print(f"export: wrote {args.out} ({args.format}){checked}")
+        return 0
+
+    return run("export", body)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ from PIL import Image
 from torch import nn
 
 from restorer.checkpoint import Checkpoint, CheckpointError, card_qualities, read_checkpoint
-from restorer.cli import one_line
+from restorer.errors import UsageError, one_line
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, load_image, to_rgb_array
+from restorer.data.patches import luma
 from restorer.models import NetworkSpec, load_weights
 
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
@@ -65,7 +66,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA device is available")
+        raise UsageError("--device cuda, but no CUDA device is available")
     return device
 
 
@@ -126,10 +127,10 @@ def as_network(network: Network | nn.Module) -> Network:
 
 def load_network(path: str | Path, device: str | torch.device | None = "auto", precision: str = "fp32") -> Network:
     """A checkpoint (.pt), or a network exported as .onnx or .safetensors, ready to run.
-    FileNotFoundError or ValueError (one line) when it cannot be used."""
+    CheckpointError (one line) when the file cannot be used."""
     path = Path(path)
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dev = resolve_device(device)
     if path.suffix.lower() == ".onnx":
         return _onnx_network(path, dev, precision)
@@ -145,18 +146,18 @@ def load_network(path: str | Path, device: str | torch.device | None = "auto", p
 
 def _onnx_network(path: Path, device: torch.device, precision: str) -> Network:
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise CheckpointError(f"model file not found: {path}")
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ValueError("running an .onnx file needs onnxruntime: pip install -e '.[export]'") from None
+        raise UsageError("running an .onnx file needs onnxruntime: pip install -e '.[export]'") from None
     if precision != "fp32":
-        raise ValueError("an ONNX file runs in the precision it was exported in: use --precision fp32")
+        raise UsageError("an ONNX file runs in the precision it was exported in: use --precision fp32")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
-        raise ValueError(f"cannot load {path}: {one_line(e)[:200]}") from None
+        raise CheckpointError(f"cannot load {path}: {one_line(e)}") from None
     card = json.loads(session.get_modelmeta().custom_metadata_map.get(ONNX_CARD_KEY, "{}"))
     inputs = session.get_inputs()
     channels = inputs[0].shape[1]
@@ -176,25 +177,23 @@ def _onnx_network(path: Path, device: torch.device, precision: str) -> Network:
 def _safetensors_model(path: Path) -> tuple[nn.Module, NetworkSpec, dict]:
     """A network exported as safetensors: weights plus the card in the header (restorer.export)."""
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise CheckpointError(f"model file not found: {path}")
     try:
         from safetensors import safe_open
     except ImportError:
-        raise ValueError("reading a .safetensors file needs safetensors: pip install -e '.[export]'") from None
+        raise UsageError("reading a .safetensors file needs safetensors: pip install -e '.[export]'") from None
     try:
         with safe_open(str(path), framework="pt") as f:
             card = json.loads((f.metadata() or {}).get(ONNX_CARD_KEY, "null"))
             weights = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - a damaged file: the library's own error types
-        raise ValueError(f"cannot read {path}: {one_line(e)[:200]}") from None
+        raise CheckpointError(f"cannot read {path}: {one_line(e)}") from None
     if not isinstance(card, dict) or not {"network", "in_channels"} <= card.keys():
-        raise ValueError(f"{path} has no restorer card (network, in_channels) in its metadata "
-                         "(export it with python -m restorer.export)")
+        raise CheckpointError(f"{path} has no restorer card (network, in_channels) in its metadata "
+                              "(export it with python -m restorer.export)")
     spec = NetworkSpec(card["network"], dict(card.get("options") or {}), int(card["in_channels"]),
                        bool(card.get("grayscale", card["in_channels"] == 1)))
-    model = spec.build()
-    load_weights(model, weights, str(path))
-    return model.eval(), spec, card
+    return _built(spec, weights, path), spec, card
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,15 +202,19 @@ def _safetensors_model(path: Path) -> tuple[nn.Module, NetworkSpec, dict]:
 
 def load_checkpoint_network(ckpt_path: str | Path) -> tuple[nn.Module, Checkpoint]:
     """The network rebuilt from a checkpoint alone (on the CPU, in eval mode, EMA weights when
-    present) and the checkpoint. FileNotFoundError, or ValueError (one line) for a file that
-    cannot be used."""
+    present) and the checkpoint. CheckpointError (one line) for a file that cannot be used."""
+    checkpoint = read_checkpoint(ckpt_path)
+    return _built(checkpoint.network, checkpoint.inference_weights, ckpt_path), checkpoint
+
+
+def _built(spec: NetworkSpec, weights: dict, source) -> nn.Module:
+    """The network of `spec` with `weights`, in eval mode; CheckpointError when they do not fit."""
     try:
-        checkpoint = read_checkpoint(ckpt_path)
-        model = checkpoint.network.build()
-    except CheckpointError as e:
-        raise ValueError(str(e)) from None
-    load_weights(model, checkpoint.inference_weights, str(ckpt_path))
-    return model.eval(), checkpoint
+        model = spec.build()
+        load_weights(model, weights, str(source))
+    except ValueError as e:  # an unknown network or option, weights of another shape
+        raise CheckpointError(str(e)) from None
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,14 +392,15 @@ def restore_image(network: Network, image: np.ndarray, **kw) -> np.ndarray:
     """Restore a (H, W) grayscale or (H, W, 3) RGB uint8 image; the output has the same shape.
 
     A grayscale image through an RGB model is replicated to 3 channels and converted back to L;
-    an RGB image through a grayscale model has its luma (Y of YCbCr) restored.
+    an RGB image through a grayscale model has its luma restored (restorer.data.patches.luma, what
+    the network trained on) and keeps its chroma (Cb, Cr).
     """
     if image.ndim == 2:
         return restore_gray(network, image, **kw)
     if not network.grayscale:
         return restore_array(network, image, **kw)
     ycc = np.array(Image.fromarray(image, "RGB").convert("YCbCr"))
-    ycc[..., 0] = restore_array(network, np.ascontiguousarray(ycc[..., 0]), **kw)
+    ycc[..., 0] = restore_array(network, luma(image), **kw)
     return np.asarray(Image.fromarray(ycc, "YCbCr").convert("RGB"))
 
 

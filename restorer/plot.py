@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from restorer.cli import Parser, UsageError, fail
+from restorer.cli import Parser, UsageError, run
 from restorer.fileio import atomic_open
 
 
@@ -70,15 +70,16 @@ def main(argv=None) -> int:
     p = Parser(prog="python -m restorer.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run folder (train.out_dir)")
     p.add_argument("--out", help="the picture (default RUN_DIR/curves.png)")
-    try:
+
+    def body() -> int:
         args = p.parse_args(argv)
         run_dir = Path(args.run_dir)
         out = Path(args.out) if args.out else run_dir / "curves.png"
         draw(run_dir, out)
-    except (UsageError, OSError) as e:
-        return fail("plot", e)
-    print(f"plot: {out}")
-    return 0
+        print(f"plot: {out}")
+        return 0
+
+    return run("plot", body)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -50,10 +51,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from restorer.cli import Parser, UsageError, fail, one_line
+from restorer.cli import Parser, UsageError, one_line, run
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from restorer.fileio import atomic_open
-from restorer.inference import (PRECISIONS, decode_file, find_inputs, input_quality, load_network, read_image,
+from restorer.errors import RestorerError
+from restorer.inference import (PRECISIONS, Network, decode_file, find_inputs, input_quality, load_network, read_image,
                                 resolve_device, restore_image)
 
 LABEL_H = 16
@@ -207,111 +209,139 @@ def _parser() -> Parser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _checked(args) -> tuple[Network, list[Path], list[str]]:
+    """The command's mistakes, before any work (UsageError, one line): the network, the inputs and
+    the paths given that do not exist. Sets the device's tile and batch defaults."""
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"  # bigger tiles and batches: fewer, fuller launches
+    args.tile = args.tile if args.tile is not None else (1024 if cuda else 256)
+    args.batch = args.batch if args.batch is not None else (4 if cuda else 8)
+    if args.tile < 8 or args.tile % 8:
+        raise UsageError(f"--tile must be a positive multiple of 8, got {args.tile}")
+    if not 0 <= args.overlap <= args.tile // 2:
+        raise UsageError(f"--overlap must be in [0, {args.tile // 2}], got {args.overlap}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.quality is not None and not 1 <= args.quality <= 100:
+        raise UsageError(f"--quality must be in 1..100, got {args.quality}")
+    if args.reference and not Path(args.reference).is_dir():
+        raise UsageError(f"--reference folder not found: {args.reference}")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out is not a folder: {out_dir}")
+    if not Path(args.ckpt).is_file():
+        raise UsageError(f"checkpoint not found: {args.ckpt}")
+    files, missing = find_inputs(args.inputs, exclude=out_dir)
+    if not files:
+        raise UsageError(f"no input images found in: {' '.join(args.inputs)}")
+    return load_network(args.ckpt, device, args.precision), files, missing
+
+
+@dataclass
+class Tally:
+    restored: int = 0
+    unchanged: int = 0  # outside the network's qualities: written as they are
+    estimated: int = 0  # restored with the quality their pixels show
+    skipped: int = 0
+
+    def line(self, trained: Optional[tuple[int, int]], out_dir: Path) -> str:
+        return (f"restored {self.restored}"
+                + (f" ({self.estimated} with the quality estimated from the pixels)" if self.estimated else "")
+                + f", unchanged {self.unchanged}"
+                + (f" (outside the network's qualities {trained[0]}-{trained[1]}, or no JPEG trace; --force restores "
+                   "them)" if self.unchanged else "")
+                + f", skipped {self.skipped}, output dir {out_dir}")
+
+
+def restore_file(network: Network, path: Path, outputs: tuple[Path, Path], args, tally: Tally, say) -> None:
+    """One input: its quality, the guard, the restoration, the compare picture. What is said of the
+    file is one line (`say`); a file that cannot be read or written is skipped."""
     try:
-        args = _parser().parse_args(argv)
-        device = resolve_device(args.device)
-        cuda = device.type == "cuda"  # bigger tiles and batches: fewer, fuller launches
-        args.tile = args.tile if args.tile is not None else (1024 if cuda else 256)
-        args.batch = args.batch if args.batch is not None else (4 if cuda else 8)
-        if args.tile < 8 or args.tile % 8:
-            raise UsageError(f"--tile must be a positive multiple of 8, got {args.tile}")
-        if not 0 <= args.overlap <= args.tile // 2:
-            raise UsageError(f"--overlap must be in [0, {args.tile // 2}], got {args.overlap}")
-        if args.batch < 1:
-            raise UsageError(f"--batch must be >= 1, got {args.batch}")
-        if args.quality is not None and not 1 <= args.quality <= 100:
-            raise UsageError(f"--quality must be in 1..100, got {args.quality}")
-        ref_dir = Path(args.reference) if args.reference else None
-        if ref_dir is not None and not ref_dir.is_dir():
-            raise UsageError(f"--reference folder not found: {ref_dir}")
-        out_dir = Path(args.out)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UsageError(f"--out is not a folder: {out_dir}")
-        if not Path(args.ckpt).is_file():
-            raise UsageError(f"checkpoint not found: {args.ckpt}")
-        files, missing = find_inputs(args.inputs, exclude=out_dir)
-        if not files:
-            raise UsageError(f"no input images found in: {' '.join(args.inputs)}")
-        network = load_network(args.ckpt, device, args.precision)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (UsageError, ValueError, OSError) as e:
-        return fail("restore", e)
-
-    from tqdm import tqdm
-
-    kw = dict(tile=args.tile, overlap=args.overlap, batch=args.batch)
-    restored, skipped, unchanged, estimated = 0, len(missing), 0, 0
-    for m in missing:
-        print(f"skipped {m}: no such file or folder", file=sys.stderr)
-    plan, problems = plan_outputs(files, out_dir, args.compare)
+        data = path.read_bytes()
+        image, _ = decode_file(data)
+    except (ImageDecodeError, OSError) as e:
+        say(f"skipped {path}: {one_line(e)}")
+        tally.skipped += 1
+        return
+    quality, how = (args.quality, "given") if args.quality is not None else input_quality(data, image)
     trained = network.trained_qualities
-    for path in tqdm(files, desc="restore", unit="img", file=sys.stderr, disable=None):
-        def say(text: str) -> None:
-            tqdm.write(f"{path}: {text}", file=sys.stderr)
+    notes = []
+    if how == "pixels":
+        tally.estimated += 1
+        notes.append(f"no usable JPEG tables: quality {quality} estimated from the pixels")
+    reason = outside(quality, how, trained) if not args.force else None
+    try:
+        if reason is not None:
+            say(f"{path}: " + "; ".join([*notes, f"{reason}: written unchanged (--force restores it anyway)"]))
+            save_png(outputs[0], image)
+            tally.unchanged += 1
+            return
+        if quality is None and network.takes_quality:  # no JPEG trace, and --force
+            quality = trained[1] if trained else 95
+            notes.append(f"no JPEG trace: restored as quality {quality}, the gentlest the network knows")
+        if notes:
+            say(f"{path}: " + "; ".join(notes))
+        result = restore_image(network, image, quality=quality if network.takes_quality else None,
+                               tile=args.tile, overlap=args.overlap, batch=args.batch)
+        save_png(outputs[0], result)
+    except (RestorerError, OSError, RuntimeError, torch.OutOfMemoryError) as e:  # unwritable output, memory
+        say(f"skipped {path}: {one_line(e)}")
+        tally.skipped += 1
+        return
+    tally.restored += 1
+    if args.compare:
+        try:
+            original = _reference(path, image, Path(args.reference) if args.reference else None, say)
+            pic = make_compare(image, result, original)
+            with atomic_open(outputs[1], "wb") as f:
+                pic.save(f, format="PNG")
+        except (RestorerError, OSError, RuntimeError) as e:
+            say(f"note {path}: no compare picture ({one_line(e)})")
 
-        if path in problems:
-            tqdm.write(f"skipped {path}: {problems[path]}", file=sys.stderr)
-            skipped += 1
-            continue
-        try:
-            data = path.read_bytes()
-            image, _ = decode_file(data)
-        except (ImageDecodeError, OSError) as e:
-            tqdm.write(f"skipped {path}: {one_line(e)}", file=sys.stderr)
-            skipped += 1
-            continue
-        quality, how = (args.quality, "given") if args.quality is not None else input_quality(data, image)
-        notes = []  # what is said of this file: one line
-        if how == "pixels":
-            estimated += 1
-            notes.append(f"no usable JPEG tables: quality {quality} estimated from the pixels")
-        reason = outside(quality, how, trained) if not args.force else None
-        try:
-            if reason is not None:
-                say("; ".join([*notes, f"{reason}: written unchanged (--force restores it anyway)"]))
-                save_png(plan[path][0], image)
-                unchanged += 1
-                continue
-            if quality is None and network.takes_quality:  # no JPEG trace, and --force
-                quality = trained[1] if trained else 95
-                notes.append(f"no JPEG trace: restored as quality {quality}, the gentlest the network knows")
-            if notes:
-                say("; ".join(notes))
-            result = restore_image(network, image, quality=quality if network.takes_quality else None, **kw)
-            save_png(plan[path][0], result)
-        except (ValueError, OSError, RuntimeError, torch.OutOfMemoryError) as e:  # unwritable output, memory
-            tqdm.write(f"skipped {path}: {one_line(e)}", file=sys.stderr)
-            skipped += 1
-            continue
-        restored += 1
-        if args.compare:
-            try:
-                original = None
-                ref = find_reference(ref_dir, path.stem) if ref_dir is not None else None
-                if ref is not None:
-                    try:
-                        original, _ = read_image(ref)
-                        if original.ndim != image.ndim:  # match the input's colour type
-                            conv = "L" if image.ndim == 2 else "RGB"
-                            original = np.asarray(Image.fromarray(original).convert(conv))
-                        if original.shape != image.shape:
-                            tqdm.write(f"note {path}: reference {ref} is {original.shape[1]}x{original.shape[0]},"
-                                       f" not {image.shape[1]}x{image.shape[0]}: compared without it", file=sys.stderr)
-                            original = None
-                    except (ImageDecodeError, OSError) as e:
-                        tqdm.write(f"note {path}: reference {ref} unreadable ({one_line(e)})", file=sys.stderr)
-                        original = None
-                pic = make_compare(image, result, original)
-                with atomic_open(plan[path][1], "wb") as f:
-                    pic.save(f, format="PNG")
-            except (ValueError, OSError, RuntimeError) as e:
-                tqdm.write(f"note {path}: no compare picture ({one_line(e)})", file=sys.stderr)
-    print(f"restored {restored}" + (f" ({estimated} with the quality estimated from the pixels)" if estimated else "")
-          + f", unchanged {unchanged}" + (f" (outside the network's qualities {trained[0]}-{trained[1]}, or no JPEG "
-                                          "trace; --force restores them)" if unchanged else "")
-          + f", skipped {skipped}, output dir {out_dir}")
-    return 1 if restored + unchanged == 0 else 0
+
+def _reference(path: Path, image: np.ndarray, ref_dir: Optional[Path], say) -> Optional[np.ndarray]:
+    """The original of `path` for the compare picture (--reference), in the input's colour type; None
+    when there is none, or it is unreadable or of another size (said)."""
+    ref = find_reference(ref_dir, path.stem) if ref_dir is not None else None
+    if ref is None:
+        return None
+    try:
+        original, _ = read_image(ref)
+    except (ImageDecodeError, OSError) as e:
+        say(f"note {path}: reference {ref} unreadable ({one_line(e)})")
+        return None
+    if original.ndim != image.ndim:  # match the input's colour type
+        original = np.asarray(Image.fromarray(original).convert("L" if image.ndim == 2 else "RGB"))
+    if original.shape != image.shape:
+        say(f"note {path}: reference {ref} is {original.shape[1]}x{original.shape[0]}, not "
+            f"{image.shape[1]}x{image.shape[0]}: compared without it")
+        return None
+    return original
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        from tqdm import tqdm
+
+        args = _parser().parse_args(argv)
+        network, files, missing = _checked(args)
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tally = Tally(skipped=len(missing))
+        for m in missing:
+            print(f"skipped {m}: no such file or folder", file=sys.stderr)
+        plan, problems = plan_outputs(files, out_dir, args.compare)
+        say = lambda text: tqdm.write(text, file=sys.stderr)  # noqa: E731
+        for path in tqdm(files, desc="restore", unit="img", file=sys.stderr, disable=None):
+            if path in problems:
+                say(f"skipped {path}: {problems[path]}")
+                tally.skipped += 1
+            else:
+                restore_file(network, path, plan[path], args, tally, say)
+        print(tally.line(network.trained_qualities, out_dir))
+        return 1 if tally.restored + tally.unchanged == 0 else 0
+
+    return run("restore", body)
 
 
 def outside(quality: Optional[int], how: str, trained: Optional[tuple[int, int]]) -> Optional[str]:

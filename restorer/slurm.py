@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from restorer.cli import Parser, UsageError, fail
+from restorer.cli import Parser, run
 from restorer.dist import slurm_port
 
 
@@ -65,16 +65,12 @@ def shell(plan: Plan) -> str:
         ("TASK_CPUS", plan.cpus), ("NODE_GPUS", plan.gpus)))
 
 
-def check(config: Optional[str], overrides: list[str]) -> Optional[str]:
-    """The config and its shards as the trainer will check them at start: None, or the error."""
-    from restorer.config import ConfigError, load_config
-    from restorer.train import check_data
+def check(config: Optional[str], overrides: list[str]) -> None:
+    """The config and its shards as the trainer will check them at start (ConfigError, one line)."""
+    from restorer.checks import check_data
+    from restorer.config import load_config
 
-    try:
-        check_data(load_config(config, overrides))
-    except ConfigError as e:
-        return str(e)
-    return None
+    check_data(load_config(config, overrides))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -84,19 +80,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     c = sub.add_parser("check", help="validate a config and its shards before submitting")
     c.add_argument("--config")
     c.add_argument("overrides", nargs="*", metavar="key=value")
-    try:
-        args = ap.parse_args(argv)
-    except UsageError as e:
-        return fail("slurm", e)
-    if args.command == "plan":
-        print(shell(make_plan(os.environ)))
+
+    def checked(args) -> int:
+        check(args.config, args.overrides)
+        print("check: the config and its shards are fine")
         return 0
-    error = check(args.config, args.overrides)
-    if error:
-        print(f"check: error: {error}", file=sys.stderr)
-        return 2
-    print("check: the config and its shards are fine")
-    return 0
+
+    def body() -> int:
+        args = ap.parse_args(argv)
+        if args.command == "plan":
+            print(shell(make_plan(os.environ)))
+            return 0
+        return run("check", lambda: checked(args))  # its mistakes read "check: error: ..."
+
+    return run("slurm", body)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
-"""The training loop. `train()` reads top to bottom: set up, resume, then one loop of optimizer steps
-with validation and checkpoints; each piece is a plain function above it.
+"""The training loop: `Trainer.train()` reads top to bottom (set up, resume, then one loop of
+optimizer steps; validation and checkpoints each decide their own cadence), over small parts that
+each have one job: the step (`train_step`), the flags all ranks agree on (`StepFlags`), validation,
+checkpoints (`Checkpointer`; the format: restorer.checkpoint), the start-up checks
+(restorer.checks), the optimizer and schedule (restorer.optim) and the account of the run
+(restorer.reporting).
 
     torchrun --nproc_per_node=N launch/train.py --config configs/X.yaml [key=value ...]
     python launch/train.py --config configs/cpu.yaml            (one process)
@@ -19,12 +23,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
-import shutil
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,85 +33,31 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from restorer import dist
+from restorer import checks, dist
 from restorer.checkpoint import (BEST, LAST, Checkpoint, CheckpointError, best_psnr_on_disk, keep_step_copy,
                                  load_latest, remove_run_files, remove_stale_temp_files, run_files, save_checkpoint)
-from restorer.cli import Parser, UsageError, fail
+from restorer.cli import Parser
+from restorer.cli import run as run_tool
 from restorer.config import Config, ConfigError, config_from_dict, dump_config, load_config
-from restorer.data.manifest import ManifestError
-from restorer.data.pipeline import (NoTrainingData, check_shards, ring_bytes, shm_problem, split_urls, steps_per_epoch,
-                                    train_loader, val_loader)
+from restorer.data.pipeline import NoTrainingData, steps_per_epoch, train_loader, val_loader
+from restorer.errors import RunError
 from restorer.inference import autocast, to_float
 from restorer.metrics import psnr, ssim
 from restorer.models import describe, load_weights
+from restorer.optim import loss_fn, make_optimizer, set_lr
+from restorer.reporting import Reporter
 from restorer.stop import StopRequest
 
 PROG = "train"
 
 
-class TrainingError(Exception):
+class TrainingError(RunError):
     """The run cannot go on (e.g. the loss keeps diverging); one line for the user."""
 
 
 # ----------------------------------------------------------------------------- the step
-
-
-def psnr_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The mean over images of 10 log10(MSE): minus their PSNR (NAFNet's PSNRLoss). Every image
-    counts by its relative error: a q90 patch, whose error is a hundredth of a q10 patch's, weighs
-    as much as it, where a plain MSE would let the network spoil the finely compressed ones."""
-    return 10.0 / math.log(10.0) * torch.log((out - y).square().flatten(1).mean(1) + 1e-10).mean()
-
-
-def loss_fn(cfg: Config):
-    name, eps = cfg.optim.loss, cfg.optim.charbonnier_eps
-    if name == "charbonnier":  # a smooth L1 (Lai et al. 2017); KAIR trains its JPEG SwinIR with it
-        return lambda out, y: torch.sqrt((out - y).square() + eps * eps).mean()
-    if name == "psnr":
-        return psnr_loss
-    return {"mse_sum": lambda out, y: F.mse_loss(out, y, reduction="sum"),
-            "mse": F.mse_loss,
-            "l1": F.l1_loss}[name]
-
-
-def lr_multiplier(cfg: Config, step: int, progress: float) -> float:
-    """The schedule: linear warmup over the first steps, then constant, cosine or step decay.
-    `progress` (0 to 1) is how far the run is: steps done / total, or time spent / budget."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "cosine":
-        return o.min_lr_scale + (1 - o.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if o.schedule == "step":
-        return o.step_gamma ** ((step - o.warmup_steps) // o.step_every)
-    return 1.0
-
-
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """The seed's groups: everything at lr, the `last` layer at lr x last_lr_scale. Fused (one kernel
-    for all parameters) where the device has it: it also skips a non-finite step on the device."""
-    o = cfg.optim
-    last = [p for n, p in model.named_parameters() if n.startswith("last.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("last.")]
-    groups = [{"params": rest, "base_lr": o.lr}, {"params": last, "base_lr": o.lr * o.last_lr_scale}]
-    for g in groups:
-        g["lr"] = g["base_lr"]
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    with contextlib.suppress(RuntimeError, TypeError, ValueError):  # fused needs a device that has it
-        return cls(groups, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=device.type in ("cuda", "cpu"))
-    return cls(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, cfg: Config, step: int, progress: float) -> float:
-    """Set every group's lr for this step from the config (a resumed run follows the config it is
-    started with); returns the first group's."""
-    mult = lr_multiplier(cfg, step, progress)
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * mult
-    return optimizer.param_groups[0]["lr"]
 
 
 @dataclass
@@ -148,7 +95,7 @@ class Training:
             model = model.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.optim.ema else None
         compile_ = cfg.train.compile
-        if compile_ and (problem := compile_problem(device.type)):
+        if compile_ and (problem := checks.compile_problem(device.type)):
             print(f"{PROG}: warning: train.compile: {problem}: running eager", file=sys.stderr, flush=True)
             compile_ = False
         # compile the module, not the DDP wrapper (DDP then sees the compiled graph's buckets)
@@ -157,9 +104,9 @@ class Training:
         if world_size > 1:
             ddp = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)
             runner = ddp
-        optimizer = make_optimizer(model, cfg, device)
+        optimizer = make_optimizer(model, cfg.optim, device)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-        return cls(cfg, device, model, runner, ddp, optimizer, scaler, ema, loss_fn(cfg),
+        return cls(cfg, device, model, runner, ddp, optimizer, scaler, ema, loss_fn(cfg.optim),
                    skips_on_device=bool(optimizer.defaults.get("fused")))
 
     def reset_window(self) -> None:
@@ -167,24 +114,11 @@ class Training:
         self.target_sum.zero_()
 
 
-def compile_problem(device_type: str, which=shutil.which, include_dir: Optional[str] = None) -> Optional[str]:
-    """Why torch.compile cannot work here, or None. Inductor compiles what it generates: Triton's
-    CUDA kernels need a C compiler and Python's headers on the node, CPU kernels a C++ compiler."""
-    compilers = ("cc", "gcc", "clang") if device_type == "cuda" else ("c++", "g++", "clang++")
-    if not any(which(c) for c in compilers):
-        return f"no C{'' if device_type == 'cuda' else '++'} compiler ({', '.join(compilers)}) on PATH"
-    include_dir = include_dir if include_dir is not None else sysconfig.get_paths().get("include", "")
-    if not os.path.isfile(os.path.join(include_dir, "Python.h")):
-        return f"no Python headers (Python.h in {include_dir}; a python3-dev package)"
-    return None
-
-
 def train_step(t: Training, batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """One optimizer step over `batches` (grad_accum micro-batches of uint8 inputs and targets, and
     the inputs' JPEG qualities), gradients synchronised on the last only. Never reads a value back
-    from the device: a
-    non-finite gradient (identical on every rank after DDP's all-reduce) skips the update on the
-    device and counts in `t.nonfinite_streak`."""
+    from the device: a non-finite gradient (identical on every rank after DDP's all-reduce) skips
+    the update on the device and counts in `t.nonfinite_streak`."""
     cfg = t.cfg
     n = len(batches)
     for i, (inputs, targets, qualities) in enumerate(batches):
@@ -327,15 +261,20 @@ def validate(model: nn.Module, cfg: Config, info: dist.DistInfo, stop: StopReque
 
 
 @dataclass
-class Progress:
-    """Where the run is: what a checkpoint records besides the weights."""
+class RunState:
+    """Where the run is: what a checkpoint records besides the weights (step, best PSNR, training
+    time), and what the ranks agreed after the last step (the time, a run of non-finite steps, a
+    stop signal, the budget spent)."""
 
     step: int = 0
     best_psnr: float = -math.inf
-    train_seconds: float = 0.0  # training time so far, resumed runs included
+    train_seconds: float = 0.0  # training time so far, resumed runs included: the slowest rank's clock
+    streak: int = 0  # non-finite steps in a row
+    stopped_by: Optional[str] = None  # the signal that stopped the run
+    time_up: bool = False  # train.max_minutes spent
 
 
-def take_checkpoint(t: Training, progress: Progress, steps_epoch: int) -> Checkpoint:
+def take_checkpoint(t: Training, state: RunState, steps_epoch: int) -> Checkpoint:
     """Everything a run needs to go on, as CPU copies (taken now: the device goes on training)."""
     return Checkpoint(
         network=t.cfg.network(),
@@ -343,10 +282,10 @@ def take_checkpoint(t: Training, progress: Progress, steps_epoch: int) -> Checkp
         ema=_to_cpu(t.ema.state_dict()) if t.ema is not None else None,
         optimizer=_to_cpu(t.optimizer.state_dict()),
         scaler=t.scaler.state_dict(),
-        step=progress.step,
-        epoch=progress.step // steps_epoch,
-        best_psnr=progress.best_psnr,
-        train_seconds=progress.train_seconds,
+        step=state.step,
+        epoch=state.step // steps_epoch,
+        best_psnr=state.best_psnr,
+        train_seconds=state.train_seconds,
         config=t.cfg.to_dict(),
         rng={"torch": torch.get_rng_state()},
     )
@@ -424,7 +363,7 @@ def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[Checkpoint]:
     return checkpoint
 
 
-def resume(t: Training, checkpoint: Checkpoint) -> Progress:
+def resume(t: Training, checkpoint: Checkpoint) -> RunState:
     """Load a checkpoint into the training. The config the run is started with applies: its lr,
     schedule and other settings replace the checkpoint's (the optimizer keeps its moments); the
     network cannot change (prepare_run_dir refuses that)."""
@@ -441,7 +380,7 @@ def resume(t: Training, checkpoint: Checkpoint) -> Progress:
         # EMA switched on at resume starts from the resumed weights, not the random initial ones
         load_weights(t.ema, checkpoint.ema if checkpoint.ema is not None else checkpoint.weights, source)
     torch.set_rng_state(checkpoint.rng["torch"])
-    return Progress(step=checkpoint.step, best_psnr=checkpoint.best_psnr, train_seconds=checkpoint.train_seconds)
+    return RunState(step=checkpoint.step, best_psnr=checkpoint.best_psnr, train_seconds=checkpoint.train_seconds)
 
 
 class Checkpointer:
@@ -455,9 +394,12 @@ class Checkpointer:
         self.pending: list[Checkpoint] = []  # taken, not yet written
         self.written_step: Optional[int] = None
 
-    def take(self, progress: Progress) -> None:
+    def due(self, step: int) -> bool:
+        return step % self.t.cfg.checkpoint.every == 0
+
+    def take(self, state: RunState) -> None:
         if self.info.is_main:
-            self.pending.append(take_checkpoint(self.t, progress, self.steps_epoch))
+            self.pending.append(take_checkpoint(self.t, state, self.steps_epoch))
 
     def settle(self, agreed: Agreed, write: bool = True) -> None:
         """Write the newest pending checkpoint a later finite step has vouched for (older ones are
@@ -471,9 +413,9 @@ class Checkpointer:
         if vouched and write:
             self._write(vouched[-1], LAST)
 
-    def save_now(self, progress: Progress, name: str = LAST) -> None:
-        if self.info.is_main and not (name == LAST and self.written_step == progress.step):
-            self._write(take_checkpoint(self.t, progress, self.steps_epoch), name)
+    def save_now(self, state: RunState, name: str = LAST) -> None:
+        if self.info.is_main and not (name == LAST and self.written_step == state.step):
+            self._write(take_checkpoint(self.t, state, self.steps_epoch), name)
 
     def _write(self, checkpoint: Checkpoint, name: str) -> None:
         try:
@@ -488,80 +430,7 @@ class Checkpointer:
                                 f"({e.filename or name})") from None
 
 
-class MetricsLog:
-    """Rank 0's metrics.jsonl (one JSON object a line, appended) and optional TensorBoard scalars."""
-
-    def __init__(self, out_dir: Path, tensorboard: bool):
-        self.path = out_dir / "metrics.jsonl"
-        self.tb = None
-        if tensorboard:
-            with contextlib.suppress(ImportError):  # tensorboard is an optional extra
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tb"))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 # ----------------------------------------------------------------------------- the run
-
-
-def check_data(cfg: Config, hash_shards: bool = True) -> None:
-    """Fail before any work if the shards cannot be used (ConfigError: one line, exit 2).
-    `hash_shards`: do data.verify's sha256 pass (once a node is enough)."""
-    try:
-        if not split_urls(cfg.data, "train"):
-            raise ConfigError("data: no training shards (the manifest's train split is empty)")
-        steps_per_epoch(cfg.data, cfg.train.batch_size, 1)
-        check_shards(cfg.data, verify=cfg.data.verify and hash_shards)
-    except ManifestError as e:
-        raise ConfigError(f"data.shards: {e}") from None
-
-
-def local_ranks() -> int:
-    """Trainer processes on this node (torchrun's LOCAL_WORLD_SIZE, srun's SLURM_NTASKS_PER_NODE)."""
-    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        with contextlib.suppress(ValueError):
-            return max(int(os.environ.get(name, "").split("(")[0]), 1)
-    return 1
-
-
-def check_shared_memory(cfg: Config, ranks_on_node: int, shm: str = "/dev/shm") -> None:
-    """The workers' batch rings live in shared memory; a container's default /dev/shm (64 MB) holds
-    far less than gpu.yaml needs. ConfigError (one line) naming what to change, before any work."""
-    need = ring_bytes(cfg.data, cfg.train.batch_size) * ranks_on_node
-    try:
-        st = os.statvfs(shm)
-    except OSError:
-        return  # no /dev/shm to measure (not Linux): torch picks its own shared memory
-    problem = shm_problem(need, st.f_bavail * st.f_frsize, cfg.data.workers)
-    if problem:
-        raise ConfigError(problem)
-
-
-def agreed_check(info: dist.DistInfo, check) -> None:
-    """Run `check` on every rank; if it fails on any, every rank raises the first failure (rank 0
-    says which rank): a rank that sees another disk fails the run, not hangs it."""
-    try:
-        check()
-        error = None
-    except ConfigError as e:
-        error = str(e)
-    errors = dist.gather(error)
-    first = next(((r, e) for r, e in enumerate(errors) if e), None)
-    if first:
-        rank, message = first
-        raise ConfigError(message + (f" (on rank {rank})" if rank else ""))
 
 
 def device_batches(loader, steps: int, grad_accum: int) -> Iterator[list]:
@@ -571,160 +440,150 @@ def device_batches(loader, steps: int, grad_accum: int) -> Iterator[list]:
         yield [next(batches) for _ in range(grad_accum)]
 
 
-def train(cfg: Config) -> dict:
-    info = dist.init_distributed(cfg.train.device)
-    out_dir = Path(cfg.train.out_dir)
-    torch.manual_seed(cfg.train.seed)
-    if info.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # the training shapes are fixed: pick the fastest kernels once
-    stop = StopRequest(cfg.train.stop_grace_s)
-    agreed_check(info, lambda: (check_data(cfg, hash_shards=info.local_rank == 0),
-                                check_shared_memory(cfg, local_ranks())))
+class Trainer:
+    """One run: everything is set up in __init__ (process group, checks, network, resume, loader,
+    reporter, checkpoints); `train()` is the loop."""
 
-    # --- network, optimizer, and the state to start from
-    t = Training.build(cfg, info.device, info.world_size)
-    checkpoint = prepare_run_dir(cfg, info)
-    progress = resume(t, checkpoint) if checkpoint is not None else Progress()
-    micro_batch = cfg.train.batch_size
-    steps_epoch = steps_per_epoch(cfg.data, micro_batch * cfg.train.grad_accum, info.world_size)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_epoch
-    budget_s = cfg.train.max_minutes * 60
-    log = None
-    if info.is_main:
-        (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        log = MetricsLog(out_dir, cfg.log.tensorboard)
-        print(f"{PROG}: network {describe(t.model, cfg.model.name)}", file=sys.stderr, flush=True)
-        start = {"event": "resume" if checkpoint is not None else "start", "step": progress.step, "world_size": info.world_size,
-                 "steps_per_epoch": steps_epoch, "total_steps": total_steps}
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.info = info = dist.init_distributed(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the training shapes are fixed: pick the fastest kernels once
+        self.stop = StopRequest(cfg.train.stop_grace_s)
+        checks.start_checks(cfg, info)
+
+        self.t = Training.build(cfg, info.device, info.world_size)
+        checkpoint = prepare_run_dir(cfg, info)
+        self.state = resume(self.t, checkpoint) if checkpoint is not None else RunState()
+        self.steps_epoch = steps_per_epoch(cfg.data, cfg.train.batch_size * cfg.train.grad_accum, info.world_size)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_epoch
+        self.budget_s = cfg.train.max_minutes * 60
+        self.state.time_up = bool(self.budget_s) and self.state.train_seconds >= self.budget_s  # spent before a resume
+        out_dir = Path(cfg.train.out_dir)
+        if info.is_main:
+            (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        self.report = Reporter(out_dir, active=info.is_main, every=cfg.log.every, total_steps=self.total_steps,
+                               budget_s=self.budget_s, start_step=self.state.step,
+                               start_seconds=self.state.train_seconds, steps_per_epoch=self.steps_epoch,
+                               progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)
+        self.report.say(f"network {describe(self.t.model, cfg.model.name)}")
+        start = {"event": "resume" if checkpoint is not None else "start", "step": self.state.step,
+                 "world_size": info.world_size, "steps_per_epoch": self.steps_epoch, "total_steps": self.total_steps}
         if checkpoint is not None:
             changes = config_changes(checkpoint.config, cfg)
-            print(f"{PROG}: resuming from {checkpoint.path} at step {progress.step}"
-                  + (f"; settings changed since, applied now: {'; '.join(changes)}" if changes else ""),
-                  file=sys.stderr, flush=True)
+            self.report.say(f"resuming from {checkpoint.path} at step {self.state.step}"
+                            + (f"; settings changed since, applied now: {'; '.join(changes)}" if changes else ""))
             start.update(checkpoint=str(checkpoint.path), changes=changes)
-        log.write(start)
-    del checkpoint  # the checkpoint's tensors: the model and optimizer hold their own now
-    saver = Checkpointer(t, info, stop, steps_epoch)
+        self.report.write(start)
+        del checkpoint  # its tensors: the model and optimizer hold their own now
+        self.saver = Checkpointer(self.t, info, self.stop, self.steps_epoch)
+        self.flags = StepFlags(info.device)
+        self.clock = time.perf_counter() - self.state.train_seconds
+        self.loader = train_loader(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
+                                   world_size=info.world_size, epoch=self.state.step // self.steps_epoch,
+                                   step=self.state.step, steps=self.steps_epoch * cfg.train.grad_accum,
+                                   device=info.device)
 
-    def run_validation() -> bool:
-        """Validate (all ranks), log, save best.pt; False if a stop signal cut it short."""
-        if info.is_main:
-            say(f"step {progress.step}: validating")
-        metrics = validate(t.ema if t.ema is not None else t.model, cfg, info, stop)
-        if metrics is None:
-            return False
-        better = metrics["val_images"] > 0 and metrics["val_psnr"] > progress.best_psnr
-        if better:
-            progress.best_psnr = metrics["val_psnr"]
-        if info.is_main:
-            log.write({"step": progress.step, "epoch": progress.step / steps_epoch, **metrics})
-            say(f"step {progress.step}: val PSNR {metrics['val_psnr']:.2f} dB (JPEG {metrics['val_psnr_jpeg']:.2f}), "
-                f"SSIM {metrics['val_ssim']:.4f} (JPEG {metrics['val_ssim_jpeg']:.4f})")
-        if better:
-            saver.save_now(progress, BEST)
-        return True
+    def running(self) -> bool:
+        s = self.state
+        return s.step < self.total_steps and not s.stopped_by and not s.time_up
 
-    # --- the loop
-    loader = train_loader(cfg.data, batch_size=micro_batch, seed=cfg.train.seed, rank=info.rank,
-                          world_size=info.world_size, epoch=progress.step // steps_epoch, step=progress.step,
-                          steps=steps_epoch * cfg.train.grad_accum, device=info.device)
-    bar = None
-    if info.is_main and cfg.log.progress:
-        from tqdm import tqdm
+    def train(self) -> dict:
+        self.t.model.train()
+        while self.running():
+            left = self.steps_epoch - self.state.step % self.steps_epoch
+            for batches in device_batches(self.loader, left, self.cfg.train.grad_accum):
+                self.step(batches)
+                if not self.running():
+                    break
+                if self.validation_due() and not self.validate():
+                    break  # a stop signal cut the validation short
+                if self.saver.due(self.state.step):
+                    self.saver.take(self.state)
+        return self.finish()
 
-        # in a log file (SLURM, nohup) a redraw every minute, not ten a second
-        bar = tqdm(total=total_steps, initial=progress.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   mininterval=0.5 if sys.stderr.isatty() else 60)
-    flags = StepFlags(info.device)
-    seconds = progress.train_seconds  # agreed by all ranks: the slowest rank's clock
-    clock = time.perf_counter() - progress.train_seconds
-    window = {"steps": 0, "patches": 0, "t": time.perf_counter()}
-    stopped_by, streak = None, 0
-    time_up = bool(budget_s) and seconds >= budget_s  # a resumed run may have spent its budget already
+    def step(self, batches: list) -> None:
+        cfg, s = self.cfg, self.state
+        progress = max(s.step / self.total_steps, s.train_seconds / self.budget_s if self.budget_s else 0.0)
+        lr = set_lr(self.t.optimizer, cfg, s.step, progress)
+        train_step(self.t, batches)
+        self.agree()  # the previous step's flags, read now that this step is queued on the device
+        s.step += 1
+        self.flags.post(s.step, self.stop.requested, time.perf_counter() - self.clock, self.t.nonfinite_streak)
+        if self.report.due(s.step, last=not self.running()):
+            if self.info.is_main:  # the one read of the device's counters, every log.every steps
+                n = max(s.step - self.report.window[0], 1)
+                loss, target, nonfinite = (v.item() for v in (self.t.loss_sum, self.t.target_sum, self.t.nonfinite_total))
+                self.report.training(s.step, {"loss": loss / n, "target": target / n, "lr": lr,
+                                              "nonfinite": int(nonfinite)},
+                                     cfg.train.batch_size * cfg.train.grad_accum * self.info.world_size)
+            self.t.reset_window()
+        self.report.advance(s.step, s.train_seconds)
 
-    def say(text: str) -> None:
-        (bar.write if bar is not None else print)(f"{PROG}: {text}", file=sys.stderr)
-
-    def agree(write: bool = True) -> None:
+    def agree(self, write: bool = True) -> None:
         """Act on the last step's agreed flags: settle checkpoints, stop on divergence or a signal."""
-        nonlocal seconds, streak, stopped_by, time_up
-        agreed = flags.read()
+        agreed = self.flags.read()
         if agreed is None:
             return
-        seconds, streak = agreed.seconds, agreed.streak
-        saver.settle(agreed, write)
-        if streak >= cfg.train.max_nonfinite:
-            raise TrainingError(f"{streak} non-finite steps in a row at step {agreed.step}: lower optim.lr, set "
+        s = self.state
+        s.train_seconds, s.streak = agreed.seconds, agreed.streak
+        self.saver.settle(agreed, write)
+        if s.streak >= self.cfg.train.max_nonfinite:
+            raise TrainingError(f"{s.streak} non-finite steps in a row at step {agreed.step}: lower optim.lr, set "
                                 f"optim.grad_clip, or use precision fp32/bf16; {LAST} keeps the last good weights")
-        if agreed.stop and not stopped_by:
-            stopped_by = stop.signal or "a signal on another rank"
-        time_up = bool(budget_s) and seconds >= budget_s
+        if agreed.stop and not s.stopped_by:
+            s.stopped_by = self.stop.signal or "a signal on another rank"
+        s.time_up = bool(self.budget_s) and s.train_seconds >= self.budget_s
 
-    t.model.train()
-    while progress.step < total_steps and not stopped_by and not time_up:
-        epoch = progress.step // steps_epoch
-        for batches in device_batches(loader, steps_epoch - progress.step % steps_epoch, cfg.train.grad_accum):
-            step_lr = set_lr(t.optimizer, cfg, progress.step,
-                             max(progress.step / total_steps, seconds / budget_s if budget_s else 0.0))
-            train_step(t, batches)
-            agree()  # the previous step's flags, read now that this step is queued on the device
-            progress.step += 1
-            flags.post(progress.step, stop.requested, time.perf_counter() - clock, t.nonfinite_streak)
-            window["steps"] += 1
-            window["patches"] += micro_batch * cfg.train.grad_accum * info.world_size
-            last_step = progress.step >= total_steps or time_up or bool(stopped_by)
-            if progress.step % cfg.log.every == 0 or last_step:
-                if info.is_main:
-                    now = time.perf_counter()
-                    n = window["steps"]
-                    loss, target, nonfinite = (v.item() for v in (t.loss_sum, t.target_sum, t.nonfinite_total))
-                    record = {"step": progress.step, "epoch": progress.step / steps_epoch, "loss": loss / n,
-                              "target": target / n, "lr": step_lr, "nonfinite": int(nonfinite),
-                              "patches_per_s": window["patches"] / (now - window["t"])}
-                    log.write(record)
-                    if bar is not None:
-                        bar.set_description(f"epoch {epoch}", refresh=False)
-                        bar.set_postfix(loss=f"{record['loss']:.4g}", target=f"{record['target']:.4g}",
-                                        patches_s=f"{record['patches_per_s']:.0f}", refresh=False)
-                    window = {"steps": 0, "patches": 0, "t": now}
-                t.reset_window()
-            if bar is not None:
-                bar.update()
-            if last_step:
-                break
-            if cfg.log.val_every and progress.step % cfg.log.val_every == 0:
-                progress.train_seconds = seconds
-                if not run_validation():
-                    stopped_by = stop.signal or "a signal on another rank"
-                    break
-            if progress.step % cfg.checkpoint.every == 0:
-                progress.train_seconds = seconds
-                saver.take(progress)
+    def validation_due(self) -> bool:
+        return bool(self.cfg.log.val_every) and self.state.step % self.cfg.log.val_every == 0
 
-    # --- the end: the last step's flags, then validate (unless stopped) and save
-    agree(write=False)  # the final save below supersedes a pending one
-    progress.train_seconds = seconds
-    if not stopped_by and not run_validation():
-        stopped_by = stop.signal or "a signal on another rank"
-    if streak == 0:
-        saver.save_now(progress)
-    elif info.is_main:  # the last steps were not finite: last.pt keeps the last checkpoint one vouched for
-        say(f"the last {streak} steps were not finite: {out_dir / LAST} keeps step {saver.written_step}")
-    if bar is not None:
-        bar.close()
-    if info.is_main:
-        log.write({"event": "stopped" if stopped_by else "finished", "step": progress.step, "signal": stopped_by,
-                   "nonfinite": int(t.nonfinite_total.item()), "minutes": round(seconds / 60, 2),
-                   **({"reason": "max_minutes"} if time_up and not stopped_by else {})})
-        log.close()
-        if stopped_by:
-            say(f"stopped by {stopped_by} at step {progress.step}; {out_dir / LAST} holds step {saver.written_step}. "
-                "Start the same command again to resume (a job of launch/slurm/train.sbatch requeues itself).")
-    if not stopped_by:
-        dist.barrier()  # nobody leaves before the last checkpoint is written
-    stop.restore()
-    dist.shutdown()
-    return {"step": progress.step, "stopped_by": stopped_by, "best_psnr": progress.best_psnr}
+    def validate(self) -> bool:
+        """Validate (all ranks), report, save best.pt; False if a stop signal cut it short."""
+        s = self.state
+        self.report.say(f"step {s.step}: validating")
+        metrics = validate(self.t.ema if self.t.ema is not None else self.t.model, self.cfg, self.info, self.stop)
+        if metrics is None:
+            s.stopped_by = self.stop.signal or "a signal on another rank"
+            return False
+        better = metrics["val_images"] > 0 and metrics["val_psnr"] > s.best_psnr
+        if better:
+            s.best_psnr = metrics["val_psnr"]
+        self.report.validation(s.step, metrics)
+        if better:
+            self.saver.save_now(s, BEST)
+        return True
+
+    def finish(self) -> dict:
+        """The last step's flags, a last validation (unless stopped), the last save; every rank leaves
+        together after it."""
+        s = self.state
+        self.agree(write=False)  # the final save below supersedes a pending one
+        if not s.stopped_by:
+            self.validate()
+        if s.streak == 0:
+            self.saver.save_now(s)
+        else:  # the last steps were not finite: last.pt keeps the last checkpoint one vouched for
+            self.report.say(f"the last {s.streak} steps were not finite: {self.saver.out_dir / LAST} keeps step "
+                            f"{self.saver.written_step}")
+        self.report.write({"event": "stopped" if s.stopped_by else "finished", "step": s.step, "signal": s.stopped_by,
+                           "nonfinite": int(self.t.nonfinite_total.item()), "minutes": round(s.train_seconds / 60, 2),
+                           **({"reason": "max_minutes"} if s.time_up and not s.stopped_by else {})})
+        self.report.close()
+        if s.stopped_by:
+            self.report.say(f"stopped by {s.stopped_by} at step {s.step}; {self.saver.out_dir / LAST} holds step "
+                            f"{self.saver.written_step}. Start the same command again to resume (a job of "
+                            "launch/slurm/train.sbatch requeues itself).")
+        else:
+            dist.barrier()  # nobody leaves before the last checkpoint is written
+        self.stop.restore()
+        dist.shutdown()
+        return {"step": s.step, "stopped_by": s.stopped_by, "best_psnr": s.best_psnr}
+
+
+def train(cfg: Config) -> dict:
+    return Trainer(cfg).train()
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -736,31 +595,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+    def body() -> int:
         args = parse_args(argv)
-        rank = dist.rank_env()[0]
-    except (UsageError, dist.LaunchError) as e:
-        return fail(PROG, e)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        if rank == 0:  # one line, not one per rank
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        train(cfg)
-    except (ConfigError, dist.LaunchError) as e:
-        if rank == 0:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        if rank == 0:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except NoTrainingData as e:  # raised in a DataLoader worker: its message carries the worker's traceback
-        print(f"{PROG}: error: {str(e).strip().splitlines()[-1].split('NoTrainingData: ')[-1]}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; the last checkpoint is kept: run the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+        dist.rank_env()  # refuses a launch that cannot work (LaunchError) before the config is read
+        train(load_config(args.config, args.overrides))
+        return 0
+
+    # the config, the launch and the run's agreed failures are the same on every rank: rank 0 says them;
+    # a rank's own data failure (its loader found no image) is said by that rank
+    return run_tool(PROG, body, quiet=lambda e: rank != 0 and not isinstance(e, NoTrainingData),
+                    interrupted="interrupted; the last checkpoint is kept: run the same command to resume")

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from restorer.config import Config, ConfigError, config_from_dict, dump_config, load_config
+from restorer.config import Config, ConfigError, DataConfig, config_from_dict, dump_config, load_config
+from restorer.data.jpeg import JpegSpec
+from restorer.data.patches import PatchSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,12 +46,14 @@ def test_overrides_are_parsed_as_yaml_values():
     (["train.batch_size=eight"], "train.batch_size: expected an integer, got 'eight'"),
     (["train.batch_size=0"], "train.batch_size: must be >= 1, got 0"),
     (["optim.lr=-1"], "optim.lr: must be > 0"),
-    (["train.precision=fp8"], "train.precision: 'fp8' is not one of fp32, bf16, fp16"),
+    (["train.precision=fp8"], "train.precision: must be one of fp32, bf16, fp16, got 'fp8'"),
+    (["data.jpeg.chroma=411"], "data.jpeg.chroma: must be one of 444, 422, 420, random, got '411'"),
+    (["model.name=unet", "model.unet.conditioning=film"], "model.unet.conditioning: must be one of none, input, decoder, scales, got 'film'"),
     (["data.jpeg.quality=[60, 10]"], "data.jpeg.quality: must be 2 or more qualities in 1..100, ascending"),
     (["data.jpeg.quality=[10]"], "data.jpeg.quality: must be 2 or more qualities"),
     (["data.jpeg.quality_weights=[1, 2]"], "data.jpeg.quality_weights: must be one weight >= 0 per interval"),
     (["data.patch.quality=[10, 60]"], "unknown key data.patch.quality; valid keys in data.patch: size"),
-    (["model.name=unet2"], "model.name: unknown model 'unet2'; choose from: dncnn, nafnet, seed, unet"),
+    (["model.name=unet2"], "model.name: must be one of dncnn, nafnet, seed, unet, got 'unet2'"),
     (["train.compile=yes please"], "train.compile: expected true or false"),
     (["train.epochs"], "is not key=value"),
 ])
@@ -73,4 +77,7 @@ def test_bad_files(tmp_path):
 
 def test_defaults_need_only_shards():
     cfg = load_config(None, ["data.shards=/x"])
-    assert cfg == Config(data=cfg.data) and cfg.data.shards == "/x"
+    assert cfg == Config(data=DataConfig(shards="/x"))  # every section at its defaults, but the shards
+    assert cfg.data.jpeg == JpegSpec() and cfg.data.patch == PatchSpec() and cfg.model.name == "seed"
+    with pytest.raises(ConfigError, match="data.shards: must be a shard folder"):
+        load_config(None, [])

@@ -255,9 +255,16 @@ def test_ema_preferred_and_a_grayscale_network(ckpt, images, tmp_path, capsys):
     assert a["psnr_jpeg"] == b["psnr_jpeg"] and abs(b["psnr_model"] - a["psnr_model"]) > 0.05
     g = build_model("seed", in_channels=1, residual=True)
     save_network(tmp_path / "gray.pt", g, "seed", {"residual": True}, channels=1, grayscale=True)
-    rc, out, err = run_main(capsys, "--ckpt", tmp_path / "gray.pt", "--images", images, "--quality", 10)
+    js = tmp_path / "gray.json"
+    rc, out, err = run_main(capsys, "--ckpt", tmp_path / "gray.pt", "--images", images, "--quality", 10, "--json", js)
     assert rc == 0, err
-    assert "grayscale protocol" in out and parse_table(out)["10"][0] == 3
+    assert "the luma it trains on" in out and parse_table(out)["10"][0] == 3
+    # scored on the luma it trains on (Pillow's L, full range), not MATLAB's 16-235 Y
+    vals = json.loads(js.read_text())["qualities"]["10"]["images"]["a.png"]
+    luma = np.asarray(Image.fromarray(_clean(images / "a.png")).convert("L"))
+    assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg_decode(jpeg_encode(luma[..., None], 10))[..., 0], luma), abs=1e-4)
+    rc, out, err = run_main(capsys, "--ckpt", tmp_path / "gray.pt", "--images", images, "--quality", 10, "--gray")
+    assert rc == 0 and "grayscale protocol" in out, err  # the papers' benchmark: MATLAB Y
 
 
 # ----------------------------------------------------------------------------- the JPEGs people have

@@ -8,12 +8,12 @@ import subprocess
 
 import pytest
 
-from helpers import REPO, pack_photos, run_cmd, train_cmd, train_env
+from helpers import REPO, run_cmd, train_cmd, train_env
 from restorer.config import load_config
 from restorer.data.pipeline import ring_bytes, shm_problem
 from restorer.dist import LaunchError, cuda_device_index, rank_env, slurm_port
 from restorer.slurm import make_plan, shell
-from restorer.train import compile_problem
+from restorer.checks import compile_problem
 
 
 def test_each_process_takes_the_gpu_it_can_see():
@@ -67,11 +67,6 @@ def test_compile_needs_a_compiler_and_python_headers(tmp_path):
     assert "no Python headers" in compile_problem("cuda", which=lambda c: "/usr/bin/" + c, include_dir=str(tmp_path))
     (tmp_path / "Python.h").write_text("")
     assert compile_problem("cuda", which=lambda c: "/usr/bin/" + c, include_dir=str(tmp_path)) is None
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return pack_photos(tmp_path_factory.mktemp("gpupath"), 6, maxcount=3)
 
 
 def test_the_trainer_runs_eager_without_a_compiler_and_refuses_a_ring_too_big(tmp_path, shards):

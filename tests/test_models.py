@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from helpers import save_network, save_state
+from restorer.checkpoint import CheckpointError
 from restorer.config import ConfigError, load_config
 from restorer.inference import load_checkpoint_network, restore_array
 from restorer.models import (CONDITIONING, MODELS, DnCNN, NAFNet, SeedNet, UNet, build_model, count_parameters,
@@ -67,7 +68,7 @@ def test_a_checkpoint_of_the_old_seed_layout_is_refused_in_one_line(tmp_path):
     old = {"base.0.weight": torch.zeros(32, 3, 3, 3), "base.0.bias": torch.zeros(32), "last.weight": torch.zeros(3, 32, 5, 5)}
     path = save_state(tmp_path / "old.pt", {"model": old, "model_name": "seed",
                                             "model_args": {"in_channels": 3, "residual": True}})
-    with pytest.raises(ValueError, match="old.pt: it holds the seed network's old layout") as info:
+    with pytest.raises(CheckpointError, match="old.pt: it holds the seed network's old layout") as info:
         load_checkpoint_network(path)
     assert "\n" not in str(info.value)
 
@@ -174,7 +175,9 @@ def test_every_network_compiles(name):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_tiled_restore_matches_the_whole_image_and_the_checkpoint_rebuilds_it(name, tmp_path):
-    model = _perturbed(name, std=0.02)
+    # perturbed enough to change the image by far more than the bound below (DnCNN's output layer
+    # sees small features: it needs a larger perturbation to matter)
+    model = _perturbed(name, std=0.3 if name == "dncnn" else 0.02)
     path = tmp_path / "net.pt"
     save_network(path, model, name, TINY[name])
     rebuilt, checkpoint = load_checkpoint_network(path)
@@ -183,7 +186,7 @@ def test_tiled_restore_matches_the_whole_image_and_the_checkpoint_rebuilds_it(na
     image = (rng.random((100, 140, 3)) * 255).astype(np.uint8)
     whole = restore_array(rebuilt, image, tile=256, overlap=0)
     tiled = restore_array(rebuilt, image, tile=64, overlap=32)
-    assert not np.array_equal(whole, image)
+    assert np.abs(whole.astype(int) - image).max() >= 20 and np.abs(whole.astype(int) - image).mean() >= 5
     diff = np.abs(whole.astype(int) - tiled)
     assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())
 
@@ -220,7 +223,7 @@ def test_presets_fill_the_section_and_explicit_keys_win():
     assert load_config(None, ["data.shards=x", "model.preset=cpu"]).model.seed.residual is True
     assert load_config(None, ["data.shards=x", "model.preset=cpu", "model.seed.residual=false"]).model.seed.residual is False
     for overrides, message in ((["model.name=unet", "model.preset=huge"], "model.preset: unet has no preset 'huge'"),
-                               (["model.name=nafnet", "model.nafnet.width=7"], "model.nafnet.width must be a positive even"),
+                               (["model.name=nafnet", "model.nafnet.width=7"], "model.nafnet.width: must be a positive even"),
                                (["model.unet.depth=3"], "unknown key model.unet.depth")):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             load_config(None, ["data.shards=x", *overrides])

@@ -5,6 +5,7 @@ multi-process DataLoaders."""
 from __future__ import annotations
 
 import collections
+import itertools
 import io
 import tarfile
 from pathlib import Path
@@ -18,7 +19,8 @@ from restorer.data import jpeg
 from restorer.data.jpeg import JpegSpec
 from restorer.data.patches import PatchSpec, center_crop, random_patch, training_pair
 from restorer.data.manifest import load_manifest, shard_paths
-from restorer.data.pipeline import DataConfig, steps_per_epoch, train_loader, val_loader
+from restorer.config import DataConfig
+from restorer.data.pipeline import steps_per_epoch, train_loader, val_loader
 from restorer.data.sharding import PackOptions, run
 
 
@@ -95,6 +97,17 @@ def test_flips_give_all_eight_dihedral_modes(ramp_image):
         # direction of the R and G ramps along columns and rows identifies the dihedral element
         modes.add(tuple(np.sign([np.diff(c[..., k], axis=a).mean() for k in (0, 1) for a in (0, 1)]).astype(int)))
     assert len(modes) == 8
+
+
+def test_channel_permutation_gives_all_six_orders_when_asked_and_none_otherwise():
+    image = np.zeros((200, 200, 3), np.uint8) + np.array([10, 100, 200], np.uint8)
+    rng = np.random.default_rng(9)
+    orders = collections.Counter(tuple(random_patch(image, PatchSpec(size=32, permute_channels_p=1.0), rng)[0, 0])
+                                 for _ in range(300))
+    assert set(orders) == set(itertools.permutations((10, 100, 200))) and min(orders.values()) > 20
+    half = [tuple(random_patch(image, PatchSpec(size=32, permute_channels_p=0.5), rng)[0, 0]) for _ in range(400)]
+    assert 0.35 < sum(o != (10, 100, 200) for o in half) / 400 < 0.55  # p=0.5: 5 of 6 orders differ
+    assert {tuple(random_patch(image, PatchSpec(size=32), rng)[0, 0]) for _ in range(50)} == {(10, 100, 200)}
 
 
 def test_input_is_exactly_the_jpeg_of_the_target_and_its_tables_say_the_quality():
@@ -312,6 +325,8 @@ def test_corrupt_members_and_truncated_shards_are_skipped_and_counted(tmp_path, 
     assert "skipped bad in" in err and "not an image" in err
     assert "skipped nojpg in" in err and "no image member" in err
     assert "skipped so far by rank 0 worker 0" in err
+    assert f"skipped shard {urls[1]}: ReadError: unexpected end of data" in err  # the truncated shard, named
+    assert "BufferedReader" not in err
 
 
 def test_url_patterns_and_pipe_commands(photo_shards):
@@ -342,7 +357,7 @@ def test_config_errors_name_the_field():
         DataConfig(shards="x", val_qualities=(0,)).validate()
     with pytest.raises(ValueError, match="set data.allow_pipe=true"):
         DataConfig(train_urls="pipe:cat x.tar", epoch_samples=8).validate()
-    with pytest.raises(ValueError, match="val_crop must be >= 16"):
+    with pytest.raises(ValueError, match="val_crop: must be >= 16"):
         DataConfig(shards="x", val_crop=8).validate()
     with pytest.raises(ValueError, match="chroma: must be one of 444, 422, 420, random"):
         JpegSpec(chroma="411").validate()

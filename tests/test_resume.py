@@ -20,11 +20,6 @@ from restorer.config import load_config
 from restorer.train import Training, train_step
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return pack_photos(tmp_path_factory.mktemp("resume"), 10, maxcount=3)  # 8 train images in 3 shards
-
-
 def _max_abs_weight(path: Path) -> float:
     return max(v.abs().max().item() for v in load_state(path)["model"].values() if v.is_floating_point())
 
@@ -39,10 +34,8 @@ def _one_error_line(p: subprocess.CompletedProcess, code: int, text: str) -> Non
 # ----------------------------------------------------------------------------- data loss
 
 
-def test_a_diverging_run_keeps_the_last_good_checkpoint_and_step_copies(tmp_path, shards):
-    out = tmp_path / "run"
-    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=4", "checkpoint.every=1", "checkpoint.keep=2",
-                                "log.val_every=0")))
+def test_a_diverging_run_keeps_the_last_good_checkpoint_and_step_copies(base_run, shards):
+    out = base_run
     good = load_state(out / "last.pt")
     assert good["step"] == 4
     p = run_cmd(train_cmd(0, shards, out, "train.max_steps=40", "checkpoint.every=1", "checkpoint.keep=2",
@@ -56,10 +49,8 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint_and_step_copies(tmp_path
     assert sorted(p.name for p in out.glob("step-*.pt")) == ["step-00000002.pt", "step-00000004.pt"]
 
 
-def test_resume_false_into_a_used_folder_is_refused_unless_overwrite(tmp_path, shards):
-    out = tmp_path / "run"
-    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep=5",
-                                "log.val_every=0")))
+def test_resume_false_into_a_used_folder_is_refused_unless_overwrite(base_run, shards):
+    out = base_run
     p = run_cmd(train_cmd(0, shards, out, "train.max_steps=2", "train.resume=false"))
     _one_error_line(p, 1, "holds another run")
     assert load_state(out / "last.pt")["step"] == 4 and len(list(out.glob("step-*.pt"))) == 2
@@ -69,9 +60,8 @@ def test_resume_false_into_a_used_folder_is_refused_unless_overwrite(tmp_path, s
     assert load_state(out / "last.pt")["step"] == 2 and not list(out.glob("step-*.pt"))
 
 
-def test_a_resumed_run_says_so_and_applies_the_new_settings(tmp_path, shards):
-    out = tmp_path / "run"
-    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=4", "log.val_every=0", "optim.schedule=constant")))
+def test_a_resumed_run_says_so_and_applies_the_new_settings(base_run, shards):
+    out = base_run
     before = load_state(out / "last.pt")
     p = run_cmd(train_cmd(0, shards, out, "train.max_steps=8", "log.val_every=0", "optim.lr=1e-5", "optim.ema=0.999",
                           "optim.schedule=constant"))
@@ -87,9 +77,8 @@ def test_a_resumed_run_says_so_and_applies_the_new_settings(tmp_path, shards):
     assert drift < 1e-3, drift
 
 
-def test_best_pt_follows_its_own_metric_after_a_resume(tmp_path, shards):
-    out = tmp_path / "run"
-    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "log.val_every=2", "optim.lr=2e-3")))
+def test_best_pt_follows_its_own_metric_after_a_resume(base_run, shards):
+    out = base_run
     best = load_state(out / "best.pt")
     # a kill between writing best.pt and the next last.pt: last.pt knows an older (lower) best
     last = load_state(out / "last.pt")
@@ -101,28 +90,36 @@ def test_best_pt_follows_its_own_metric_after_a_resume(tmp_path, shards):
     assert (again["step"], again["best_psnr"]) == (best["step"], best["best_psnr"])
 
 
-def test_a_truncated_last_pt_falls_back_to_the_newest_step_copy(tmp_path, shards):
-    out = tmp_path / "run"
-    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "checkpoint.every=2", "checkpoint.keep=2",
-                                "log.val_every=0")))
-    assert sorted(p.name for p in out.glob("step-*.pt")) == ["step-00000004.pt", "step-00000006.pt"]
+def test_a_truncated_last_pt_falls_back_to_the_newest_step_copy_then_best_pt(base_run, shards):
+    out = base_run
+    assert sorted(p.name for p in out.glob("step-*.pt")) == ["step-00000002.pt", "step-00000004.pt"]
     data = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(data[: len(data) // 2])
-    (out / "step-00000006.pt").write_bytes(b"garbage")
+    (out / "step-00000004.pt").write_bytes(b"garbage")
+    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "log.val_every=0"))
+    assert_ok(p)
+    assert "last.pt:" in p.stderr and "resuming from step-00000002.pt (step 2) instead" in p.stderr
+    assert [m["step"] for m in metrics(out) if m.get("event") == "resume"] == [2]
+    # no step copy that loads: best.pt (the validation at the end of each run wrote it), with a warning
+    best_step = load_state(out / "best.pt")["step"]
+    for name in ("last.pt", *(p.name for p in out.glob("step-*.pt"))):
+        (out / name).write_bytes(b"garbage")
     p = run_cmd(train_cmd(0, shards, out, "train.max_steps=8", "log.val_every=0"))
     assert_ok(p)
-    assert "last.pt:" in p.stderr and "resuming from step-00000004.pt (step 4) instead" in p.stderr
-    assert [m["step"] for m in metrics(out) if m.get("event") == "resume"] == [4]
+    assert f"resuming from best.pt (step {best_step}) instead" in p.stderr
+    assert [m["step"] for m in metrics(out) if m.get("event") == "resume"][-1] == best_step
     for name in ("last.pt", "best.pt", *(p.name for p in out.glob("step-*.pt"))):
         (out / name).write_bytes(b"garbage")
     _one_error_line(run_cmd(train_cmd(0, shards, out, "train.max_steps=10")), 1, "no checkpoint in")
 
 
-def test_precision_switched_to_fp16_on_resume_works(tmp_path, shards):
-    out = tmp_path / "run"
-    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=2", "log.val_every=0")))
-    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=4", "log.val_every=0", "train.precision=fp16")))
-    assert load_state(out / "last.pt")["step"] == 4
+def test_precision_switched_to_fp16_on_resume_works(base_run, shards):
+    out = base_run
+    assert load_state(out / "last.pt")["scaler"] == {}  # fp32: no loss scaler
+    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "log.val_every=0", "train.precision=fp16")))
+    state = load_state(out / "last.pt")
+    # fp16 now: the GradScaler ran (its scale and growth tracker are in the checkpoint)
+    assert state["step"] == 6 and state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
 
 
 def test_a_failed_save_is_one_line_and_leaves_no_temp_file(tmp_path, shards):

@@ -120,7 +120,7 @@ def test_plan_is_seeded_and_counts_rejects_and_duplicates():
 
 
 def test_val_count_too_large_is_a_usage_error():
-    from restorer.data.sharding import UsageError
+    from restorer.errors import UsageError
 
     files, records = _records(5)
     with pytest.raises(UsageError, match="leaves no training images"):
@@ -138,6 +138,22 @@ def _read_back(out: Path, split: str) -> list[dict]:
 
 def _tree_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def _files(out: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of every file: a file rewritten, even byte for byte, gets a new one."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def _checked(out: Path) -> list[str]:
+    """The paths the shard tool's check cache holds, one a check (a line cut by a kill is no check)."""
+    paths = []
+    for line in (out / ".make_shards" / "checks.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            paths.append(json.loads(line)["path"])
+        except json.JSONDecodeError:
+            pass
+    return paths
 
 
 def test_messy_folder_is_packed_exactly(tmp_path):
@@ -236,9 +252,12 @@ def test_rerun_is_idempotent_and_other_arguments_need_force(tmp_path):
         write(src / f"{i}.jpg", encode(photo_like(150, 150, i), "JPEG"))
     out = tmp_path / "out"
     run_make_shards(src, "--out", out, "--maxcount", "2")
-    before = _tree_bytes(out)
+    before, files, checked = _tree_bytes(out), _files(out), _checked(out)
+    assert len(checked) == 6
     run_make_shards(src, "--out", out, "--maxcount", "2", "--workers", "1")  # workers do not change output
     assert _tree_bytes(out) == before
+    assert _files(out) == files  # not one shard, nor the manifest, written again
+    assert _checked(out) == checked  # not one image checked again
 
     p = run_make_shards(src, "--out", out, "--maxcount", "3", check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
@@ -342,12 +361,25 @@ def test_killed_run_resumes_to_identical_shards(tmp_path, many_photos, phase):
     for p in out.glob("*.tar"):  # whatever the kill left, nothing under a shard's name is partial
         with tarfile.open(p) as tar:
             assert len(tar.getmembers()) == 2
+    # the shards the killed run had recorded as done (one renamed but not yet recorded when the kill
+    # came is written again, rightly: nothing says it is complete)
+    progress = out / ".make_shards" / "progress.jsonl"
+    recorded = {json.loads(line).get("name") for line in (progress.read_text().splitlines() if progress.exists() else [])
+                if line.strip().endswith("}")}
+    written = {name: id_ for name, id_ in _files(out).items() if name in recorded}
+    checked = _checked(out)
+    assert checked and len(set(checked)) == len(checked)
 
     p = run_make_shards(*args, "--out", out)
     if phase == "write":
-        assert "resuming" in p.stdout
+        assert "resuming" in p.stdout and len(written) >= 10
     assert _tree_bytes(out) == _tree_bytes(reference)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    # what the killed run had done was not done again: its shards are the same files, and every
+    # image was checked once in all (the rerun checked only those the kill had left)
+    assert {name: _files(out)[name] for name in written} == written
+    again = _checked(out)
+    assert again[:len(checked)] == checked and len(again) == len(set(again)) == 150
 
 
 # ----------------------------------------------------------------------------- names, stale rejects, two runs

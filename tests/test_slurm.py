@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
-from helpers import REPO, TINY, load_state, metrics, pack_photos, train_lines
+from helpers import REPO, TINY, load_state, metrics, train_lines
 
 _metrics, _train_lines = metrics, train_lines
 
@@ -28,11 +28,6 @@ def cluster(tmp_path_factory):
     c = slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     yield c
     c.stop()
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return pack_photos(tmp_path_factory.mktemp("slurmdata"), 10, maxcount=3)
 
 
 def _args(shards: Path, out: Path, *overrides: str) -> list[str]:
@@ -104,6 +99,24 @@ def test_time_limit_warning_requeues_and_the_job_resumes(cluster, shards, tmp_pa
     assert load_state(out / "last.pt")["step"] == 60
 
 
+def test_an_array_job_gives_each_task_its_own_run_folder(cluster, shards, tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    p = cluster.run("sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", f"--output={out}/slurm-%A_%a.out",
+                    f"--export=ALL,NPROC_PER_NODE=1,PYTHON={sys.executable},RESTORER_DIR={REPO}",
+                    str(REPO / "launch" / "slurm" / "train.sbatch"),
+                    *_args(shards, out / "run-%a", "train.max_steps=2", "train.seed=1%a"))
+    job = p.stdout.strip().split(";")[0]
+    for task in (0, 1):
+        state = _wait(cluster, f"{job}_{task}", lambda s: s.get("JobState") == "COMPLETED", f"array task {task}")
+        assert state["ExitCode"] == "0:0", _log(out)
+    for task in (0, 1):  # %a became the task id in every argument: its own folder, its own settings
+        run = out / f"run-{task}"
+        assert load_state(run / "last.pt")["step"] == 2
+        assert load_state(run / "last.pt")["config"]["train"]["seed"] == 10 + task
+    assert not list(out.glob("run-%a*"))
+
+
 def test_srun_one_task_per_rank_without_torchrun(cluster, shards, tmp_path):
     out = tmp_path / "run"
     p = cluster.run("srun", "--ntasks=2", "--cpus-per-task=1", f"--chdir={REPO}", "--export=ALL,OMP_NUM_THREADS=1",
@@ -127,14 +140,3 @@ def test_a_batch_script_running_the_trainer_without_srun_is_told_how(cluster, sh
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", state
     errors = [line for line in _log(out).splitlines() if line.startswith("train: error:")]
     assert len(errors) == 1 and "not started by srun" in errors[0], _log(out)
-
-
-def test_check_before_submitting(shards, tmp_path):
-    import subprocess
-
-    ok = subprocess.run([sys.executable, "-m", "restorer.slurm", "check", *_args(shards, tmp_path / "run")],
-                        capture_output=True, text=True, cwd=REPO)
-    assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "restorer.slurm", "check", *_args(tmp_path / "typo", tmp_path / "run")],
-                         capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no shard manifest" in bad.stderr

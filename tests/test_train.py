@@ -11,17 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, assert_ok, load_state, metrics, pack_photos, run_cmd, train_cmd, train_lines
+from helpers import REPO, assert_ok, load_state, metrics, pack_photos, run_cmd, train_cmd, train_env, train_lines
 from restorer.checkpoint import read_checkpoint
+from restorer.config import load_config
 from restorer.models import NetworkSpec
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return pack_photos(tmp_path_factory.mktemp("train"), 10, maxcount=3)  # 8 train images in 3 shards
+from restorer.train import Training, train_step
 
 
 # ----------------------------------------------------------------------------- fast: one process
@@ -71,13 +69,129 @@ def test_the_loop_switches_work_together(tmp_path, shards):
     assert lines[0]["patches_per_s"] > 0 and all(m["nonfinite"] == 0 for m in lines)
 
 
+def test_a_config_and_its_shards_are_checked_before_submitting(shards, tmp_path):
+    """python -m restorer.slurm check, on a login node: no cluster needed."""
+    def check(data: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "restorer.slurm", "check", "--config", str(REPO / "configs" / "cpu.yaml"),
+                               f"data.shards={data}"], capture_output=True, text=True, cwd=REPO)
+
+    ok = check(shards)
+    assert ok.returncode == 0 and "check: the config and its shards are fine" in ok.stdout, ok.stderr
+    bad = check(tmp_path / "typo")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no shard manifest" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- each switch of the step does what it says
+
+
+def _training(*overrides: str):
+    """A tiny U-Net's Training, as the trainer builds it, the same initial weights every time."""
+    cfg = load_config(str(REPO / "configs" / "cpu.yaml"), ["data.shards=unused", "data.patch.size=16",
+                                                            "model.unet.widths=[4,8]", "optim.loss=mse", *overrides])
+    torch.manual_seed(0)
+    return Training.build(cfg, torch.device("cpu"))
+
+
+def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
+    noisy = (target.short() + torch.randint(-20, 21, target.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    return noisy, target, torch.randint(10, 96, (n,), generator=g).float()
+
+
+def _weights(t) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in t.model.parameters()]
+
+
+def test_grad_accum_of_two_halves_is_one_step_on_the_whole_batch():
+    whole = _batch(8, 1)
+    halves = [tuple(x[:4] for x in whole), tuple(x[4:] for x in whole)]
+    a, b = _training("train.grad_accum=2"), _training()
+    train_step(a, halves)
+    train_step(b, [whole])
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(_weights(a), _weights(b)))
+    c = _training()
+    train_step(c, [halves[0]])  # (one half alone is another step)
+    assert not all(torch.allclose(p, q, atol=1e-6) for p, q in zip(_weights(c), _weights(b)))
+
+
+def test_grad_clip_bounds_the_gradient_the_optimizer_sees():
+    beta2 = 0.999
+    free, clipped = _training(), _training("optim.grad_clip=1e-5")
+    batch = _batch(4, 2)
+    train_step(free, [batch])
+    train_step(clipped, [batch])
+    # Adam's second moment after one step is (1 - beta2) g^2: its sum says the gradient's norm
+    norm_sq = lambda t: sum(t.optimizer.state[p]["exp_avg_sq"].sum().item() for p in t.model.parameters())  # noqa: E731
+    assert norm_sq(clipped) / (1 - beta2) == pytest.approx(1e-10, rel=1e-3)  # the norm, clipped to 1e-5
+    assert norm_sq(free) / (1 - beta2) > 100 * 1e-10
+
+
+@pytest.mark.parametrize("precision, channels_last", [("fp32", False), ("bf16", True)])
+def test_precision_and_channels_last_reach_the_convolutions(precision, channels_last):
+    t = _training(f"train.precision={precision}", f"train.channels_last={str(channels_last).lower()}")
+    seen = []
+    t.model.head.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0], out.dtype)))
+    train_step(t, [_batch(2, 3)])
+    x, dtype = seen[0]
+    assert dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert all(p.is_contiguous(memory_format=torch.channels_last) == channels_last
+               for p in t.model.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+
+
+def test_adamw_ema_and_the_schedule_do_what_they_say():
+    t = _training("optim.name=adamw", "optim.weight_decay=0.5", "optim.ema=0.9")
+    assert type(t.optimizer) is torch.optim.AdamW and t.optimizer.param_groups[0]["weight_decay"] == 0.5
+    before, ema_before = _weights(t), [p.detach().clone() for p in t.ema.parameters()]
+    train_step(t, [_batch(2, 4)])
+    for e0, e1, p1 in zip(ema_before, t.ema.parameters(), t.model.parameters()):
+        torch.testing.assert_close(e1, 0.9 * e0 + 0.1 * p1.detach())
+    assert any(not torch.equal(a, b) for a, b in zip(before, _weights(t)))
+    adam = _training("optim.name=adam", "optim.weight_decay=0.5")
+    assert type(adam.optimizer) is torch.optim.Adam
+
+
+def test_the_schedules_and_the_losses():
+    from restorer.optim import loss_fn, lr_multiplier
+
+    o = load_config(None, ["data.shards=x", "optim.schedule=step", "optim.step_every=10", "optim.step_gamma=0.5",
+                           "optim.warmup_steps=4"]).optim
+    assert [lr_multiplier(o, s, 0.0) for s in (0, 3, 4, 13, 14, 24)] == [0.25, 1.0, 1.0, 1.0, 0.5, 0.25]
+    o = load_config(None, ["data.shards=x", "optim.schedule=cosine", "optim.min_lr_scale=0.1"]).optim
+    assert [lr_multiplier(o, 0, p) for p in (0.0, 0.5, 1.0, 2.0)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+    out, y = torch.tensor([[0.5, 0.2]]), torch.tensor([[0.5, 0.6]])
+    l1 = load_config(None, ["data.shards=x", "optim.loss=l1"]).optim
+    assert loss_fn(l1)(out, y).item() == pytest.approx(0.2)
+    psnr = load_config(None, ["data.shards=x", "optim.loss=psnr"]).optim
+    assert loss_fn(psnr)(out, y).item() == pytest.approx(10 * np.log10(0.08), rel=1e-5)  # minus the PSNR
+
+
+def test_the_output_layer_trains_at_last_lr_scale_for_every_network():
+    from restorer.optim import make_optimizer
+
+    seed = load_config(str(REPO / "configs" / "seed.yaml"), ["data.shards=x"])
+    model = seed.network().build()
+    groups = make_optimizer(model, seed.optim, torch.device("cpu")).param_groups
+    last_ids = {id(p) for p in model.last.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == last_ids  # the document's `last` ...
+    assert groups[1]["lr"] == pytest.approx(0.5 * groups[0]["lr"]) and groups[0]["lr"] == 5e-4  # ... at half the lr
+    for name, layer in (("unet", "tail"), ("nafnet", "ending"), ("dncnn", "body")):
+        cfg = load_config(None, ["data.shards=x", f"model.name={name}", "optim.last_lr_scale=0.25"])
+        model = cfg.network().build()
+        last = model.last_layer()
+        assert last is (getattr(model, layer)[-1] if name == "dncnn" else getattr(model, layer))
+        g = make_optimizer(model, cfg.optim, torch.device("cpu")).param_groups
+        assert {id(p) for p in g[1]["params"]} == {id(p) for p in last.parameters()}
+        assert g[1]["lr"] == pytest.approx(0.25 * g[0]["lr"])
+
+
 def test_charbonnier_is_a_smooth_l1():
-    from restorer.config import load_config
-    from restorer.train import loss_fn
+    from restorer.optim import loss_fn
 
     cfg = load_config(None, ["data.shards=x", "optim.loss=charbonnier", "optim.charbonnier_eps=0.1"])
     out, y = torch.tensor([[0.5, 0.2]]), torch.tensor([[0.5, 0.6]])
-    assert loss_fn(cfg)(out, y).item() == pytest.approx((0.1 + (0.4**2 + 0.01) ** 0.5) / 2)
+    assert loss_fn(cfg.optim)(out, y).item() == pytest.approx((0.1 + (0.4**2 + 0.01) ** 0.5) / 2)
 
 
 def test_a_time_budget_ends_the_run_and_drives_the_schedule(tmp_path, shards):
@@ -88,7 +202,18 @@ def test_a_time_budget_ends_the_run_and_drives_the_schedule(tmp_path, shards):
     assert end["event"] == "finished" and end["reason"] == "max_minutes" and 0.05 <= end["minutes"] < 0.5
     lrs = [m["lr"] for m in train_lines(out)]
     assert lrs[0] == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.2e-3  # cosine over the time spent
-    assert read_checkpoint(out / "last.pt").train_seconds >= 3
+    spent = read_checkpoint(out / "last.pt").train_seconds
+    assert spent >= 3
+    # resumed runs add up: a budget the first run already spent ends the next at once, no step more
+    steps = read_checkpoint(out / "last.pt").step
+    assert_ok(run_cmd(train_cmd(0, shards, out, f"train.max_minutes={spent / 60 * 0.9:.4f}", "train.max_steps=0",
+                                "train.epochs=100000", "log.val_every=0")))
+    end = metrics(out)[-1]
+    assert end["event"] == "finished" and end["reason"] == "max_minutes" and end["step"] == steps
+    # and a larger one goes on from the time spent, not from zero
+    assert_ok(run_cmd(train_cmd(0, shards, out, f"train.max_minutes={(spent + 2) / 60:.4f}", "train.max_steps=0",
+                                "train.epochs=100000", "log.val_every=0")))
+    assert metrics(out)[-1]["step"] > steps and spent + 2 <= read_checkpoint(out / "last.pt").train_seconds < spent + 30
 
 
 def test_a_diverging_run_stops_with_a_clear_error(tmp_path, shards):
@@ -104,12 +229,17 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path, shards):
 @pytest.mark.slow
 def test_two_ranks_learn_and_only_rank0_writes(tmp_path, shards):
     out = tmp_path / "run"
+    # JPEG q10 alone: artifacts a few steps of a tiny network learn to take off
     assert_ok(run_cmd(train_cmd(2, shards, out, "train.max_steps=30", "log.val_every=0", "checkpoint.every=10",
-                  "checkpoint.keep=2", "optim.lr=2e-3")))
+                  "checkpoint.keep=2", "data.jpeg.quality=[10,10]", "data.jpeg.quality_weights=[]",
+                  "data.jpeg.double_p=0")))
     lines = train_lines(out)
     assert [m["step"] for m in lines] == list(range(2, 31, 2))  # one writer: no step logged twice
-    first, last = lines[0]["loss"], sum(m["loss"] for m in lines[-3:]) / 3
-    assert last < first, (first, last)
+    # the network's loss relative to the JPEG input's: 1 at the start (the identity), falling as it
+    # learns (the loss itself rises and falls with the qualities of each batch)
+    ratio = [m["loss"] / m["target"] for m in lines]
+    first, last = sum(ratio[:3]) / 3, sum(ratio[-3:]) / 3
+    assert last < min(1.0, first - 0.02), ratio  # below the JPEG's own loss by the end
     events = [m["event"] for m in metrics(out) if "event" in m]
     assert events == ["start", "finished"]
     start = metrics(out)[0]
@@ -153,6 +283,22 @@ def _logged_step(out: Path) -> int:
         lines = train_lines(out)
         return lines[-1]["step"] if lines else 0
     return 0
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_trainer_itself_saves_and_exits_0(tmp_path, shards):
+    """What SLURM's --signal=USR1 sends a task started by srun without torchrun."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(0, shards, out, "train.max_steps=400", "log.val_every=0", "checkpoint.every=1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env())
+    _wait_for(lambda: _logged_step(out) >= 4, proc, "step 4")
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = read_checkpoint(out / "last.pt").step
+    assert 4 <= stopped < 400 and f"stopped by SIGUSR1 at step {stopped}" in stderr
+    assert metrics(out)[-1] | {"minutes": 0} == {"event": "stopped", "step": stopped, "signal": "SIGUSR1",
+                                                 "nonfinite": 0, "minutes": 0}
 
 
 @pytest.mark.slow

@@ -43,6 +43,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from restorer.errors import RestorerError, one_line
+
 DEFAULT_MAX_PIXELS = 120_000_000
 # File name extensions taken as images everywhere (shard tool, restore, evaluate), any case.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -61,17 +63,14 @@ _ORIENTATION_TAG = 0x0112
 _MAX_DETAIL = 200
 
 
-class ImageDecodeError(ValueError):
-    """An image that cannot be used. ``str()`` is a short one-line reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(" ".join(str(reason).split()))
+class ImageDecodeError(RestorerError, ValueError):
+    """An image that cannot be used. ``str()`` is a short one-line reason (a ValueError too: the
+    decoder's callers outside the tools may catch it as one)."""
 
 
 def _detail(exc: BaseException) -> str:
     """A library exception as a short one-line string."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
+    return one_line(exc, _MAX_DETAIL)
 
 
 @contextlib.contextmanager

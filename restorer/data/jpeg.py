@@ -27,11 +27,12 @@ import zlib
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
+from restorer.choices import Literal, check_choices
+
 import numpy as np
 from PIL import Image
 
 CHROMA = {"444": 0, "422": 1, "420": 2}  # Pillow's `subsampling` values
-CHROMA_CHOICES = (*CHROMA, "random")
 DOUBLE_SHIFT = 8  # a double JPEG's second block grid is shifted by 0..7 px: the pair needs 8 spare pixels
 
 # The IJG standard tables (JPEG Annex K), natural (row-major) order, as Pillow reports them.
@@ -73,21 +74,20 @@ class JpegSpec:
 
     quality: tuple[int, ...] = (10, 10)
     quality_weights: tuple[float, ...] = ()
-    chroma: str = "420"  # 444 | 422 | 420 (Pillow's default, the seed's) | random (each pair one of the three)
+    chroma: Literal["444", "422", "420", "random"] = "420"  # 420: Pillow's, the seed's; random: one of the three a pair
     double_p: float = 0.0  # share of double JPEGs: a first JPEG at double_quality, a 0-7 px shift, the last
     double_quality: tuple[int, int] = (10, 95)  # the first JPEG's quality, drawn uniformly from [low, high]
 
     def validate(self) -> None:
         """Raise ValueError naming the field that is wrong ("field: must be ..., got ...")."""
+        check_choices(self)
         q = list(self.quality)
         if len(q) < 2 or any(not 1 <= v <= 100 for v in q) or q != sorted(q):
             raise ValueError(f"quality: must be 2 or more qualities in 1..100, ascending ([10, 10], [10, 60, 95]), got {q}")
         w = list(self.quality_weights)
         if w and (len(w) != len(q) - 1 or any(v < 0 for v in w) or not sum(w) > 0):
             raise ValueError(f"quality_weights: must be one weight >= 0 per interval of quality ({len(q) - 1}), "
-                             f"not all 0, got {w}")
-        if self.chroma not in CHROMA_CHOICES:
-            raise ValueError(f"chroma: must be one of {', '.join(CHROMA_CHOICES)}, got {self.chroma!r}")
+                             f"not all 0, got {w} (set it with quality; [] is uniform)")
         if not 0.0 <= self.double_p <= 1.0:
             raise ValueError(f"double_p: must be in [0, 1], got {self.double_p}")
         lo, hi = self.double_quality
@@ -274,5 +274,5 @@ def quality_feature(quality) -> float:
     return 1.0 - float(quality) / 100.0
 
 
-__all__ = ["CHROMA", "CHROMA_CHOICES", "DOUBLE_SHIFT", "JpegError", "JpegSpec", "compress", "decode", "degrade",
+__all__ = ["CHROMA", "DOUBLE_SHIFT", "JpegError", "JpegSpec", "compress", "decode", "degrade",
            "encode", "file_quality", "ijg_table", "pixel_quality", "quality_feature", "table_quality", "val_chroma"]

@@ -50,9 +50,12 @@ class PatchSpec:
         return 1 if self.grayscale else 3
 
 
-def to_gray(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma, as Pillow's convert("L"): (H, W, 1)."""
-    return np.asarray(Image.fromarray(rgb).convert("L"))[..., None]
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """The one luma convention of grayscale networks: JFIF's (ITU-R BT.601, full range 0-255), as
+    Pillow's convert("L") and a JPEG file's own Y. A grayscale network trains on it, restore gives
+    it the luma of a colour photo, and evaluate scores it on it (only --gray, the papers' benchmark
+    protocol, uses MATLAB's 16-235 Y instead). (H, W, 3) -> (H, W) uint8."""
+    return np.asarray(Image.fromarray(rgb).convert("L"))
 
 
 def random_patch(image: np.ndarray, spec: PatchSpec, rng: np.random.Generator, margin: int = 0) -> np.ndarray:
@@ -86,7 +89,7 @@ def random_patch(image: np.ndarray, spec: PatchSpec, rng: np.random.Generator, m
         patch = patch[:, ::-1]
     if spec.permute_channels_p and not spec.grayscale and rng.random() < spec.permute_channels_p:
         patch = patch[..., rng.permutation(3)]
-    return to_gray(np.ascontiguousarray(patch)) if spec.grayscale else np.ascontiguousarray(patch)
+    return luma(np.ascontiguousarray(patch))[..., None] if spec.grayscale else np.ascontiguousarray(patch)
 
 
 def training_pair(image: np.ndarray, patch: PatchSpec, degradation: jpeg.JpegSpec,
@@ -106,4 +109,4 @@ def center_crop(image: np.ndarray, crop: int, grayscale: bool = False) -> np.nda
     ch, cw = min(crop, h) // 8 * 8, min(crop, w) // 8 * 8
     top, left = (h - ch) // 2, (w - cw) // 2
     target = np.ascontiguousarray(image[top:top + ch, left:left + cw])
-    return to_gray(target) if grayscale else target
+    return luma(target)[..., None] if grayscale else target

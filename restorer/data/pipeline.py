@@ -15,12 +15,11 @@ does what it is best at: URL expansion (brace patterns, `pipe:`, http) and tar r
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import multiprocessing
+import re
 import sys
 import zlib
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import numpy as np
@@ -31,53 +30,13 @@ from webdataset.tariterators import tarfile_samples
 
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from restorer.data.patches import PatchSpec, center_crop, training_pair
-from restorer.data.manifest import ManifestError, load_manifest, manifest_path, shard_paths
+from restorer.config import DataConfig
+from restorer.data.patches import center_crop, training_pair
+from restorer.errors import RunError
+from restorer.data.manifest import load_manifest, shard_paths
 from restorer.stop import shutdown_event, worker_signals
 
 IMAGE_MEMBERS = tuple(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))  # webdataset member names: no dot
-
-
-@dataclass
-class DataConfig:
-    shards: str = ""  # a shard folder or its manifest.json
-    train_urls: str = ""  # instead of the manifest's list: any URL pattern webdataset reads
-    val_urls: str = ""  # (brace patterns, pipe:aws s3 cp s3://... -, http://...)
-    epoch_samples: int = 0  # patches per epoch; 0: every training image once, patches_per_image each
-    patch: PatchSpec = field(default_factory=PatchSpec)  # the clean patches: size, rescale, rotation, colour
-    jpeg: jpeg.JpegSpec = field(default_factory=jpeg.JpegSpec)  # their JPEG: qualities, chroma, double JPEG
-    patches_per_image: int = 256  # patches cut from each decoded image: a decode costs ~100 patches
-    shuffle_buffer: int = 2048  # patches held per stream, ~50 KB each at patch 128
-    workers: int = 4  # DataLoader worker processes per rank
-    val_crop: int = 256  # validation: centre crop of at most this side ...
-    val_qualities: tuple[int, ...] = (10,)  # ... JPEG-encoded at each of these qualities (jpeg.chroma's subsampling)
-    verify: bool = False  # at start, check every shard's sha256 against the manifest (sizes are always checked)
-    allow_pipe: bool = False  # let train_urls/val_urls use pipe: (it runs a shell command on every rank and worker)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field that is wrong."""
-        if not (self.shards or self.train_urls):
-            raise ValueError("shards: set a shard folder (or manifest.json), or train_urls")
-        if self.train_urls and not self.shards and self.epoch_samples <= 0:
-            raise ValueError("epoch_samples must be > 0 when train_urls is used without a manifest")
-        for name in ("patches_per_image", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0; got {self.workers}")
-        if self.val_crop < 16:  # whole 8x8 blocks, at least SSIM's 11x11 window
-            raise ValueError(f"val_crop must be >= 16 (SSIM's window is 11x11); got {self.val_crop}")
-        for name in ("train_urls", "val_urls"):
-            if "pipe:" in getattr(self, name) and not self.allow_pipe:
-                raise ValueError(f"{name}: a pipe: URL runs a shell command on every rank and worker; "
-                                 "set data.allow_pipe=true if you mean it")
-        if not self.val_qualities or not all(1 <= q <= 100 for q in self.val_qualities):
-            raise ValueError(f"val_qualities: must be one or more qualities in 1..100, got {list(self.val_qualities)}")
-        for name in ("patch", "jpeg"):
-            try:
-                getattr(self, name).validate()
-            except ValueError as e:
-                raise ValueError(f"{name}.{e}") from None
 
 
 def split_urls(cfg: DataConfig, split: str) -> list[str]:
@@ -90,34 +49,16 @@ def split_urls(cfg: DataConfig, split: str) -> list[str]:
     return shard_paths(cfg.shards, split)
 
 
-class NoTrainingData(RuntimeError):
-    """Not one training image could be read from any shard; the message is one line."""
+class NoTrainingData(RunError):
+    """Not one training image could be read from any shard; the message is one line.
 
+    Raised in a DataLoader worker, it reaches the trainer rebuilt by the DataLoader from the
+    worker's traceback text ("Caught NoTrainingData in DataLoader worker ... Original Traceback
+    ... NoTrainingData: <message>"): the message is that text's last line, without its prefix."""
 
-def check_shards(cfg: DataConfig, verify: Optional[bool] = None) -> None:
-    """Every shard the manifest lists exists with the size it records (and, with `verify`, its
-    sha256): shards rewritten or cut short after the manifest are caught before training."""
-    if not cfg.shards:
-        return
-    path = manifest_path(cfg.shards)
-    manifest = load_manifest(cfg.shards)
-    for split in ("train", "val"):
-        for shard in manifest["splits"][split]["shards"]:
-            file = path.parent / shard["name"]
-            try:
-                size = file.stat().st_size
-            except OSError:
-                raise ManifestError(f"shard {file} is listed in {path} but cannot be read") from None
-            if size != shard["bytes"]:
-                raise ManifestError(f"shard {file} is {size} bytes, {path} says {shard['bytes']}: the shards changed "
-                                    "after the manifest was written; run make_shards.py again")
-            if cfg.verify if verify is None else verify:
-                digest = hashlib.sha256()
-                with open(file, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-                if digest.hexdigest() != shard["sha256"]:
-                    raise ManifestError(f"shard {file} does not match the sha256 in {path}: run make_shards.py again")
+    def __init__(self, message: str) -> None:
+        last = str(message).strip().splitlines()[-1] if str(message).strip() else str(message)
+        super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
 
 
 def epoch_samples(cfg: DataConfig) -> int:
@@ -162,8 +103,14 @@ class SkipLog:
                   file=sys.stderr, flush=True)
 
     def handler(self, exn: Exception) -> bool:
-        """webdataset error handler: a broken tar or member is logged and the stream goes on."""
-        self(" ".join(str(a) for a in exn.args[1:]) or "a shard", f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+        """webdataset error handler: a broken tar or member is logged and the stream goes on.
+        webdataset adds the shard's URL to the exception's args, and sometimes its stream's repr to
+        the message ("... @ <_io.BufferedReader ...>"): the line names the shard once."""
+        url = next((a for a in exn.args[1:] if isinstance(a, str)), None)
+        text, _, stream = str(exn.args[0] if exn.args else exn).partition(" @ <")
+        named = re.search(r"name='([^']*)'", stream)
+        url = url or (named.group(1) if named else None)
+        self(f"shard {url}" if url else "a shard", f"{type(exn).__name__}: {text}")
         return True
 
 

@@ -1,4 +1,5 @@
-"""Pack a folder of photos into WebDataset tar shards: `python shard_tools/make_shards.py`.
+"""Pack a folder of photos into WebDataset tar shards: the logic of `python shard_tools/make_shards.py`
+(its command line: restorer.make_shards; the manifest: restorer.data.manifest).
 
 Phases, each with a progress bar:
   1. find   walk the sources (folders, image files, text files listing paths)
@@ -20,7 +21,6 @@ mode and sha256. Keys contain no dots: webdataset splits a member name at its fi
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import contextlib
@@ -50,7 +50,8 @@ from restorer.data.decode import (
     oriented_size,
     to_rgb_array,
 )
-from restorer.data.manifest import MANIFEST_NAME, FORMAT_NAME, FORMAT_VERSION, SPLITS, shard_name
+from restorer.data.manifest import MANIFEST_NAME, SPLITS, build_manifest, shard_name, write_manifest
+from restorer.errors import RunError, UsageError
 from restorer.fileio import atomic_open, atomic_write_json, commit, temp_path
 
 STATE_DIR = ".make_shards"
@@ -60,11 +61,7 @@ TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to a multiple of this
 PROG = "make_shards"
 
 
-class UsageError(Exception):
-    """A user mistake: reported as one line and exit code 2, before any work is done."""
-
-
-# ----------------------------------------------------------------------------- arguments
+# ----------------------------------------------------------------------------- what decides the output
 
 
 @dataclass(frozen=True)
@@ -83,83 +80,6 @@ class PackOptions:
 
     def recorded(self) -> dict:
         return asdict(self) | {"sources": list(self.sources)}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="make_shards.py",
-        description="Pack photos into WebDataset tar shards (train-NNNNNN.tar, val-NNNNNN.tar, "
-        "manifest.json). Original bytes are kept; broken files are rejected with a reason.",
-    )
-    p.add_argument("sources", nargs="+", metavar="SRC",
-                   help="folder (walked recursively), image file, or text file listing paths (one a line)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest.json")
-    val = p.add_mutually_exclusive_group()
-    val.add_argument("--val-fraction", type=float, default=0.01,
-                     help="fraction of images held out for validation (default 0.01; at least 1 image "
-                     "when the fraction is > 0 and 2 or more images are kept)")
-    val.add_argument("--val-count", type=int, help="exact number of images held out for validation")
-    p.add_argument("--maxcount", type=int, default=1000, help="max samples per shard (default 1000)")
-    p.add_argument("--maxsize", type=_size, default="256M",
-                   help="max bytes per shard, e.g. 256M, 1G (default 256M; a single larger sample gets a shard of its own; "
-                   "with --tile, tiles count at their largest possible PNG size, so shards come out smaller)")
-    p.add_argument("--min-side", type=int, default=128, help="reject images whose short side is smaller (default 128)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"reject images with more pixels (decompression bombs; default {DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--tile", type=int, metavar="SIZE",
-                   help="cut each image into SIZExSIZE lossless PNG tiles (edge tiles aligned to the border); off by default")
-    p.add_argument("--workers", type=int, default=_cpu_count(), help="worker processes (default: all cores)")
-    p.add_argument("--seed", type=int, default=0, help="shuffle and split seed (default 0)")
-    p.add_argument("--force", action="store_true", help="delete shards and manifest in DIR and start over")
-    return p
-
-
-def _size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500000, 256M, 1G)")
-    scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def options_from_args(a: argparse.Namespace) -> PackOptions:
-    if a.maxcount < 1:
-        raise UsageError(f"--maxcount must be >= 1, got {a.maxcount}")
-    if a.maxsize < 1:
-        raise UsageError(f"--maxsize must be > 0, got {a.maxsize}")
-    if a.min_side < 1:
-        raise UsageError(f"--min-side must be >= 1, got {a.min_side}")
-    if a.workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {a.workers}")
-    if a.val_count is not None and a.val_count < 0:
-        raise UsageError(f"--val-count must be >= 0, got {a.val_count}")
-    if not 0.0 <= a.val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
-    if a.tile is not None and a.tile < a.min_side:
-        raise UsageError(f"--tile {a.tile} is smaller than --min-side {a.min_side}")
-    sources = []
-    for s in a.sources:
-        if not os.path.exists(s):
-            raise UsageError(f"source does not exist: {s}")
-        sources.append(os.path.abspath(s))
-    return PackOptions(
-        sources=tuple(sources),
-        val_fraction=0.0 if a.val_count is not None else a.val_fraction,
-        val_count=a.val_count,
-        maxcount=a.maxcount,
-        maxsize=a.maxsize,
-        min_side=a.min_side,
-        seed=a.seed,
-        tile=a.tile,
-        max_pixels=a.max_pixels,
-    )
 
 
 # ----------------------------------------------------------------------------- 1. find
@@ -455,7 +375,7 @@ def make_plan(files: list[SourceFile], records: list[dict], problems: list[dict]
 # ----------------------------------------------------------------------------- 4. write
 
 
-class FileChangedError(Exception):
+class FileChangedError(RunError):
     """A source changed between its check and its packing: the plan no longer holds."""
 
 
@@ -747,27 +667,12 @@ def _run(opts: PackOptions, out: Path, workers: int, force: bool, log, files, pr
         if p.name != MANIFEST_NAME and p.name not in progress.shards:
             p.unlink()
 
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "args": opts.recorded(),
-        "plan": fingerprint,
-        "splits": {split: _split_entry([progress.shards[name] for name, _, _ in plan.shards[split]], plan.images[split])
-                   for split in SPLITS},
-        "images": {"found": plan.found, "kept": sum(plan.images.values()),
-                   "rejected": len(plan.rejected), "duplicates": len(plan.duplicates)},
-        "rejected": plan.rejected,
-        "duplicates": plan.duplicates,
-    }
-    atomic_write_json(manifest_path, manifest)
+    manifest = build_manifest(opts.recorded(), fingerprint,
+                              {split: [progress.shards[name] for name, _, _ in plan.shards[split]] for split in SPLITS},
+                              plan.images, plan.found, plan.rejected, plan.duplicates)
+    write_manifest(out, manifest)
     log(summary(manifest, t_check - t0, t_write - t_check))
     return manifest
-
-
-def _split_entry(shards: list[dict], images: int) -> dict:
-    return {"samples": sum(sh["samples"] for sh in shards), "images": images,
-            "bytes": sum(sh["bytes"] for sh in shards),
-            "shards": [{k: sh[k] for k in ("name", "samples", "bytes", "sha256")} for sh in shards]}
 
 
 def summary(m: dict, check_s: float, write_s: float) -> str:
@@ -784,20 +689,3 @@ def summary(m: dict, check_s: float, write_s: float) -> str:
     lines.append(f"  check {check_s:.1f} s ({im['found'] / max(check_s, 1e-9):.1f} images/s), "
                  f"write {write_s:.1f} s ({total_bytes / 1e6 / max(write_s, 1e-9):.1f} MB/s)")
     return "\n".join(lines)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        opts = options_from_args(args)
-        run(opts, Path(args.out), args.workers, args.force)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except FileChangedError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0

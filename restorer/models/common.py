@@ -3,11 +3,14 @@ the conditioning on the JPEG quality."""
 
 from __future__ import annotations
 
+import typing
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from restorer.choices import Literal
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -21,7 +24,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 def check_channels(in_channels) -> int:
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+        raise ValueError(f"in_channels: must be a positive integer, got {in_channels!r}")
     return in_channels
 
 
@@ -68,7 +71,8 @@ def macs_per_pixel(model: nn.Module, in_channels: int, size: int = 64) -> float:
 #   input    as one more input plane of 1 - q/100 (FFDNet's and DRUNet's noise-level map)
 #   decoder  an embedding of 1 - q/100 scales and shifts the decoder's features, per scale (FBCNN's)
 #   scales   the same at every scale: encoder, middle and decoder (FiLM, Perez et al. 2018)
-CONDITIONING = ("none", "input", "decoder", "scales")
+Conditioning = Literal["none", "input", "decoder", "scales"]
+CONDITIONING = typing.get_args(Conditioning)
 EMBEDDING = 64  # width of the quality embedding (an MLP per image, not per pixel: its cost is nothing)
 
 
@@ -114,12 +118,6 @@ class NoFiLM(nn.Module):
 
     def forward(self, x: torch.Tensor, embedding: Optional[torch.Tensor]) -> torch.Tensor:
         return x
-
-
-def check_conditioning(conditioning: str, allowed: tuple[str, ...] = CONDITIONING) -> str:
-    if conditioning not in allowed:
-        raise ValueError(f"conditioning: must be one of {', '.join(allowed)}, got {conditioning!r}")
-    return conditioning
 
 
 class Conditioned(nn.Module):

@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from restorer.models.common import CONDITIONING, Conditioned, check_channels, check_conditioning
+from restorer.choices import check_choices
+from restorer.models.common import Conditioned, Conditioning, check_channels
 
 
 @dataclass
@@ -18,14 +19,14 @@ class DnCNNOptions:
     depth: int = 12  # convolution layers, first and last included (the paper: 17, DnCNN-3: 20)
     channels: int = 32  # feature maps (the paper: 64)
     batch_norm: bool = True  # the paper's BN after each middle convolution
-    conditioning: str = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
+    conditioning: Conditioning = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
 
     def validate(self) -> None:
-        check_conditioning(self.conditioning, CONDITIONING)
+        check_choices(self)
         if self.depth < 2:
-            raise ValueError(f"depth must be >= 2, got {self.depth}")
+            raise ValueError(f"depth: must be >= 2, got {self.depth}")
         if self.channels < 1:
-            raise ValueError(f"channels must be >= 1, got {self.channels}")
+            raise ValueError(f"channels: must be >= 1, got {self.channels}")
 
 
 class DnCNN(nn.Module):
@@ -74,6 +75,10 @@ class DnCNN(nn.Module):
         for layer, film in zip(self.body, self.films):
             y = film(layer(y), emb)
         return x - y
+
+    def last_layer(self) -> nn.Module:
+        """The output layer: it trains at lr x optim.last_lr_scale (restorer.optim)."""
+        return self.body[-1]
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, {self.options}"

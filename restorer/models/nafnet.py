@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from restorer.models.common import CONDITIONING, Conditioned, check_channels, check_conditioning, pad_to_multiple
+from restorer.choices import check_choices
+from restorer.models.common import Conditioned, Conditioning, check_channels, pad_to_multiple
 
 
 @dataclass
@@ -20,17 +21,18 @@ class NAFNetOptions:
     enc_blocks: tuple[int, ...] = (1, 1, 1, 1)  # NAFBlocks per encoder scale (its length sets the scales)
     middle_blocks: int = 1
     dec_blocks: tuple[int, ...] = (1, 1, 1, 1)  # per decoder scale, deepest first; as long as enc_blocks
-    conditioning: str = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
+    conditioning: Conditioning = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
 
     def validate(self) -> None:
-        check_conditioning(self.conditioning, CONDITIONING)
+        check_choices(self)
         if self.width < 1 or self.width % 2:
-            raise ValueError(f"width must be a positive even number, got {self.width}")
+            raise ValueError(f"width: must be a positive even number, got {self.width}")
         if len(self.enc_blocks) != len(self.dec_blocks) or not 1 <= len(self.enc_blocks) <= 6:
-            raise ValueError(f"enc_blocks and dec_blocks must have the same length (1 to 6 scales), got "
+            raise ValueError(f"dec_blocks: must have as many scales as enc_blocks (1 to 6), got "
                              f"{list(self.enc_blocks)} and {list(self.dec_blocks)}")
         if min(*self.enc_blocks, *self.dec_blocks, self.middle_blocks) < 0:
-            raise ValueError("block counts must be >= 0")
+            raise ValueError(f"enc_blocks, middle_blocks, dec_blocks: must be >= 0, got {list(self.enc_blocks)}, "
+                             f"{self.middle_blocks}, {list(self.dec_blocks)}")
 
 
 class LayerNorm2d(nn.Module):
@@ -137,6 +139,10 @@ class NAFNet(nn.Module):
         for i, (decoder, film, up) in enumerate(zip(self.decoders, self.dec_films, self.ups)):  # (TorchScript compiles this)
             y = film(decoder(up(y) + skips[len(skips) - 1 - i]), emb)
         return (inp + self.ending(y))[..., :h, :w]
+
+    def last_layer(self) -> nn.Module:
+        """The output layer: it trains at lr x optim.last_lr_scale (restorer.optim)."""
+        return self.ending
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, {self.options}"

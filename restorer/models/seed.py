@@ -8,18 +8,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from restorer.models.common import check_channels, check_conditioning, with_quality_plane
-
-SEED_CONDITIONING = ("none", "input")  # no scales to modulate: the quality can only be an input plane
+from restorer.choices import Literal, check_choices
+from restorer.models.common import check_channels, with_quality_plane
 
 
 @dataclass
 class SeedOptions:
     residual: bool = False  # output = input + network(input); the seed had none
-    conditioning: str = "none"  # none (the seed) | input: the JPEG quality as one more input plane
+    # none (the seed) | input: the JPEG quality as one more input plane (no scales to modulate)
+    conditioning: Literal["none", "input"] = "none"
 
     def validate(self) -> None:
-        check_conditioning(self.conditioning, SEED_CONDITIONING)
+        check_choices(self)
 
 
 def conv_unit(c_in: int, c_out: int) -> list[nn.Module]:
@@ -83,6 +83,10 @@ class SeedNet(nn.Module):
     def forward(self, x: torch.Tensor, quality: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.last(self.base(with_quality_plane(x, quality) if self.takes_quality else x))
         return x + y if self.residual else y
+
+    def last_layer(self) -> nn.Module:
+        """The output layer: it trains at lr x optim.last_lr_scale (restorer.optim)."""
+        return self.last
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, residual={self.residual}, conditioning={self.options.conditioning}"

@@ -11,21 +11,22 @@ from typing import Optional
 import torch
 from torch import nn
 
-from restorer.models.common import CONDITIONING, Conditioned, check_channels, check_conditioning, pad_to_multiple
+from restorer.choices import check_choices
+from restorer.models.common import Conditioned, Conditioning, check_channels, pad_to_multiple
 
 
 @dataclass
 class UNetOptions:
     widths: tuple[int, ...] = (16, 32, 64, 128)  # channels per scale, full resolution first (DRUNet: 64..512)
     blocks: int = 1  # residual blocks per scale, in the encoder, the middle and the decoder (DRUNet: 4)
-    conditioning: str = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
+    conditioning: Conditioning = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
 
     def validate(self) -> None:
-        check_conditioning(self.conditioning, CONDITIONING)
+        check_choices(self)
         if not 2 <= len(self.widths) <= 6 or any(w < 1 for w in self.widths):
-            raise ValueError(f"widths must be 2 to 6 positive channel counts, got {list(self.widths)}")
+            raise ValueError(f"widths: must be 2 to 6 positive channel counts, got {list(self.widths)}")
         if self.blocks < 0:
-            raise ValueError(f"blocks must be >= 0, got {self.blocks}")
+            raise ValueError(f"blocks: must be >= 0, got {self.blocks}")
 
 
 class ResBlock(nn.Module):
@@ -92,6 +93,10 @@ class UNet(nn.Module):
             y = film(up(y + skips[len(skips) - 1 - i]), emb)
         y = self.tail(y + skips[0])
         return (inp + y)[..., :h, :w]
+
+    def last_layer(self) -> nn.Module:
+        """The output layer: it trains at lr x optim.last_lr_scale (restorer.optim)."""
+        return self.tail
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, {self.options}"

@@ -1,0 +1,85 @@
+"""The checks a run makes before any work, on every rank, with the verdicts gathered: the shards, the
+shared memory the loader's batch rings need, and the toolchain torch.compile needs. A failure is one
+ConfigError line (exit 2) on every rank: a rank that sees another disk fails the run, not hangs it.
+`python -m restorer.slurm check` runs the same data check on a login node."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sysconfig
+from typing import Callable, Optional
+
+from restorer import dist
+from restorer.config import Config, ConfigError
+from restorer.data.manifest import ManifestError, check_shards
+from restorer.data.pipeline import ring_bytes, shm_problem, split_urls, steps_per_epoch
+
+
+def check_data(cfg: Config, hash_shards: bool = True) -> None:
+    """Fail before any work if the shards cannot be used (ConfigError: one line, exit 2).
+    `hash_shards`: do data.verify's sha256 pass (once a node is enough)."""
+    try:
+        if not split_urls(cfg.data, "train"):
+            raise ConfigError("data: no training shards (the manifest's train split is empty)")
+        steps_per_epoch(cfg.data, cfg.train.batch_size, 1)
+        if cfg.data.shards:
+            check_shards(cfg.data.shards, verify=cfg.data.verify and hash_shards)
+    except ManifestError as e:
+        raise ConfigError(f"data.shards: {e}") from None
+
+
+def local_ranks() -> int:
+    """Trainer processes on this node (torchrun's LOCAL_WORLD_SIZE, srun's SLURM_NTASKS_PER_NODE)."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        with contextlib.suppress(ValueError):
+            return max(int(os.environ.get(name, "").split("(")[0]), 1)
+    return 1
+
+
+def check_shared_memory(cfg: Config, ranks_on_node: int, shm: str = "/dev/shm") -> None:
+    """The workers' batch rings live in shared memory; a container's default /dev/shm (64 MB) holds
+    far less than gpu.yaml needs. ConfigError (one line) naming what to change, before any work."""
+    need = ring_bytes(cfg.data, cfg.train.batch_size) * ranks_on_node
+    try:
+        st = os.statvfs(shm)
+    except OSError:
+        return  # no /dev/shm to measure (not Linux): torch picks its own shared memory
+    problem = shm_problem(need, st.f_bavail * st.f_frsize, cfg.data.workers)
+    if problem:
+        raise ConfigError(problem)
+
+
+def compile_problem(device_type: str, which=shutil.which, include_dir: Optional[str] = None) -> Optional[str]:
+    """Why torch.compile cannot work here, or None. Inductor compiles what it generates: Triton's
+    CUDA kernels need a C compiler and Python's headers on the node, CPU kernels a C++ compiler."""
+    compilers = ("cc", "gcc", "clang") if device_type == "cuda" else ("c++", "g++", "clang++")
+    if not any(which(c) for c in compilers):
+        return f"no C{'' if device_type == 'cuda' else '++'} compiler ({', '.join(compilers)}) on PATH"
+    include_dir = include_dir if include_dir is not None else sysconfig.get_paths().get("include", "")
+    if not os.path.isfile(os.path.join(include_dir, "Python.h")):
+        return f"no Python headers (Python.h in {include_dir}; a python3-dev package)"
+    return None
+
+
+def agreed_check(info: dist.DistInfo, check: Callable[[], None]) -> None:
+    """Run `check` on every rank; if it fails on any, every rank raises the first failure (rank 0
+    says which rank): a rank that sees another disk fails the run, not hangs it."""
+    try:
+        check()
+        error = None
+    except ConfigError as e:
+        error = str(e)
+    errors = dist.gather(error)
+    first = next(((r, e) for r, e in enumerate(errors) if e), None)
+    if first:
+        rank, message = first
+        raise ConfigError(message + (f" (on rank {rank})" if rank else ""))
+
+
+def start_checks(cfg: Config, info: dist.DistInfo) -> None:
+    """Everything checked before a run starts, agreed by all ranks: the data (sha256 of the shards
+    on each node's local rank 0 only) and the shared memory of this node's ranks."""
+    agreed_check(info, lambda: (check_data(cfg, hash_shards=info.local_rank == 0),
+                                check_shared_memory(cfg, local_ranks())))

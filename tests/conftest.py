@@ -1,0 +1,35 @@
+"""Session fixtures: what many tests start from is built once (shards, a trained run) and copied."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import assert_ok, pack_photos, run_cmd, train_cmd
+
+# the run every resume test starts from: 4 steps, a checkpoint every step (the newest 2 kept as
+# step copies), validation at steps 2 and 4 (best.pt), a constant lr of 1e-3
+BASE_RUN = ("train.max_steps=4", "checkpoint.every=1", "checkpoint.keep=2", "log.val_every=2", "optim.schedule=constant")
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """10 photos: 8 for training in 3 shards (fewer than 2 ranks x 2 workers need), 2 for validation."""
+    return pack_photos(tmp_path_factory.mktemp("shards"), 10, maxcount=3)
+
+
+@pytest.fixture(scope="session")
+def _base_run(tmp_path_factory, shards) -> Path:
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert_ok(run_cmd(train_cmd(0, shards, out, *BASE_RUN)))
+    return out
+
+
+@pytest.fixture
+def base_run(_base_run, tmp_path) -> Path:
+    """A copy of the base run (BASE_RUN), this test's to change."""
+    out = tmp_path / "run"
+    shutil.copytree(_base_run, out)
+    return out

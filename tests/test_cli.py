@@ -1,0 +1,59 @@
+"""One error convention for every tool: a mistake is one line `PROG: error: ...` and exit 2, a failed
+piece of work exit 1, never a traceback; every tool has a console script."""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+
+import pytest
+
+from helpers import REPO
+from restorer.cli import run
+from restorer.errors import RestorerError, RunError, UsageError, one_line
+
+TOOLS = {  # console script -> (module, the name its errors carry)
+    "restorer-make-shards": ("restorer.make_shards", "make_shards"),
+    "restorer-train": ("restorer.train", "train"),
+    "restorer-restore": ("restorer.restore", "restore"),
+    "restorer-evaluate": ("restorer.evaluate", "evaluate"),
+    "restorer-export": ("restorer.export", "export"),
+    "restorer-plot": ("restorer.plot", "plot"),
+    "restorer-slurm": ("restorer.slurm", "slurm"),
+    "restorer-demo": ("restorer.demo", "demo"),
+}
+
+
+def test_every_tool_has_a_console_script():
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
+    assert scripts == {name: f"{module}:main" for name, (module, _) in TOOLS.items()}
+
+
+@pytest.mark.parametrize("script", sorted(TOOLS))
+def test_a_mistake_in_any_tools_command_is_one_line_and_exit_2(script, capsys):
+    module, prog = TOOLS[script]
+    main = importlib.import_module(module).main
+    assert main(["--no-such-option"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_the_runner_says_one_line_with_the_errors_exit_code(capsys):
+    def failing(error):
+        def body():
+            raise error
+        return body
+
+    assert run("tool", failing(UsageError("bad\n   option"))) == 2
+    assert run("tool", failing(RunError("the work failed"))) == 1
+    assert run("tool", failing(FileNotFoundError(2, "No such file or directory", "/x"))) == 2
+    assert run("tool", failing(RestorerError("quiet")), quiet=lambda e: True) == 2
+    assert run("tool", failing(KeyboardInterrupt())) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["tool: error: bad option", "tool: error: the work failed",
+                   "tool: error: [Errno 2] No such file or directory: '/x'", "", "tool: interrupted"]
+    with pytest.raises(ValueError):  # not the user's: a bug stays a traceback
+        run("tool", failing(ValueError("a bug")))
+    assert one_line("a " * 400).endswith("...") and len(one_line("a " * 400)) == 300
