@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev,demo,plot,export,bench]"
+	$(PIP) -e ".[dev,demo,plot,export,bench,tensorboard,wandb,mlflow]"
 	touch $@
 
 test: install

@@ -124,8 +124,12 @@ RECIPES = {
     "q10": Q10_ONLY,
     **{f"{net}-{cond}": [f"model.name={net}", "model.preset=cpu", f"model.{net}.conditioning={cond}"]
        for net in CONDITIONED for cond in CONDITIONING},
+    **{f"{net}-{cond}-plain": [f"model.name={net}", "model.preset=cpu", f"model.{net}.conditioning={cond}",
+                               f"model.{net}.correction=plain"]
+       for net in CONDITIONED for cond in CONDITIONING if cond != "none"},
     "unet-decoder-psnr": ["model.unet.conditioning=decoder", "optim.loss=psnr"],
     "unet-scales-psnr": ["model.unet.conditioning=scales", "optim.loss=psnr"],
+    "unet-decoder-plain-psnr": ["model.unet.conditioning=decoder", "model.unet.correction=plain", "optim.loss=psnr"],
 }
 SECTIONS = {"conditioning": [f"{net}-{cond}" for net in CONDITIONED for cond in CONDITIONING], "budget": ["blind", "q10"]}
 # (column, evaluate's arguments): 4:2:0 qualities, 4:4:4, double JPEG (first quality -> last)
@@ -144,9 +148,21 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"bench/models.py: {' '.join(cmd[:6])} ... failed ({p.returncode}):\n" + "\n".join(tail))
 
 
+def reference_qualities(held_out: Path) -> dict[str, int]:
+    """The held-out photos that are JPEGs themselves, and their quality (stem -> q). Such a reference
+    holds its own artifacts: at a quality at or above its own, a score would measure how well the
+    network keeps them, so it is scored only below (skimage's grace_hopper.jpg is a q80 JPEG)."""
+    from restorer.data.jpeg import file_quality
+
+    found = {p.stem: file_quality(p.read_bytes()) for p in sorted(held_out.iterdir())}
+    return {stem: q for stem, q in found.items() if q is not None}
+
+
 def score(ckpt: Path, held_out: Path) -> dict:
     """Every column's mean PSNR gain, and per photo, over the columns (evaluate, in this process)."""
     from restorer.evaluate import evaluate
+
+    own = reference_qualities(held_out)
 
     by_args: dict[str, dict] = {}
     for column, kw in COLUMNS:  # one evaluate call per (chroma, double): all its qualities at once
@@ -159,12 +175,14 @@ def score(ckpt: Path, held_out: Path) -> dict:
         result = evaluate(ckpt, held_out, sorted(set(wanted.values())), device="cpu", **kw)["qualities"]
         for column, q in wanted.items():
             images = result[str(q)]["images"]
-            gains = {Path(k).stem: v["psnr_model"] - v["psnr_jpeg"] for k, v in images.items()}
+            gains = {Path(k).stem: v["psnr_model"] - v["psnr_jpeg"] for k, v in images.items()
+                     if q < own.get(Path(k).stem, 101)}
             columns[column] = statistics.mean(gains.values())
             for photo, g in gains.items():
                 photos.setdefault(photo, {})[column] = g
     worst = min((g, photo, c) for photo, gs in photos.items() for c, g in gs.items() if c in HIGH)
-    return {"columns": columns, "photos": photos, "worst_high": worst[0], "worst_high_at": f"{worst[1]} {worst[2]}"}
+    return {"columns": columns, "photos": photos, "worst_high": worst[0], "worst_high_at": f"{worst[1]} {worst[2]}",
+            "reference_qualities": own}
 
 
 def quality_rows(work: Path, names: list[str], minutes: float, steps: int, nproc: int) -> tuple[list[dict], list[str]]:
@@ -198,6 +216,9 @@ def quality_rows(work: Path, names: list[str], minutes: float, steps: int, nproc
 
 def print_quality(title: str, rows: list[dict], held: list[str]) -> None:
     print(f"\n{title}; {len(held)} held-out photos: {', '.join(held)}")
+    if rows and (own := rows[0].get("reference_qualities")):
+        print("JPEG references, scored only below their own quality: "
+              + ", ".join(f"{stem} (q{q})" for stem, q in own.items()))
     print("mean PSNR gain over the JPEG input (dB); worst: the worst photo at any column of quality >= 50")
     head = f"{'recipe':<20}{'steps':>7}{'steps/s':>8}" + "".join(f"{c:>9}" for c, _ in COLUMNS) + f"{'worst':>8}  where"
     print(head)
@@ -243,7 +264,9 @@ def main() -> None:
             print_quality(f"{section}: {what} of training each ({args.nproc} processes, configs/cpu.yaml)", rows, held)
             summary[section] = {"steps": steps, "minutes": None if steps else args.minutes, "photos": held,
                                 **{r["recipe"]: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                                                 if k not in ("recipe", "photos")} for r in rows}}
+                                                 if k not in ("recipe", "photos")}
+                                   | {"photos": {ph: {c: round(g, 3) for c, g in gs.items()} for ph, gs in r["photos"].items()}}
+                                   for r in rows}}
     print(json.dumps(summary))
 
 

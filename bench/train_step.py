@@ -1,16 +1,18 @@
 """Benchmark one full training step, side by side in one run: fp32 eager against bf16 autocast,
 channels_last memory and torch.compile, alone and combined.
 
-    python bench/train_step.py [--model seed|dncnn|unet|nafnet] [--preset cpu|gpu]
+    python bench/train_step.py [--model seed|dncnn|unet|nafnet] [--preset cpu|gpu] [--config YAML]
                                [--device auto|cpu|cuda] [--batch N] [--patch 128] [--steps N]
                                [--warmup N] [--rounds N] [--variants a,b,...]
                                [--compile-timeout S] [--threads N]
 
 A step is the trainer's own (restorer.train.train_step on a restorer.train.Training built from the
 config, as the trainer builds it): uint8 input and target batches already on the device are
-converted there (x.float() / 255), then forward, the loss (configs/cpu.yaml's), backward, the
-non-finite check, and the fused Adam step (``last`` at half the learning rate for the seed).
-Every variant starts from the same weights with a fresh optimizer.
+converted there (x.float() / 255), then forward, the loss, backward, the non-finite check, the
+optimizer step and the EMA update when the config has one. The recipe is the config's: on CUDA
+configs/gpu.yaml's (fused AdamW, Charbonnier loss, gradient clipping, EMA 0.999; cudnn.benchmark
+on, as the trainer sets it), on CPU configs/cpu.yaml's (Adam, MSE, no EMA: what the CPU runs
+train); --config picks another. Every variant starts from the same weights with a fresh optimizer.
 
   fp32_eager        the baseline: NCHW, fp32 (on CUDA, cuDNN convolutions use TF32 if PyTorch's
                     default torch.backends.cudnn.allow_tf32 is on; the header says)
@@ -21,7 +23,9 @@ Every variant starts from the same weights with a fresh optimizer.
   compile_bf16_cl   torch.compile(model) with channels_last and bf16 autocast
 
 A variant that cannot run (no bf16 on the GPU, a compile error, a compile slower than
---compile-timeout) is printed as a row 'failed: reason' and the others go on. Every variant is
+--compile-timeout) is printed as a row 'failed: reason' and the others go on. A compiled variant
+that Training.build left eager, as the trainer would (no C/C++ compiler or no Python headers here:
+restorer.checks.compile_problem), is the row 'fell back to eager: reason', not timed. Every variant is
 set up and warmed up first (compiling included: that time is shown for the compiled variants);
 then the timed steps run in turn, --rounds passes over the variants, so a drift in the machine's
 speed touches all of them alike. Each step is timed alone (synchronised on CUDA); the figures are
@@ -50,6 +54,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from restorer import checks  # noqa: E402
 from restorer.config import load_config  # noqa: E402
 from restorer.models import MODELS, macs_per_pixel  # noqa: E402
 from restorer.train import Training, train_step  # noqa: E402
@@ -94,6 +99,19 @@ def time_limit(seconds: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
+class FellBack(Exception):
+    """A compiled variant whose Training runs eager (Training.build found no toolchain)."""
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether torch.compile wrapped the module: an OptimizedModule, whose `_orig_mod` is the model."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # a torch without dynamo: it cannot have compiled anything
+        return False
+    return isinstance(module, OptimizedModule) or isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
 def one_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -106,12 +124,13 @@ class Variant:
     def __init__(self, name: str, base_model: nn.Module, device: torch.device, args) -> None:
         bf16, channels_last, compiled = VARIANTS[name]
         self.device = device
-        cfg = load_config(str(REPO / "configs" / "cpu.yaml"), [
-            f"model.name={args.model}", *([f"model.preset={args.preset}"] if MODELS[args.model].PRESETS else []),
-            f"train.precision={'bf16' if bf16 else 'fp32'}", f"train.channels_last={str(channels_last).lower()}",
-            f"train.compile={str(compiled).lower()}", f"train.batch_size={args.batch}", f"data.patch.size={args.patch}",
+        cfg = load_config(args.config, [
+            *model_overrides(args), f"train.precision={'bf16' if bf16 else 'fp32'}",
+            f"train.channels_last={str(channels_last).lower()}", f"train.compile={str(compiled).lower()}", f"train.batch_size={args.batch}", f"data.patch.size={args.patch}",
             f"train.device={device.type}"])
         self.training = Training.build(cfg, device)
+        if compiled and not is_compiled(self.training.runner):
+            raise FellBack(checks.compile_problem(device.type) or "Training.build returned the module uncompiled")
         self.training.model.load_state_dict(base_model.state_dict())
         gen = torch.Generator(device="cpu").manual_seed(0)
         shape = (args.batch, 3, args.patch, args.patch)
@@ -149,10 +168,18 @@ class Variant:
             self.times.append(time.perf_counter() - t)
 
 
+def model_overrides(args) -> list[str]:
+    """The network's config overrides: --model, and --preset when given (else the config's own)."""
+    return [f"model.name={args.model}", *([f"model.preset={args.preset}"] if args.preset else [])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="seed", choices=sorted(MODELS), help="the network (default: seed)")
-    ap.add_argument("--preset", default="cpu", choices=("cpu", "gpu"), help="its preset (default cpu; the seed has none)")
+    ap.add_argument("--preset", choices=("cpu", "gpu"),
+                    help="its preset (default: the config's: gpu in gpu.yaml, cpu in cpu.yaml)")
+    ap.add_argument("--config", help="the recipe (optimizer, loss, EMA, model options): default configs/gpu.yaml "
+                    "on CUDA, configs/cpu.yaml on CPU")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     ap.add_argument("--batch", type=int, help="patches per step (default: 4 on CPU, 128 on CUDA)")
     ap.add_argument("--patch", type=int, default=128)
@@ -172,6 +199,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda: this PyTorch build sees no CUDA device")
+    args.config = args.config or str(REPO / "configs" / ("gpu.yaml" if cuda else "cpu.yaml"))
     args.batch = args.batch or (128 if cuda else 4)
     args.steps = args.steps or (20 if cuda else 3)
     args.warmup = max(1, args.warmup if args.warmup is not None else (5 if cuda else 1))
@@ -183,10 +211,11 @@ def main() -> None:
     if unknown or not names:
         ap.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads or cores())
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as the trainer: the shapes are fixed, the fastest kernels once
 
     torch.manual_seed(0)
-    base_cfg = load_config(str(REPO / "configs" / "cpu.yaml"), [
-        f"model.name={args.model}", *([f"model.preset={args.preset}"] if MODELS[args.model].PRESETS else [])])
+    base_cfg = load_config(args.config, model_overrides(args))
     base_model = Training.build(base_cfg, torch.device("cpu")).model
     flops_px = 2 * round(macs_per_pixel(base_model, 3))
     px_per_step = args.batch * args.patch * args.patch
@@ -199,6 +228,11 @@ def main() -> None:
     else:
         hw = f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} on {device} ({hw})")
+    o = base_cfg.optim
+    recipe = f"{o.name}, {o.loss} loss, grad clip {o.grad_clip or 'off'}, EMA {o.ema or 'off'}"
+    config = Path(args.config).resolve()
+    config_name = str(config.relative_to(REPO)) if config.is_relative_to(REPO) else args.config
+    print(f"recipe of {config_name}: {recipe}; model preset {base_cfg.model.preset or '(none)'}")
     print(f"{args.model}: {sum(p.numel() for p in base_model.parameters()):,} parameters, "
           f"{flops_px / 1e6:.4f} MFLOP per output pixel forward (2 x {flops_px // 2:,} MACs); "
           f"a training step ~ 3x = {3 * flops_px / 1e6:.4f} MFLOP per pixel")
@@ -222,8 +256,12 @@ def main() -> None:
             print(f"  ... {name}: ready ({ready[name].warmup_s:.1f} s warm-up)", file=sys.stderr, flush=True)
         except CompileTimeout as exc:
             results[name] = {"failed": str(exc)}
+        except FellBack as exc:
+            results[name] = {"fell_back": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a broken variant is a row of the report
             results[name] = {"failed": one_line(exc)}
+        if "fell_back" in results[name]:
+            print(f"  ... {name}: fell back to eager: {results[name]['fell_back']}", file=sys.stderr, flush=True)
         if "failed" in results[name]:
             print(f"  ... {name}: failed: {results[name]['failed']}", file=sys.stderr, flush=True)
             if cuda:
@@ -250,6 +288,9 @@ def main() -> None:
         if "failed" in r:
             print(f"{name:<17} {'failed: ' + r['failed']}")
             continue
+        if "fell_back" in r:
+            print(f"{name:<17} {'fell back to eager: ' + r['fell_back']}")
+            continue
         speedup = f"{ref / r['step_s']:.2f}x" if ref else "-"
         note = f"warm-up incl. compile {r['warmup_s']:.1f} s" if VARIANTS[name][2] else ""
         print(f"{name:<17} {args.batch / r['step_s']:>10.1f} {r['step_s'] * 1e3:>9.1f} {speedup:>9} "
@@ -258,7 +299,8 @@ def main() -> None:
     ok = {n: r for n, r in results.items() if "step_s" in r}
     best = min(ok, key=lambda n: ok[n]["step_s"]) if ok else None
     summary = {"model": args.model, "device": str(device) if not cuda else f"{device} ({torch.cuda.get_device_name(device)})",
-               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
+               "torch": torch.__version__, "config": config_name, "recipe": recipe,
+               "threads": torch.get_num_threads(), "batch": args.batch,
                "patch": args.patch, "steps": args.steps, "rounds": args.rounds,
                "mflop_per_pixel_forward": round(flops_px / 1e6, 6)}
     for name, r in results.items():
@@ -266,6 +308,10 @@ def main() -> None:
     failed = {n: r["failed"] for n, r in results.items() if "failed" in r}
     if failed:
         summary["failed"] = failed
+    fell_back = {n: r["fell_back"] for n, r in results.items() if "fell_back" in r}
+    if fell_back:
+        summary["fell_back"] = fell_back
+    summary["warmup_s"] = {n: round(r["warmup_s"], 2) for n, r in results.items() if "warmup_s" in r}
     summary["best"] = best
     summary["speedup_best"] = round(ref / ok[best]["step_s"], 3) if best and ref else None
     if best:

@@ -43,7 +43,8 @@ FORMAT_VERSION = 2  # 1: the network as model_name / model_args, the JPEG settin
 CARD_FORMAT = "restorer-network"
 CARD_VERSION = 2
 LAST, BEST = "last.pt", "best.pt"
-RUN_FILES = (LAST, BEST, "config.yaml", "metrics.jsonl")  # what a run writes, besides step copies and tb/
+RUN_FILES = (LAST, BEST, "config.yaml", "metrics.jsonl", "trackers.json", "card.json")  # besides step copies and:
+RUN_FOLDERS = ("tb", "val", "wandb")  # TensorBoard events, validation pictures, wandb's offline runs
 _STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
 _TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")
 QUALITY_INPUT = ("quality: float32 N, the IJG quality (1-100) of each input's JPEG quantization tables "
@@ -246,11 +247,12 @@ def keep_step_copy(out_dir: Path, step: int, keep: int) -> None:
 
 
 def run_files(out_dir: Path) -> list[Path]:
-    """What an earlier run left in out_dir (checkpoints, config, metrics, TensorBoard events)."""
+    """What an earlier run left in out_dir (checkpoints, config, metrics, TensorBoard events, pictures,
+    tracker runs)."""
     if not out_dir.is_dir():
         return []
     found = [out_dir / n for n in RUN_FILES if (out_dir / n).is_file()] + step_copies(out_dir)
-    return found + ([out_dir / "tb"] if (out_dir / "tb").is_dir() else [])
+    return found + [out_dir / n for n in RUN_FOLDERS if (out_dir / n).is_dir()]
 
 
 def remove_run_files(out_dir: Path) -> None:

@@ -14,18 +14,29 @@ from typing import Callable, Optional
 from restorer import dist
 from restorer.config import Config, ConfigError
 from restorer.data.manifest import ManifestError, check_shards
-from restorer.data.pipeline import ring_bytes, shm_problem, split_urls, steps_per_epoch
+from restorer.data.pipeline import http_settings, ring_bytes, shm_problem, split_urls, steps_per_epoch
+from restorer.trackers import tracker_problem
 
 
-def check_data(cfg: Config, hash_shards: bool = True) -> None:
-    """Fail before any work if the shards cannot be used (ConfigError: one line, exit 2).
-    `hash_shards`: do data.verify's sha256 pass (once a node is enough)."""
+VERIFY_WAIT_S = 7 * 24 * 3600  # how long ranks wait for each other's sha256 pass: as long as it takes
+
+
+def check_data(cfg: Config, hash_share: Optional[tuple[int, int]] = (0, 1)) -> None:
+    """Fail before any work if the shards cannot be used (ConfigError: one line, exit 2): the
+    manifest, every shard's presence and size, and with data.verify the sha256 of the shards of
+    `hash_share` (i, n): every n-th from the i-th (None: none)."""
     try:
-        if not split_urls(cfg.data, "train"):
+        urls = split_urls(cfg.data, "train")
+        if not urls:
             raise ConfigError("data: no training shards (the manifest's train split is empty)")
+        if any(u.startswith(("http://", "https://")) for u in [*urls, *split_urls(cfg.data, "val")]):
+            try:
+                http_settings()  # RESTORER_HTTP_STALL_S / _RETRIES: a bad value fails here, not in every worker
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         steps_per_epoch(cfg.data, cfg.train.batch_size, 1)
         if cfg.data.shards:
-            check_shards(cfg.data.shards, verify=cfg.data.verify and hash_shards)
+            check_shards(cfg.data.shards, verify=cfg.data.verify and hash_share is not None, share=hash_share or (0, 1))
     except ManifestError as e:
         raise ConfigError(f"data.shards: {e}") from None
 
@@ -63,15 +74,23 @@ def compile_problem(device_type: str, which=shutil.which, include_dir: Optional[
     return None
 
 
-def agreed_check(info: dist.DistInfo, check: Callable[[], None]) -> None:
+def check_trackers(cfg: Config) -> None:
+    """A tracker asked for but not installed: one line naming its extra (exit 2), before any work."""
+    problem = tracker_problem(cfg.log)
+    if problem:
+        raise ConfigError(problem)
+
+
+def agreed_check(info: dist.DistInfo, check: Callable[[], None], gather: Callable[[Optional[str]], list] = dist.gather) -> None:
     """Run `check` on every rank; if it fails on any, every rank raises the first failure (rank 0
-    says which rank): a rank that sees another disk fails the run, not hangs it."""
+    says which rank): a rank that sees another disk fails the run, not hangs it. `gather`: how the
+    verdicts are exchanged (a collective by default)."""
     try:
         check()
         error = None
     except ConfigError as e:
         error = str(e)
-    errors = dist.gather(error)
+    errors = gather(error)
     first = next(((r, e) for r, e in enumerate(errors) if e), None)
     if first:
         rank, message = first
@@ -79,7 +98,12 @@ def agreed_check(info: dist.DistInfo, check: Callable[[], None]) -> None:
 
 
 def start_checks(cfg: Config, info: dist.DistInfo) -> None:
-    """Everything checked before a run starts, agreed by all ranks: the data (sha256 of the shards
-    on each node's local rank 0 only) and the shared memory of this node's ranks."""
-    agreed_check(info, lambda: (check_data(cfg, hash_shards=info.local_rank == 0),
-                                check_shared_memory(cfg, local_ranks())))
+    """Everything checked before a run starts, agreed by all ranks: the data and the shared memory
+    of this node's ranks, then (data.verify) every shard's sha256, each read by one rank of the job.
+    Hashing hundreds of GB on a shared file system takes longer than a collective may wait (NCCL's
+    10 minutes): its verdicts are exchanged through the rendezvous store, with no such limit."""
+    agreed_check(info, lambda: (check_data(cfg, hash_share=None), check_shared_memory(cfg, local_ranks()),
+                                check_trackers(cfg)))
+    if cfg.data.verify and cfg.data.shards:
+        agreed_check(info, lambda: check_data(cfg, hash_share=(info.rank, info.world_size)),
+                     gather=lambda error: dist.gather_by_store("restorer/verify", error, VERIFY_WAIT_S))

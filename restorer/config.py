@@ -169,6 +169,7 @@ class TrainConfig:
     overwrite: bool = False  # starting fresh in a folder that holds another run deletes that run's files
     max_nonfinite: int = 20  # this many non-finite losses in a row stop the run
     stop_grace_s: float = 25.0  # after SIGTERM/SIGUSR1, exit by force if a step never ends
+    collective_timeout_s: float = 600.0  # a collective (all-reduce, broadcast) that waits longer fails the run
 
     def validate(self) -> None:
         check_choices(self)
@@ -179,6 +180,8 @@ class TrainConfig:
             raise ValueError(f"max_steps: must be >= 0, got {self.max_steps}")
         if self.stop_grace_s <= 0:
             raise ValueError(f"stop_grace_s: must be > 0, got {self.stop_grace_s}")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s: must be > 0, got {self.collective_timeout_s}")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes: must be >= 0, got {self.max_minutes}")
         if not self.out_dir:
@@ -203,12 +206,24 @@ class LogConfig:
     val_every: int = 1000  # validate every this many steps (and at the end); 0: only at the end
     progress: bool = True  # rank 0's tqdm bar
     tensorboard: bool = True  # scalars into out_dir/tb when the tensorboard package is installed
+    pictures: int = 3  # a before/after picture at each validation, out_dir/val/step-N.png: keep the last N; 0: none
+    wandb: bool = False  # log to Weights & Biases (the wandb extra); its files in out_dir/wandb
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: `wandb sync` later (WANDB_MODE, if set, wins)
+    wandb_project: str = "restorer"
+    wandb_entity: str = ""  # "" = your default entity
+    wandb_name: str = ""  # "" = the run folder's name
+    wandb_tags: tuple[str, ...] = ()
+    mlflow: str = ""  # log to MLflow (the mlflow extra) at this tracking URI: a folder, sqlite:///runs/mlflow.db, http://host:5000
+    mlflow_experiment: str = "restorer"
 
     def validate(self) -> None:
+        check_choices(self)
         if self.every < 1:
             raise ValueError(f"every: must be >= 1, got {self.every}")
         if self.val_every < 0:
             raise ValueError(f"val_every: must be >= 0, got {self.val_every}")
+        if self.pictures < 0:
+            raise ValueError(f"pictures: must be >= 0, got {self.pictures}")
 
 
 @dataclass
@@ -352,6 +367,19 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
 def config_from_dict(values: dict) -> Config:
     """A Config saved by `to_dict` (in a checkpoint), rebuilt."""
     return from_dict(Config, values)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}: a config's keys as overrides name them; lists
+    and empty sections are values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def dump_config(cfg: Config) -> str:

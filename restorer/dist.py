@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import pickle
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -41,14 +43,37 @@ def _env_int(env: Mapping[str, str], *names: str) -> int | None:
     return None
 
 
-def _slurm_master_addr() -> str:
-    """The first host of the allocation: where rank 0 runs under srun."""
-    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+def _scontrol(*args: str, run=subprocess.run) -> str:
+    out = run(["scontrol", *args], capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout
+
+
+def slurm_master_addr(env: Mapping[str, str] = os.environ, run=subprocess.run,
+                      resolve=socket.getaddrinfo) -> str:
+    """The address every task of a SLURM job reaches its first node by: that node's NodeAddr
+    (`scontrol show node`), which is what SLURM itself uses, else its host name. Node names need not
+    resolve (n1, n2 on clusters whose node names are not host names); NodeAddr does.
+
+    LaunchError (one line) when a multi-node job cannot find it (no scontrol) or it does not resolve:
+    never a silent 127.0.0.1, which on another node is that node itself. A one-node job without
+    scontrol uses 127.0.0.1 (every task is on that node)."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    nodes = _env_int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
+        first = _scontrol("show", "hostnames", nodelist, run=run).split()[0]
+        fields = dict(tok.split("=", 1) for tok in _scontrol("show", "node", first, run=run).split() if "=" in tok)
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        if nodes > 1:
+            raise LaunchError(f"cannot find the first node of this {nodes}-node job ({nodelist or 'no node list'}): "
+                              f"scontrol failed ({e.__class__.__name__}); set MASTER_ADDR to its address") from None
         return "127.0.0.1"
+    addr = fields.get("NodeAddr") or fields.get("NodeHostName") or first
+    try:
+        resolve(addr, None)
+    except (OSError, UnicodeError):
+        raise LaunchError(f"the first node {first}'s address {addr!r} does not resolve here: set NodeAddr in "
+                          "slurm.conf to an address the nodes reach, or MASTER_ADDR") from None
+    return addr
 
 
 def slurm_port(job_id: int) -> int:
@@ -107,13 +132,38 @@ def init_distributed(device: str = "auto", timeout_s: float = 600) -> DistInfo:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         if _env_int(os.environ, "RANK") is None:  # srun started every rank: give torch what torchrun would
-            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+            if "MASTER_ADDR" not in os.environ:
+                os.environ["MASTER_ADDR"] = slurm_master_addr()
             os.environ.setdefault("MASTER_PORT", str(slurm_port(_env_int(os.environ, "SLURM_JOB_ID") or 0)))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, store=_attempt_store(world_size, rank, timeout),
+        global _store
+        _store = _attempt_store(world_size, rank, timeout)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, store=_store,
                                 rank=rank, world_size=world_size, **({"device_id": dev} if use_cuda else {}))
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+_store: Optional[dist.Store] = None  # the process group's rendezvous store (gather_by_store)
+
+
+def gather_by_store(key: str, obj: Any, timeout_s: float) -> list:
+    """Every rank's `obj`, in rank order, exchanged through the rendezvous store instead of a
+    collective: a rank may take up to `timeout_s` (hours, if it must) to post it, where a collective
+    would fail after the process group's timeout (NCCL's 10 minutes by default). For work of very
+    unequal length on the ranks, such as hashing shards on a shared file system."""
+    if _store is None or not dist.is_initialized():
+        return [obj]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _store.set(f"{key}/{rank}", pickle.dumps(obj))
+    keys = [f"{key}/{r}" for r in range(world)]
+    _store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    return [pickle.loads(_store.get(k)) for k in keys]
+
+
+def node_name() -> str:
+    """The node this process runs on, as SLURM names it (SLURMD_NODENAME), else the host's name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def _attempt_store(world_size: int, rank: int, timeout: datetime.timedelta) -> dist.Store:

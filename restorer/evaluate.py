@@ -169,10 +169,15 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
 
     bar = tqdm(total=len(paths) * len(qualities), desc="evaluate", unit="image", file=sys.stderr,
                disable=not progress or None, leave=False)
+    lossy_references: list[str] = []  # references that are JPEGs at or below a quality scored
     for path in paths:
         name = path.relative_to(root).as_posix()
         try:
-            image, is_gray = decode_file(path.read_bytes())
+            raw = path.read_bytes()
+            image, is_gray = decode_file(raw)
+            own = jpeg.file_quality(raw)
+            if own is not None and max(qualities) >= own:
+                lossy_references.append(f"{name} (q{own})")
         except (ImageDecodeError, OSError) as e:
             warn(f"skipping {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             bar.update(len(qualities))
@@ -196,6 +201,10 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
     bar.close()
     if not any(per_q.values()):
         raise UsageError(f"none of the {len(paths)} image(s) under {root} could be read")
+    if lossy_references:
+        warn(f"{len(lossy_references)} reference(s) are JPEGs themselves, of a quality scored here: "
+             f"{', '.join(lossy_references[:5])}{' ...' if len(lossy_references) > 5 else ''}; at or above its "
+             "own quality a score measures how well the network keeps the reference's artifacts")
     return _result(ckpt_path, channel, per_q, chroma=chroma, double=double)
 
 

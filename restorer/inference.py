@@ -115,6 +115,17 @@ class Network:
             return self.forward(x, torch.full((x.shape[0],), float(quality), device=self.device)).float()
 
 
+def warm_up(network: Network, tile: int, batch: int) -> None:
+    """One batch of tiles through the network before the real work: on CUDA the first call of a
+    shape picks its kernels (cudnn.benchmark) and allocates; timings and progress after it are the
+    steady state's."""
+    x = torch.zeros(batch, network.in_channels, tile, tile, device=network.device).contiguous(
+        memory_format=torch.channels_last)
+    network(x, 50.0)
+    if network.device.type == "cuda":
+        torch.cuda.synchronize(network.device)
+
+
 def as_network(network: Network | nn.Module) -> Network:
     if isinstance(network, Network):
         return network
@@ -322,8 +333,10 @@ def restore_array(network: Network | nn.Module, image: np.ndarray, tile: int = 2
     for r, y0 in enumerate(ys):
         for b in range(0, len(xs), batch):
             chunk = xs[b:b + batch]
-            tiles = np.stack([_extract(image, y0, x0, th, tw) for x0 in chunk])
-            res = net(to_float(torch.from_numpy(tiles).permute(0, 3, 1, 2), dev, channels_last=True), quality)  # n x c x th x tw
+            tiles = torch.from_numpy(np.stack([_extract(image, y0, x0, th, tw) for x0 in chunk]))
+            if dev.type == "cuda":  # staged in pinned memory: the upload is a DMA, not a paged copy
+                tiles = tiles.pin_memory()
+            res = net(to_float(tiles.permute(0, 3, 1, 2), dev, channels_last=True), quality)  # n x c x th x tw
             for k, x0 in enumerate(chunk):
                 acc[:, :, x0:x0 + tw] += res[k] * (wys_d[r][:, None] * wxs_d[b + k][None, :])
             del res, tiles

@@ -1,7 +1,13 @@
 """A run's curves without TensorBoard: training loss and validation PSNR (network and JPEG input)
-over the steps, from its metrics.jsonl.
+over the steps, from its metrics.jsonl; or several runs' curves in the same two panels.
 
     python -m restorer.plot RUN_DIR [--out FILE.png]        (default RUN_DIR/curves.png)
+    python -m restorer.plot RUN_DIR RUN_DIR ... --out FILE.png
+
+Several runs (a sweep: python -m restorer.plot runs/sweep-* --out sweep.png) share the panels, one
+colour a run, each labelled by the settings that set it apart from the others (the keys of their
+config.yaml that differ, as python -m restorer.runs shows them: "optim.lr=0.002"); the validation
+panel draws the JPEG input's PSNR dashed in the run's colour. With several runs --out is required.
 
 Needs matplotlib (pip install -e '.[plot]'). Resumed runs are drawn as one run: a step logged twice
 (work redone after a restart from an older checkpoint) keeps its last value.
@@ -10,11 +16,13 @@ Needs matplotlib (pip install -e '.[plot]'). Resumed runs are drawn as one run: 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 from restorer.cli import Parser, UsageError, run
 from restorer.fileio import atomic_open
+from restorer.runs import differing_keys, read_config, run_labels
 
 
 def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -38,7 +46,7 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     return train, val
 
 
-def draw(run_dir: Path, out: Path) -> None:
+def _pyplot():
     try:
         import matplotlib
 
@@ -46,12 +54,24 @@ def draw(run_dir: Path, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("plotting needs matplotlib: pip install -e '.[plot]'") from None
+    return plt
+
+
+def loss_scale(values) -> str:
+    """A log axis for losses that are positive (MSE, L1); linear for optim.loss=psnr, which is minus
+    a PSNR in dB (negative)."""
+    return "log" if all(v > 0 for v in values) else "linear"
+
+
+def draw(run_dir: Path, out: Path) -> None:
+    plt = _pyplot()
     train, val = read_metrics(run_dir)
     fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     steps = sorted(train)
     loss_ax.plot(steps, [train[s]["loss"] for s in steps], label="network")
     loss_ax.plot(steps, [train[s]["target"] for s in steps], label="JPEG input (target)", alpha=0.7)
-    loss_ax.set(xlabel="step", ylabel="training loss", title="loss", yscale="log")
+    loss_ax.set(xlabel="step", ylabel="training loss", title="loss",
+                yscale=loss_scale([v for s in steps for v in (train[s]["loss"], train[s]["target"])]))
     steps = sorted(val)
     val_ax.plot(steps, [val[s]["val_psnr"] for s in steps], marker="o", label="network")
     val_ax.plot(steps, [val[s]["val_psnr_jpeg"] for s in steps], linestyle="--", label="JPEG input")
@@ -61,6 +81,45 @@ def draw(run_dir: Path, out: Path) -> None:
         ax.legend()
     fig.suptitle(str(run_dir))
     fig.tight_layout()
+    save(plt, fig, out)
+
+
+def draw_runs(run_dirs: list[Path], out: Path) -> None:
+    """Several runs in the same two panels, one colour a run, labelled by what differs between them."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    metrics = [read_metrics(d) for d in run_dirs]  # every folder checked before anything is drawn
+    configs = [read_config(d, prog="plot") for d in run_dirs]
+    labels = run_labels(run_dirs, configs)
+    keys = differing_keys(configs)
+    legend_rows = math.ceil(len(run_dirs) / 2)
+    height = 4 + 0.22 * legend_rows
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, height), dpi=100)
+    handles = []
+    for i, ((train, val), label) in enumerate(zip(metrics, labels)):
+        style = {"color": f"C{i % 10}", "linestyle": ("-", "-.", ":")[i // 10 % 3]}
+        steps = sorted(train)
+        handles += loss_ax.plot(steps, [train[s]["loss"] for s in steps], label=label, **style)
+        steps = sorted(val)
+        val_ax.plot(steps, [val[s]["val_psnr"] for s in steps], marker="o", markersize=3, **style)
+        val_ax.plot(steps, [val[s]["val_psnr_jpeg"] for s in steps], color=style["color"], linestyle="--",
+                    alpha=0.5, linewidth=1)
+    loss_ax.set(xlabel="step", ylabel="training loss", title="loss (network)",
+                yscale=loss_scale([train[s]["loss"] for train, _ in metrics for s in train]))
+    val_ax.set(xlabel="step", ylabel="PSNR (dB)", title="validation")
+    val_ax.legend(handles=[Line2D([], [], color="gray", marker="o", markersize=3, label="network"),
+                           Line2D([], [], color="gray", linestyle="--", alpha=0.5, label="JPEG input")],
+                  fontsize="small")
+    for ax in (loss_ax, val_ax):
+        ax.grid(alpha=0.3)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2), fontsize="small", frameon=False)
+    fig.suptitle(f"{len(run_dirs)} runs" + (f", differing in {', '.join(keys)}" if keys else ""))
+    fig.tight_layout(rect=(0, (0.22 * legend_rows + 0.15) / height, 1, 1))
+    save(plt, fig, out)
+
+
+def save(plt, fig, out: Path) -> None:
     with atomic_open(out, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
@@ -68,14 +127,20 @@ def draw(run_dir: Path, out: Path) -> None:
 
 def main(argv=None) -> int:
     p = Parser(prog="python -m restorer.plot", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", help="a run folder (train.out_dir)")
-    p.add_argument("--out", help="the picture (default RUN_DIR/curves.png)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir); several: drawn together")
+    p.add_argument("--out", help="the picture (one run: default RUN_DIR/curves.png; several runs: required)")
 
     def body() -> int:
         args = p.parse_args(argv)
-        run_dir = Path(args.run_dir)
-        out = Path(args.out) if args.out else run_dir / "curves.png"
-        draw(run_dir, out)
+        run_dirs = list(dict.fromkeys(Path(d) for d in args.run_dirs))
+        if len(run_dirs) == 1:
+            out = Path(args.out) if args.out else run_dirs[0] / "curves.png"
+            draw(run_dirs[0], out)
+        elif not args.out:
+            raise UsageError(f"{len(run_dirs)} runs: say where their picture goes with --out FILE.png")
+        else:
+            out = Path(args.out)
+            draw_runs(run_dirs, out)
         print(f"plot: {out}")
         return 0
 

@@ -1,6 +1,7 @@
 """Rank 0's account of a run: metrics.jsonl (one JSON object a line, appended), TensorBoard scalars
-when the package is installed, and the console (a tqdm bar and lines that do not break it). Other
-ranks report nothing (errors excepted, by their own tools).
+when the package is installed, the experiment trackers asked for (restorer.trackers), the
+validation pictures (RUN/val/step-N.png), and the console (a tqdm bar and lines that do not break
+it). Other ranks report nothing (errors excepted, by their own tools).
 
 Under a time budget (train.max_minutes) the bar counts minutes of the budget, with the time left and
 the steps a second: the steps an epoch count says a run would take are never reached then.
@@ -13,6 +14,11 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from restorer.fileio import atomic_open
 
 PROG = "train"
 
@@ -22,10 +28,12 @@ class Reporter:
     a no-op elsewhere. `due(step)` says when a training line is written (log.every)."""
 
     def __init__(self, out_dir: Path, *, active: bool, every: int, total_steps: int, budget_s: float, start_step: int,
-                 start_seconds: float, steps_per_epoch: int, progress: bool, tensorboard: bool):
+                 start_seconds: float, steps_per_epoch: int, progress: bool, tensorboard: bool, pictures: int = 0,
+                 trackers: Sequence = ()):
         self.active, self.every, self.steps_epoch = active, every, steps_per_epoch
         self.total_steps, self.budget_s = total_steps, budget_s
-        self.path = out_dir / "metrics.jsonl"
+        self.out_dir, self.path = out_dir, out_dir / "metrics.jsonl"
+        self.pictures, self.trackers = pictures, list(trackers)
         self.tb = self.bar = None
         self.window = (start_step, time.perf_counter())  # (step, clock) where the current log window began
         if not active:
@@ -63,6 +71,8 @@ class Reporter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self.tb.add_scalar(k, v, record["step"])
+        for tracker in self.trackers:
+            tracker.log(record, record["step"])
 
     def training(self, step: int, figures: dict, patches_per_step: int) -> None:
         """A training line (loss, target, lr, nonfinite, ...) for the steps since the last one."""
@@ -96,8 +106,35 @@ class Reporter:
         self.say(f"step {step}: val PSNR {metrics['val_psnr']:.2f} dB (JPEG {metrics['val_psnr_jpeg']:.2f}), "
                  f"SSIM {metrics['val_ssim']:.4f} (JPEG {metrics['val_ssim_jpeg']:.4f})")
 
+    def picture(self, step: int, inp: np.ndarray, out: np.ndarray, target: np.ndarray) -> None:
+        """The validation picture of a step: JPEG input | network | original, with a zoomed crop (as
+        restore --compare draws it), as RUN/val/step-N.png (the last log.pictures kept), in
+        TensorBoard and in every tracker."""
+        if not (self.active and self.pictures):
+            return
+        from restorer.pictures import make_compare
+
+        picture = make_compare(inp, out, target)
+        folder = self.out_dir / "val"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step-{step:08d}.png"
+        with atomic_open(path, "wb") as f:
+            picture.save(f, format="PNG")
+        for old in sorted(folder.glob("step-*.png"))[:-self.pictures]:
+            old.unlink()
+        if self.tb is not None:
+            self.tb.add_image("val/picture", np.asarray(picture), step, dataformats="HWC")
+        for tracker in self.trackers:
+            tracker.picture(path, step)
+
+    def artifact(self, path: Path) -> None:
+        for tracker in self.trackers:
+            tracker.artifact(path)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()

@@ -1,14 +1,17 @@
 """What a SLURM job runs with, worked out from what SLURM allocated: pure functions, and the two
 commands launch/slurm/train.sbatch uses.
 
-    python -m restorer.slurm plan                       shell assignments for the job script (eval them)
+    python -m restorer.slurm plan                       shell assignments for the job script (eval them):
+                                                        processes, workers, threads, MASTER_ADDR, MASTER_PORT
     python -m restorer.slurm check --config X [k=v ...] on the login node, before sbatch: is the
                                                         config valid and are its shards readable?
 
 Processes per node are the GPUs SLURM gave the node (SLURM_GPUS_ON_NODE, else the devices in
 CUDA_VISIBLE_DEVICES, which SLURM sets to the allocation), never every GPU the node has; 1 on a CPU
 node. Each process gets an equal share of the task's CPUs (SLURM_CPUS_PER_TASK): one for itself,
-the rest for its DataLoader workers; on a CPU node the process's share also sets its threads.
+the rest for its DataLoader workers; on a CPU node the process's share also sets its threads. The
+rendezvous is on the first node, at the address SLURM itself reaches it by (its NodeAddr:
+restorer.dist.slurm_master_addr); a plan that cannot find it fails in one line.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from restorer.cli import Parser, run
-from restorer.dist import slurm_port
+from restorer.dist import slurm_master_addr, slurm_port
+
+WORKERS_PER_GPU = 4  # fewer loader workers a GPU than this may leave it waiting for data (bench/gpu_check.py)
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,16 @@ class Plan:
     master_port: int
     cpus: int  # CPUs the node's task has
     gpus: int  # GPUs SLURM gave the node
+    master_addr: str = "127.0.0.1"  # where the rendezvous is: the first node's address
+
+    def warning(self) -> Optional[str]:
+        """Why this plan may starve the GPUs of data, or None."""
+        if self.gpus and self.workers < WORKERS_PER_GPU:
+            want = self.nproc_per_node * (WORKERS_PER_GPU + 1)
+            return (f"{self.cpus} CPUs for {self.nproc_per_node} GPU process(es) leave {self.workers} loader worker(s) "
+                    f"a GPU (fewer than {WORKERS_PER_GPU} may leave the GPUs waiting for data): ask for "
+                    f"--cpus-per-task={want} or more, if the nodes have them")
+        return None
 
 
 def allocated_gpus(env: Mapping[str, str]) -> int:
@@ -55,13 +70,14 @@ def make_plan(env: Mapping[str, str]) -> Plan:
         workers = share // 2
         threads = max(share - workers, 1)
     port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT", "").strip() else slurm_port(int(env.get("SLURM_JOB_ID") or 0))
-    return Plan(nproc, workers, threads, port, cpus, gpus)
+    addr = env["MASTER_ADDR"] if env.get("MASTER_ADDR", "").strip() else slurm_master_addr(env)
+    return Plan(nproc, workers, threads, port, cpus, gpus, addr)
 
 
 def shell(plan: Plan) -> str:
     return "\n".join(f"{k}={shlex.quote(str(v))}" for k, v in (
         ("NPROC_PER_NODE", plan.nproc_per_node), ("WORKERS_PER_RANK", plan.workers),
-        ("THREADS_PER_RANK", plan.threads), ("MASTER_PORT", plan.master_port),
+        ("THREADS_PER_RANK", plan.threads), ("MASTER_ADDR", plan.master_addr), ("MASTER_PORT", plan.master_port),
         ("TASK_CPUS", plan.cpus), ("NODE_GPUS", plan.gpus)))
 
 
@@ -89,7 +105,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     def body() -> int:
         args = ap.parse_args(argv)
         if args.command == "plan":
-            print(shell(make_plan(os.environ)))
+            plan = make_plan(os.environ)
+            if plan.warning():
+                print(f"restorer: warning: {plan.warning()}", file=sys.stderr)
+            print(shell(plan))
             return 0
         return run("check", lambda: checked(args))  # its mistakes read "check: error: ..."
 

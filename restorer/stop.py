@@ -14,6 +14,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from typing import Optional
 
@@ -64,6 +65,8 @@ class StopRequest:
     def __init__(self, grace_s: float):
         self.signal: Optional[str] = None
         self.grace_s = grace_s
+        self.peers = "unknown"  # the other ranks, by node (the trainer says), for the watchdog's last line
+        self.said = False  # the run's error was said already: the watchdog exits without a line of its own
         self._saving = threading.Lock()
         self._done = threading.Event()
         self._started = threading.Lock()
@@ -108,6 +111,10 @@ class StopRequest:
             if self._done.wait(self.AFTER_SAVE_S):  # and the process gets a moment to finish after it
                 return
             if not self._saving.locked():
+                if not self.said:
+                    print(f"train: error: no step ended within {self.grace_s:g} s of {self.signal}: the other ranks "
+                          f"({self.peers}) are gone or stuck; exiting (the last checkpoint is kept)", file=sys.stderr,
+                          flush=True)
                 os._exit(1)
 
     def saving(self):

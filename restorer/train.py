@@ -37,17 +37,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from restorer import checks, dist
 from restorer.checkpoint import (BEST, LAST, Checkpoint, CheckpointError, best_psnr_on_disk, keep_step_copy,
-                                 load_latest, remove_run_files, remove_stale_temp_files, run_files, save_checkpoint)
+                                 load_latest, read_checkpoint, remove_run_files, remove_stale_temp_files, run_files,
+                                 save_checkpoint)
 from restorer.cli import Parser
 from restorer.cli import run as run_tool
-from restorer.config import Config, ConfigError, config_from_dict, dump_config, load_config
+from restorer.config import Config, ConfigError, config_from_dict, dump_config, flatten, load_config
 from restorer.data.pipeline import NoTrainingData, steps_per_epoch, train_loader, val_loader
-from restorer.errors import RunError
+from restorer.errors import RunError, one_line
 from restorer.inference import autocast, to_float
 from restorer.metrics import psnr, ssim
-from restorer.models import describe, load_weights
+from restorer.fileio import atomic_write_json
+from restorer.models import count_parameters, describe, load_weights, macs_per_pixel
 from restorer.optim import loss_fn, make_optimizer, set_lr
 from restorer.reporting import Reporter
+from restorer.trackers import open_trackers
 from restorer.stop import StopRequest
 
 PROG = "train"
@@ -55,6 +58,22 @@ PROG = "train"
 
 class TrainingError(RunError):
     """The run cannot go on (e.g. the loss keeps diverging); one line for the user."""
+
+
+class PeerLost(TrainingError):
+    """A collective failed: another rank's process or node is gone. Said by every rank that sees it
+    (the lost one may be rank 0)."""
+
+
+def lost_peer(e: BaseException) -> Optional[str]:
+    """What a collective's failure says of a lost peer (gloo's "Connection reset by peer", NCCL's
+    errors, a DistError), shortened to its point; None for any other error."""
+    text = str(e)
+    if not (isinstance(e, torch.distributed.DistError) or "/gloo/" in text or "NCCL" in text
+            or ("Connection" in text and "peer" in text)):
+        return None
+    text = text.split("] ", 1)[-1] if text.startswith("[") else text  # "[.../pair.cc:537] Read error ..."
+    return one_line(text.split(". This is typically")[0], 160)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -212,8 +231,14 @@ class StepFlags:
 # ----------------------------------------------------------------------------- validation
 
 
+@dataclass
+class Validation:
+    metrics: dict  # val_psnr, val_psnr_jpeg, val_ssim, val_ssim_jpeg, val_images, val_psnr_q30, ...
+    sample: Optional[tuple]  # this rank's first image at the first quality: (JPEG, network, original) uint8 HWC
+
+
 @torch.no_grad()
-def validate(model: nn.Module, cfg: Config, info: dist.DistInfo, stop: StopRequest) -> Optional[dict]:
+def validate(model: nn.Module, cfg: Config, info: dist.DistInfo, stop: StopRequest) -> Optional[Validation]:
     """PSNR and SSIM of the model output and of the JPEG input on this rank's share of the
     validation images, at each of data.val_qualities, summed over all ranks: exact means, whatever
     the split. `val_psnr` etc. are the means over images and qualities (best.pt follows val_psnr),
@@ -226,7 +251,7 @@ def validate(model: nn.Module, cfg: Config, info: dist.DistInfo, stop: StopReque
     # per quality: psnr, psnr_jpeg, ssim, ssim_jpeg, images; then one more row: stopped
     sums = torch.zeros(len(qualities) + 1, 5, dtype=torch.float64, device=info.device)
     counts = [0] * len(qualities)  # counted on the host: nothing goes to or comes from the device per image
-    stopped = False
+    stopped, sample = False, None
     for inputs, targets, quality, _ in val_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                                                   pin_memory=info.device.type == "cuda"):
         if stop.requested:
@@ -240,6 +265,9 @@ def validate(model: nn.Module, cfg: Config, info: dist.DistInfo, stop: StopReque
         out = out.float().clamp_(0, 1)
         sums[i, :4] += torch.stack([psnr(out, y).sum(), psnr(x, y).sum(), ssim(out, y).sum(), ssim(x, y).sum()]).double()
         counts[i] += len(x)
+        if sample is None and i == 0 and cfg.log.pictures and info.is_main:  # the picture's: one read, once
+            sample = tuple((t[0].permute(1, 2, 0) * 255).round().to(torch.uint8).squeeze(-1).cpu().numpy()
+                           for t in (x, out, y))
     model.train(was_training)
     sums[:-1, 4] = torch.tensor(counts, dtype=torch.float64)
     sums[-1, 0].fill_(float(stopped))
@@ -254,7 +282,7 @@ def validate(model: nn.Module, cfg: Config, info: dist.DistInfo, stop: StopReque
     if len(qualities) > 1:
         for q, r in zip(qualities, vals):
             out.update({f"{name}_q{q}": r[k] / max(r[4], 1) for k, name in enumerate(names)})
-    return out
+    return Validation(out, sample)
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
@@ -301,16 +329,6 @@ def _to_cpu(tree):
     return tree
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 # keys whose change on resume means nothing for the training itself
 _NOT_SETTINGS = {"train.resume", "train.overwrite", "log.progress", "log.tensorboard", "train.stop_grace_s"}
 
@@ -318,10 +336,10 @@ _NOT_SETTINGS = {"train.resume", "train.overwrite", "log.progress", "log.tensorb
 def config_changes(saved: dict, cfg: Config) -> list[str]:
     """'key old -> new' for each setting that differs from the checkpoint's config."""
     try:
-        old = _flatten(config_from_dict(saved).to_dict())
+        old = flatten(config_from_dict(saved).to_dict())
     except ConfigError:  # a checkpoint of another restorer version: compare what can be compared
-        old = _flatten(saved)
-    new = _flatten(cfg.to_dict())
+        old = flatten(saved)
+    new = flatten(cfg.to_dict())
     return [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if k not in _NOT_SETTINGS and old.get(k) != new[k]]
 
 
@@ -446,11 +464,13 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.info = info = dist.init_distributed(cfg.train.device)
+        self.info = info = dist.init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         torch.manual_seed(cfg.train.seed)
         if info.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # the training shapes are fixed: pick the fastest kernels once
         self.stop = StopRequest(cfg.train.stop_grace_s)
+        self.nodes = dist.gather(dist.node_name())  # each rank's node, in rank order
+        self.stop.peers = self.peers()
         checks.start_checks(cfg, info)
 
         self.t = Training.build(cfg, info.device, info.world_size)
@@ -463,13 +483,18 @@ class Trainer:
         out_dir = Path(cfg.train.out_dir)
         if info.is_main:
             (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        trackers = open_trackers(cfg.log, out_dir, cfg.to_dict(), {
+            "name": cfg.model.name, "options": cfg.model.options(), "parameters": count_parameters(self.t.model),
+            "macs_per_pixel": macs_per_pixel(self.t.model, self.t.model.in_channels)}) if info.is_main else []
         self.report = Reporter(out_dir, active=info.is_main, every=cfg.log.every, total_steps=self.total_steps,
                                budget_s=self.budget_s, start_step=self.state.step,
                                start_seconds=self.state.train_seconds, steps_per_epoch=self.steps_epoch,
-                               progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)
+                               progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, pictures=cfg.log.pictures,
+                               trackers=trackers)
         self.report.say(f"network {describe(self.t.model, cfg.model.name)}")
         start = {"event": "resume" if checkpoint is not None else "start", "step": self.state.step,
-                 "world_size": info.world_size, "steps_per_epoch": self.steps_epoch, "total_steps": self.total_steps}
+                 "world_size": info.world_size, "nodes": self.nodes, "steps_per_epoch": self.steps_epoch,
+                 "total_steps": self.total_steps}
         if checkpoint is not None:
             changes = config_changes(checkpoint.config, cfg)
             self.report.say(f"resuming from {checkpoint.path} at step {self.state.step}"
@@ -485,11 +510,33 @@ class Trainer:
                                    step=self.state.step, steps=self.steps_epoch * cfg.train.grad_accum,
                                    device=info.device)
 
+    def peers(self) -> str:
+        """The other ranks, by node: what a lost connection may be."""
+        here = self.nodes[self.info.rank]
+        others = {}
+        for rank, node in enumerate(self.nodes):
+            if rank != self.info.rank:
+                others.setdefault(node, []).append(rank)
+        text = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))} on "
+                         f"{'this node' if node == here else 'node ' + node}" for node, r in others.items())
+        return text or "none"
+
     def running(self) -> bool:
         s = self.state
         return s.step < self.total_steps and not s.stopped_by and not s.time_up
 
     def train(self) -> dict:
+        try:
+            return self._train()
+        except RuntimeError as e:  # a collective that failed: a peer process or node is gone
+            why = lost_peer(e)
+            if why is None:
+                raise
+            self.stop.said = True  # the line below is the run's last word; the watchdog need not add one
+            raise PeerLost(f"lost the other ranks ({self.peers()}): {why}; {LAST} holds the last checkpoint: start "
+                           "the same command again to resume") from None
+
+    def _train(self) -> dict:
         self.t.model.train()
         while self.running():
             left = self.steps_epoch - self.state.step % self.steps_epoch
@@ -543,14 +590,17 @@ class Trainer:
         """Validate (all ranks), report, save best.pt; False if a stop signal cut it short."""
         s = self.state
         self.report.say(f"step {s.step}: validating")
-        metrics = validate(self.t.ema if self.t.ema is not None else self.t.model, self.cfg, self.info, self.stop)
-        if metrics is None:
+        result = validate(self.t.ema if self.t.ema is not None else self.t.model, self.cfg, self.info, self.stop)
+        if result is None:
             s.stopped_by = self.stop.signal or "a signal on another rank"
             return False
+        metrics = result.metrics
         better = metrics["val_images"] > 0 and metrics["val_psnr"] > s.best_psnr
         if better:
             s.best_psnr = metrics["val_psnr"]
         self.report.validation(s.step, metrics)
+        if result.sample is not None:
+            self.report.picture(s.step, *result.sample)
         if better:
             self.saver.save_now(s, BEST)
         return True
@@ -570,6 +620,10 @@ class Trainer:
         self.report.write({"event": "stopped" if s.stopped_by else "finished", "step": s.step, "signal": s.stopped_by,
                            "nonfinite": int(self.t.nonfinite_total.item()), "minutes": round(s.train_seconds / 60, 2),
                            **({"reason": "max_minutes"} if s.time_up and not s.stopped_by else {})})
+        if self.info.is_main and self.report.trackers and (self.saver.out_dir / BEST).is_file():
+            card = self.saver.out_dir / "card.json"  # the best checkpoint's card, for the trackers
+            atomic_write_json(card, read_checkpoint(self.saver.out_dir / BEST).card())
+            self.report.artifact(card)
         self.report.close()
         if s.stopped_by:
             self.report.say(f"stopped by {s.stopped_by} at step {s.step}; {self.saver.out_dir / LAST} holds step "
@@ -604,6 +658,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     # the config, the launch and the run's agreed failures are the same on every rank: rank 0 says them;
-    # a rank's own data failure (its loader found no image) is said by that rank
-    return run_tool(PROG, body, quiet=lambda e: rank != 0 and not isinstance(e, NoTrainingData),
+    # a rank's own failures (its loader found no image, it lost its peers) are said by that rank
+    return run_tool(PROG, body, quiet=lambda e: rank != 0 and not isinstance(e, (NoTrainingData, PeerLost)),
                     interrupted="interrupted; the last checkpoint is kept: run the same command to resume")

@@ -1,6 +1,9 @@
-"""A real SLURM cluster on this machine for the tests: munged, slurmctld and slurmd on loopback, with
-their own config, ports, state, pid and log files in a temporary folder. Only the processes it
-started are stopped (by their pid files)."""
+"""A real SLURM cluster on this machine for the tests: munged, slurmctld and one slurmd per node on
+loopback, with their own config, ports, state, pid and log files in a temporary folder. Only the
+processes it started are stopped (by their pid files).
+
+Two nodes, n1 and n2 (slurmd -N n1, -N n2), each with its own port and NodeAddr=127.0.0.1: their names
+do not resolve, as on clusters whose node names are not host names; SLURM reaches them by NodeAddr."""
 
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+NODES = ("n1", "n2")
+CPUS_PER_NODE = 2  # SLURM's view: a job of 2 processes fits on one node, or one on each
+
+
 class SlurmCluster:
     def __init__(self, root: Path):
         self.root = root
@@ -42,7 +49,7 @@ class SlurmCluster:
         self.conf = root / "slurm.conf"
         self.env = os.environ | {"SLURM_CONF": str(self.conf)}
         self.pid_files = {"munged": root / "munged.pid", "slurmctld": root / "slurmctld.pid",
-                          "slurmd": root / "slurmd.pid"}
+                          **{f"slurmd-{n}": root / f"slurmd-{n}.pid" for n in NODES}}
 
     def start(self) -> "SlurmCluster":
         r = self.root
@@ -55,12 +62,13 @@ class SlurmCluster:
         subprocess.run(["munged", "--force", f"--socket={sock}", f"--key-file={key}",
                         f"--pid-file={self.pid_files['munged']}", f"--log-file={r / 'munged.log'}",
                         f"--seed-file={r / 'munge' / 'munge.seed'}"], check=True, env=self.env)
-        ctld_port, d_port = _free_ports(2)
+        ctld_port, *node_ports = _free_ports(1 + len(NODES))
+        nodes = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={port} CPUs={CPUS_PER_NODE} "
+                          "RealMemory=4000 State=UNKNOWN" for n, port in zip(NODES, node_ports))
         self.conf.write_text(f"""\
 ClusterName=restorertest
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={sock},cred_expire=10
@@ -76,18 +84,20 @@ MailProg=/bin/true
 MpiDefault=none
 ReturnToService=2
 StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
+SlurmdSpoolDir={r / 'spool'}/%n
 SlurmctldPidFile={self.pid_files['slurmctld']}
-SlurmdPidFile={self.pid_files['slurmd']}
+SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r / 'slurmctld.log'}
-SlurmdLogFile={r / 'slurmd.log'}
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile={r}/slurmd-%n.log
+{nodes}
+PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """)
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env)
-        subprocess.run(["slurmd", "-f", str(self.conf)], check=True, env=self.env)
+        for n in NODES:  # the absolute config path: slurmd passes it on to jobs as SLURM_CONF
+            (r / "spool" / n).mkdir(parents=True, exist_ok=True)
+            subprocess.run(["slurmd", "-f", str(self.conf), "-N", n], check=True, env=self.env)
         deadline = time.monotonic() + 60
-        while self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() != "idle":
+        while self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split() != ["idle"] * len(NODES):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the test SLURM node never became idle; logs in {r}")
             time.sleep(0.5)  # polling the controller's state, not guessing
@@ -101,8 +111,26 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         out = self.run("scontrol", "show", "job", job_id, check=False).stdout
         return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
 
+    @staticmethod
+    def job_pids(job_id: str, node: str) -> list[int]:
+        """The processes of job `job_id` on `node` (torchrun, the trainer's ranks, their loader
+        workers): those whose environment says so (SLURM puts SLURM_JOB_ID and SLURMD_NODENAME in
+        every task's). Killing them is what a lost node does to the job."""
+        want = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURMD_NODENAME={node}".encode()}
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                env = set((entry / "environ").read_bytes().split(b"\0"))
+            except OSError:
+                continue
+            if want <= env:
+                pids.append(int(entry.name))
+        return pids
+
     def stop(self) -> None:
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*(f"slurmd-{n}" for n in NODES), "slurmctld", "munged"):
             pid_file = self.pid_files[name]
             try:
                 pid = int(pid_file.read_text().split()[0])

@@ -19,6 +19,7 @@ TOOLS = {  # console script -> (module, the name its errors carry)
     "restorer-evaluate": ("restorer.evaluate", "evaluate"),
     "restorer-export": ("restorer.export", "export"),
     "restorer-plot": ("restorer.plot", "plot"),
+    "restorer-runs": ("restorer.runs", "runs"),
     "restorer-slurm": ("restorer.slurm", "slurm"),
     "restorer-demo": ("restorer.demo", "demo"),
 }

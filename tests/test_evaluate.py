@@ -192,6 +192,7 @@ def test_existing_jpeg_files_are_scored_as_they_are(ckpt, images, tmp_path, caps
     assert pairs["mean"]["psnr_jpeg"] == pytest.approx(encoded["mean"]["psnr_jpeg"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_plots_of_quality_and_of_a_run(ckpt, images, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the plot extra draws the pictures")
     png = tmp_path / "q.png"
@@ -220,6 +221,20 @@ def test_unreadable_image_is_skipped_with_a_warning(ckpt, images, tmp_path, caps
     assert rc == 0 and parse_table(out)["10"][0] == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evaluate: warning:") and "bad.jpg" in lines[0]
+
+
+def test_references_that_are_jpegs_of_a_quality_scored_get_one_warning(ckpt, tmp_path, capsys):
+    d = tmp_path / "imgs"
+    write(d / "clean.png", encode(photo_like(64, 64, seed=5), "PNG"))
+    write(d / "once80.jpg", encode(photo_like(64, 64, seed=6), "JPEG", quality=80))
+    write(d / "once97.jpg", encode(photo_like(64, 64, seed=7), "JPEG", quality=97))
+    rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 30, 90)
+    assert rc == 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate: warning: 1 reference(s) are JPEGs"), err
+    assert "once80.jpg (q80)" in lines[0] and "once97" not in lines[0]
+    rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 30, 70)  # all below q80: nothing to say
+    assert rc == 0 and err == ""
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "no_images", "quality_0", "bad_ckpt", "both_modes", "gray_and_y",

@@ -44,7 +44,8 @@ def _export(*args) -> subprocess.CompletedProcess:
                           text=True, cwd=REPO, timeout=300)
 
 
-@pytest.mark.parametrize("name", ["seed", "dncnn", "unet", "nafnet"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["seed", "dncnn"])  # (the U-Nets: conditioned, below)
 def test_onnx_has_dynamic_sizes_and_matches_pytorch(tmp_path, name):
     import onnxruntime as ort
 
@@ -63,6 +64,7 @@ def test_onnx_has_dynamic_sizes_and_matches_pytorch(tmp_path, name):
             assert np.abs(np.clip(out, 0, 1) - model(x).clamp(0, 1).numpy()).max() <= 1 / 255
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet", "nafnet"])
 def test_torchscript_runs_without_the_python_classes(tmp_path, name):
     ckpt, model = _checkpoint(tmp_path / "net.pt", name)
@@ -76,30 +78,29 @@ def test_torchscript_runs_without_the_python_classes(tmp_path, name):
         assert torch.allclose(loaded(x), model(x), atol=1e-5)
 
 
-def test_safetensors_with_a_card_and_restore_takes_every_format(tmp_path):
+@pytest.mark.slow
+def test_safetensors_with_a_card_and_restore_takes_it(tmp_path):
     from safetensors import safe_open
 
     ckpt, model = _checkpoint(tmp_path / "net.pt", "unet")
-    for fmt, out in (("safetensors", "net.safetensors"), ("onnx", "net.onnx")):
-        p = _export("--ckpt", ckpt, "--format", fmt, "--out", tmp_path / out)
-        assert p.returncode == 0, p.stderr[-3000:]
+    p = _export("--ckpt", ckpt, "--format", "safetensors", "--out", tmp_path / "net.safetensors")
+    assert p.returncode == 0, p.stderr[-3000:]
     with safe_open(str(tmp_path / "net.safetensors"), framework="pt") as f:
         card = json.loads(f.metadata()["restorer"])
         assert set(f.keys()) == set(model.state_dict())
     assert card == json.loads((tmp_path / "net.json").read_text()) and card["network"] == "unet"
     image = photo_like(70, 50, 3)
     reference = restore_array(load_network(ckpt, "cpu"), image, tile=32, overlap=8)
-    for out in ("net.safetensors", "net.onnx"):
-        got = restore_array(load_network(tmp_path / out, "cpu"), image, tile=32, overlap=8)
-        assert np.abs(got.astype(int) - reference).max() <= 1, out
+    got = restore_array(load_network(tmp_path / "net.safetensors", "cpu"), image, tile=32, overlap=8)
+    assert np.abs(got.astype(int) - reference).max() <= 1
     src = write(tmp_path / "in" / "photo.jpg", encode(image, "JPEG", quality=20))
-    for out in ("net.onnx", "net.safetensors"):
-        p = subprocess.run([sys.executable, "-m", "restorer.restore", "--ckpt", str(tmp_path / out), str(src),
-                            "--out", str(tmp_path / out.replace(".", "_"))], capture_output=True, text=True, cwd=REPO)
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert (tmp_path / out.replace(".", "_") / "photo.png").exists()
+    p = subprocess.run([sys.executable, "-m", "restorer.restore", "--ckpt", str(tmp_path / "net.safetensors"),
+                        str(src), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "out" / "photo.png").exists()
 
 
+@pytest.mark.slow
 def test_export_mistakes_are_one_line(tmp_path):
     ckpt, _ = _checkpoint(tmp_path / "net.pt", "dncnn")
     for args in (["--ckpt", tmp_path / "missing.pt", "--format", "onnx", "--out", tmp_path / "x.onnx"],
@@ -109,6 +110,7 @@ def test_export_mistakes_are_one_line(tmp_path):
         assert p.returncode == 2 and p.stderr.startswith("export: error: ") and p.stderr.count("\n") == 1, p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet", "nafnet"])
 def test_a_conditioned_network_exports_with_its_quality_input_in_every_format(tmp_path, name):
     import onnxruntime as ort
@@ -132,15 +134,16 @@ def test_a_conditioned_network_exports_with_its_quality_input_in_every_format(tm
         assert torch.allclose(scripted(x, q).clamp(0, 1), ref, atol=1e-5)
     with safe_open(str(tmp_path / "net.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["restorer"])["options"]["conditioning"] == "decoder"
-    # restore reads a file's tables for an .onnx network as for a checkpoint
+    # restore reads a file's tables for an .onnx network as for a checkpoint, in tiles of any size
     image = photo_like(72, 56, 5)
     src = write(tmp_path / "in" / "photo.jpg", encode(image, "JPEG", quality=35))
     pixels = np.asarray(Image.open(src))
-    expected = restore_array(load_network(ckpt, "cpu"), pixels, tile=1024, quality=35)
+    expected = restore_array(load_network(ckpt, "cpu"), pixels, tile=32, overlap=8, quality=35)
     for out in ("net.onnx", "net.safetensors", "net.pt"):
         target = tmp_path / out.replace(".", "_")
         p = subprocess.run([sys.executable, "-m", "restorer.restore", "--ckpt", str(tmp_path / out), str(src),
-                            "--out", str(target), "--tile", "1024"], capture_output=True, text=True, cwd=REPO)
+                            "--out", str(target), "--tile", "32", "--overlap", "8"], capture_output=True, text=True,
+                           cwd=REPO)
         assert p.returncode == 0 and "restored 1, unchanged 0" in p.stdout, p.stderr[-3000:]
         got = np.asarray(Image.open(target / "photo.png"))
         assert np.abs(got.astype(int) - expected).max() <= 1, out

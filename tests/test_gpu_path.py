@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO, run_cmd, train_cmd, train_env
 from restorer.config import load_config
 from restorer.data.pipeline import ring_bytes, shm_problem
-from restorer.dist import LaunchError, cuda_device_index, rank_env, slurm_port
+from restorer.dist import LaunchError, cuda_device_index, rank_env, slurm_master_addr, slurm_port
 from restorer.slurm import make_plan, shell
 from restorer.checks import compile_problem
 
@@ -37,18 +37,48 @@ def test_ranks_come_from_torchrun_then_srun_and_a_batch_step_is_refused():
 
 
 def test_a_slurm_job_runs_one_process_per_allocated_gpu_and_shares_its_cpus():
-    gpu = make_plan({"SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "7"})
+    gpu = make_plan({"SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "7", "MASTER_ADDR": "n1"})
     assert (gpu.nproc_per_node, gpu.workers, gpu.threads) == (4, 7, 1)
     # SLURM sets CUDA_VISIBLE_DEVICES to the allocation: two of a node's eight GPUs
-    assert make_plan({"CUDA_VISIBLE_DEVICES": "4,6", "SLURM_CPUS_PER_TASK": "16"}).nproc_per_node == 2
-    cpu = make_plan({"SLURM_CPUS_PER_TASK": "8"})
+    assert make_plan({"CUDA_VISIBLE_DEVICES": "4,6", "SLURM_CPUS_PER_TASK": "16", "MASTER_ADDR": "n1"}).nproc_per_node == 2
+    cpu = make_plan({"SLURM_CPUS_PER_TASK": "8", "MASTER_ADDR": "n1"})
     assert (cpu.nproc_per_node, cpu.workers, cpu.threads) == (1, 4, 4)  # threads too, not OMP_NUM_THREADS=1
-    assert make_plan({"SLURM_CPUS_PER_TASK": "2", "NPROC_PER_NODE": "2"}).workers == 0
+    assert make_plan({"SLURM_CPUS_PER_TASK": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "n1"}).workers == 0
     # job ids 20000 apart used to share a port
     assert len({slurm_port(j) for j in (1000, 21000, 41000, 61000)}) == 4
-    out = subprocess.run(["bash", "-c", 'eval "$(cat)"; echo $NPROC_PER_NODE $WORKERS_PER_RANK $MASTER_PORT'],
+    out = subprocess.run(["bash", "-c", 'eval "$(cat)"; echo $NPROC_PER_NODE $WORKERS_PER_RANK $MASTER_ADDR $MASTER_PORT'],
                          input=shell(gpu), capture_output=True, text=True)
-    assert out.stdout.split() == ["4", "7", str(slurm_port(7))]
+    assert out.stdout.split() == ["4", "7", "n1", str(slurm_port(7))]
+
+
+def _scontrol(node_addr: str):
+    """What scontrol prints for a two-node job whose node names are not host names (n1, n2)."""
+    def run(cmd, **kw):
+        out = {"hostnames": "n1\nn2\n", "node": f"NodeName=n1 Arch=x86_64 NodeAddr={node_addr} NodeHostName=vm"}[cmd[2]]
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+    return run
+
+
+def test_the_rendezvous_is_the_first_nodes_address_never_a_silent_loopback():
+    env = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2"}
+    assert slurm_master_addr(env, run=_scontrol("127.0.0.1")) == "127.0.0.1"  # n1's NodeAddr, not "n1"
+
+    def no_scontrol(cmd, **kw):
+        raise FileNotFoundError(2, "No such file or directory", "scontrol")
+
+    with pytest.raises(LaunchError, match=r"cannot find the first node of this 2-node job \(n\[1-2\]\)") as e:
+        slurm_master_addr(env, run=no_scontrol)
+    assert "\n" not in str(e.value)
+    with pytest.raises(LaunchError, match="the first node n1's address 'n1.invalid' does not resolve"):
+        slurm_master_addr(env, run=_scontrol("n1.invalid"))
+    assert slurm_master_addr({"SLURM_JOB_NUM_NODES": "1"}, run=no_scontrol) == "127.0.0.1"  # one node: itself
+
+
+def test_a_plan_with_few_loader_workers_a_gpu_says_so():
+    few = make_plan({"SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "8", "MASTER_ADDR": "h"})
+    assert few.workers == 1 and "leave 1 loader worker(s) a GPU" in few.warning() and "--cpus-per-task=20" in few.warning()
+    assert make_plan({"SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32", "MASTER_ADDR": "h"}).warning() is None
+    assert make_plan({"SLURM_CPUS_PER_TASK": "2", "MASTER_ADDR": "h"}).warning() is None  # no GPU to starve
 
 
 def test_the_batch_rings_must_fit_in_shared_memory():
@@ -69,6 +99,7 @@ def test_compile_needs_a_compiler_and_python_headers(tmp_path):
     assert compile_problem("cuda", which=lambda c: "/usr/bin/" + c, include_dir=str(tmp_path)) is None
 
 
+@pytest.mark.slow
 def test_the_trainer_runs_eager_without_a_compiler_and_refuses_a_ring_too_big(tmp_path, shards):
     env = train_env() | {"PATH": str(tmp_path)}  # no compiler to be found
     p = subprocess.run(train_cmd(0, shards, tmp_path / "run", "train.compile=true", "train.max_steps=2",

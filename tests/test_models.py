@@ -3,9 +3,12 @@ what every network must do (any size, grayscale, identity at start, bf16/channel
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from helpers import save_network, save_state
@@ -98,6 +101,7 @@ def test_unet_gpu_preset_is_drunet():
     assert [m.kernel_size for m in model.modules() if isinstance(m, nn.ConvTranspose2d)] == [(2, 2)] * 3
 
 
+@pytest.mark.slow
 def test_nafnet_gpu_preset_is_the_papers_width32_and_width64_models():
     # the authors: "29.16M parameters in NAFNet-width32 for the denoising task" (SIDD config);
     # width 64: 115.9 M parameters and 65 GMACs at 256 x 256 (the paper's Table for SIDD)
@@ -193,7 +197,7 @@ def test_tiled_restore_matches_the_whole_image_and_the_checkpoint_rebuilds_it(na
 
 def test_describe_names_the_network_its_parameters_and_macs():
     line = describe(UNet(), "unet")
-    assert line.startswith("unet (widths=[16, 32, 64, 128], blocks=1, conditioning=none; RGB): 575,328 parameters,")
+    assert line.startswith("unet (widths=[16, 32, 64, 128], blocks=1, conditioning=none, correction=steps; RGB): 575,328 parameters,")
     line = describe(UNet(conditioning="decoder"), "unet")  # the quality embedding and a FiLM per decoder scale
     assert "conditioning=decoder" in line and "594,176 parameters, 36.2 k MACs" in line
     assert line.endswith("k MACs per pixel")
@@ -219,7 +223,8 @@ def test_presets_fill_the_section_and_explicit_keys_win():
     assert cfg.model.unet.widths == (64, 128, 256, 512) and cfg.model.unet.blocks == 4
     cfg = load_config(None, ["data.shards=x", "model.name=unet", "model.preset=gpu", "model.unet.blocks=2"])
     assert cfg.model.unet.widths == (64, 128, 256, 512) and cfg.model.unet.blocks == 2
-    assert cfg.model.options() == {"widths": [64, 128, 256, 512], "blocks": 2, "conditioning": "none"}
+    assert cfg.model.options() == {"widths": [64, 128, 256, 512], "blocks": 2, "conditioning": "none",
+                                   "correction": "steps"}
     assert load_config(None, ["data.shards=x", "model.preset=cpu"]).model.seed.residual is True
     assert load_config(None, ["data.shards=x", "model.preset=cpu", "model.seed.residual=false"]).model.seed.residual is False
     for overrides, message in ((["model.name=unet", "model.preset=huge"], "model.preset: unet has no preset 'huge'"),
@@ -286,3 +291,32 @@ def test_conditioning_is_checked_and_the_seed_takes_only_an_input_plane():
     assert seed.base[0].in_channels == 4 and count_parameters(seed) == 313_066 + 128 * 9
     with pytest.raises(ConfigError, match="model.unet.conditioning: must be one of"):
         load_config(None, ["data.shards=x", "model.name=unet", "model.unet.conditioning=sideways"])
+
+
+@pytest.mark.parametrize("name", ["dncnn", "unet", "nafnet"])
+def test_a_conditioned_networks_correction_is_in_its_inputs_quantization_steps(name):
+    steps = _conditioned(name, "decoder")
+    plain = build_model(name, **TINY[name], conditioning="decoder", correction="plain").eval()
+    plain.load_state_dict(steps.state_dict())  # the same weights: only the correction's unit differs
+    x = torch.rand(3, 3, 33, 41)
+    q = torch.tensor([10.0, 50.0, 95.0])
+    with torch.no_grad():
+        ratio = ((steps(x, q) - x).flatten(1).norm(dim=1) / (plain(x, q) - x).flatten(1).norm(dim=1)).tolist()
+        assert ratio == pytest.approx([1.0, 0.294, 0.029], abs=2e-3)  # libjpeg's mean luma steps over q10's
+        assert torch.equal(torch.jit.script(steps)(x, q), steps(x, q))
+
+
+def test_the_quantization_steps_are_the_tables_libjpeg_writes():
+    """quantization_steps() against the mean of the luma table Pillow (libjpeg-turbo) writes at q."""
+    from restorer.models.common import quantization_steps
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+
+    def mean_step(q: int) -> float:
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=q)
+        return float(np.mean(Image.open(buf).quantization[0]))
+
+    steps = quantization_steps()
+    for q in (1, 5, 10, 20, 30, 50, 70, 80, 90, 95, 100):
+        assert steps[q - 1].item() == pytest.approx(mean_step(q) / mean_step(10), rel=1e-6), q

@@ -16,7 +16,8 @@ from helpers import encode, photo_like, save_network, save_state, write
 from restorer.data import jpeg
 from restorer.inference import load_checkpoint_network, load_network, restore_array
 from restorer.models import build_model
-from restorer.restore import LABEL_H, compare_size, main
+from restorer.pictures import LABEL_H, compare_size
+from restorer.restore import main
 
 
 def _model(std: float = 0.005, seed: int = 0, in_channels: int = 3) -> nn.Module:
@@ -230,6 +231,7 @@ class _Tiny(nn.Module):
         return x + 0.01 * self.conv(x)
 
 
+@pytest.mark.slow
 def test_memory_bounded_by_tile(tmp_path):
     """Peak memory of a restore (torch tensors included: tracemalloc would not see them), measured
     in a fresh process from the kernel's peak-RSS counter, reset after the warm-up."""

@@ -34,6 +34,7 @@ def _one_error_line(p: subprocess.CompletedProcess, code: int, text: str) -> Non
 # ----------------------------------------------------------------------------- data loss
 
 
+@pytest.mark.slow
 def test_a_diverging_run_keeps_the_last_good_checkpoint_and_step_copies(base_run, shards):
     out = base_run
     good = load_state(out / "last.pt")
@@ -49,6 +50,7 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint_and_step_copies(base_run
     assert sorted(p.name for p in out.glob("step-*.pt")) == ["step-00000002.pt", "step-00000004.pt"]
 
 
+@pytest.mark.slow
 def test_resume_false_into_a_used_folder_is_refused_unless_overwrite(base_run, shards):
     out = base_run
     p = run_cmd(train_cmd(0, shards, out, "train.max_steps=2", "train.resume=false"))
@@ -60,6 +62,7 @@ def test_resume_false_into_a_used_folder_is_refused_unless_overwrite(base_run, s
     assert load_state(out / "last.pt")["step"] == 2 and not list(out.glob("step-*.pt"))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_says_so_and_applies_the_new_settings(base_run, shards):
     out = base_run
     before = load_state(out / "last.pt")
@@ -77,6 +80,7 @@ def test_a_resumed_run_says_so_and_applies_the_new_settings(base_run, shards):
     assert drift < 1e-3, drift
 
 
+@pytest.mark.slow
 def test_best_pt_follows_its_own_metric_after_a_resume(base_run, shards):
     out = base_run
     best = load_state(out / "best.pt")
@@ -90,6 +94,7 @@ def test_best_pt_follows_its_own_metric_after_a_resume(base_run, shards):
     assert (again["step"], again["best_psnr"]) == (best["step"], best["best_psnr"])
 
 
+@pytest.mark.slow
 def test_a_truncated_last_pt_falls_back_to_the_newest_step_copy_then_best_pt(base_run, shards):
     out = base_run
     assert sorted(p.name for p in out.glob("step-*.pt")) == ["step-00000002.pt", "step-00000004.pt"]
@@ -113,6 +118,7 @@ def test_a_truncated_last_pt_falls_back_to_the_newest_step_copy_then_best_pt(bas
     _one_error_line(run_cmd(train_cmd(0, shards, out, "train.max_steps=10")), 1, "no checkpoint in")
 
 
+@pytest.mark.slow
 def test_precision_switched_to_fp16_on_resume_works(base_run, shards):
     out = base_run
     assert load_state(out / "last.pt")["scaler"] == {}  # fp32: no loss scaler
@@ -122,6 +128,7 @@ def test_precision_switched_to_fp16_on_resume_works(base_run, shards):
     assert state["step"] == 6 and state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
 
 
+@pytest.mark.slow
 def test_a_failed_save_is_one_line_and_leaves_no_temp_file(tmp_path, shards):
     out = tmp_path / "run"
     (out / "last.pt" / "x").mkdir(parents=True)  # the final rename cannot replace a folder
@@ -142,6 +149,7 @@ def test_a_manifest_without_splits_is_one_line(tmp_path, shards):
     _one_error_line(run_cmd(train_cmd(0, bad, tmp_path / "run")), 2, "has no usable splits.train")
 
 
+@pytest.mark.slow
 def test_shards_changed_after_the_manifest_are_caught(tmp_path, shards):
     bad = tmp_path / "shards"
     shutil.copytree(shards, bad)
@@ -156,6 +164,7 @@ def test_shards_changed_after_the_manifest_are_caught(tmp_path, shards):
     _one_error_line(run_cmd(train_cmd(0, bad, tmp_path / "run", "data.verify=true")), 2, "does not match the sha256")
 
 
+@pytest.mark.slow
 def test_a_stream_whose_shards_are_all_bad_borrows_the_others(tmp_path, shards):
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"not a tar file at all" * 100)
@@ -170,11 +179,13 @@ def test_a_stream_whose_shards_are_all_bad_borrows_the_others(tmp_path, shards):
     _one_error_line(p, 1, "no usable training image in any of the 1 shards")
 
 
+@pytest.mark.slow
 def test_pipe_urls_need_an_explicit_opt_in(tmp_path, shards):
     p = run_cmd(train_cmd(0, shards, tmp_path / "run", "data.train_urls=pipe:cat x.tar", "data.epoch_samples=8"))
     _one_error_line(p, 2, "set data.allow_pipe=true")
 
 
+@pytest.mark.slow
 def test_slurm_task_variables_without_srun_are_one_line(tmp_path, shards):
     env = train_env() | {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}
     env.pop("SLURM_STEP_ID", None)
@@ -291,6 +302,28 @@ def test_rank0_decides_the_resume_for_a_rank_that_sees_another_disk(tmp_path, sh
     assert_ok(p)
     assert [m["step"] for m in metrics(out) if m.get("event") == "resume"] == [6]
     assert load_state(out / "last.pt")["step"] == 10 and not elsewhere.exists()
+
+
+@pytest.mark.slow
+def test_shards_are_hashed_once_across_the_ranks_however_long_it_takes(tmp_path, shards):
+    """data.verify: each shard's sha256 is read by one rank, and the ranks wait for each other's
+    verdict through the store, not a collective: rank 0's slow disk (4 s a shard) takes longer than
+    the collectives may wait (train.collective_timeout_s=2), and the run still starts."""
+    out = tmp_path / "run"
+    p = run_cmd(train_cmd(2, shards, out, "data.verify=true", "train.collective_timeout_s=2", "train.max_steps=2",
+                          "log.val_every=0"), fault={"rank": 0, "slow_hash_s": 4})
+    assert_ok(p)
+    assert metrics(out)[-1]["event"] == "finished"
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    victim = sorted(bad.glob("train-*.tar"))[1]  # the second listed shard: rank 1's share
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF  # same size, other bytes
+    victim.write_bytes(bytes(data))
+    p = run_cmd(train_cmd(2, bad, tmp_path / "run2", "data.verify=true", "train.max_steps=2"))
+    assert p.returncode != 0  # torchrun's own exit status and report for a failed child
+    errors = [line for line in p.stderr.splitlines() if line.startswith("train: error:")]
+    assert len(errors) == 1 and "does not match the sha256" in errors[0] and "(on rank 1)" in errors[0], p.stderr[-3000:]
 
 
 @pytest.mark.slow

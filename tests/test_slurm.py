@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import slurm_cluster
 from helpers import REPO, TINY, load_state, metrics, train_lines
@@ -35,12 +38,21 @@ def _args(shards: Path, out: Path, *overrides: str) -> list[str]:
             *TINY, "log.val_every=0", *overrides]
 
 
-def _sbatch(cluster, out: Path, *args: str) -> str:
+def _sbatch(cluster, out: Path, *args: str, nodes: int = 1, nproc: int = 2) -> str:
+    """launch/slurm/train.sbatch on `nodes` nodes, `nproc` ranks a node."""
     out.mkdir(parents=True, exist_ok=True)
-    p = cluster.run("sbatch", "--parsable", "--cpus-per-task=2", f"--output={out}/slurm-%j.out",
-                    f"--export=ALL,NPROC_PER_NODE=2,PYTHON={sys.executable},RESTORER_DIR={REPO}",
+    p = cluster.run("sbatch", "--parsable", f"--nodes={nodes}", "--cpus-per-task=2", f"--output={out}/slurm-%j.out",
+                    f"--export=ALL,NPROC_PER_NODE={nproc},PYTHON={sys.executable},RESTORER_DIR={REPO}",
                     str(REPO / "launch" / "slurm" / "train.sbatch"), *args)
     return p.stdout.strip().split(";")[0]
+
+
+def _logged_step(out: Path) -> int:
+    try:
+        lines = _train_lines(out)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return lines[-1]["step"] if lines else 0
 
 
 def _wait(cluster, job: str, until, what: str, limit: float = 240) -> dict:
@@ -73,15 +85,7 @@ def test_sbatch_trains_two_ranks_to_the_end(cluster, shards, tmp_path):
 def test_time_limit_warning_requeues_and_the_job_resumes(cluster, shards, tmp_path):
     out = tmp_path / "run"
     job = _sbatch(cluster, out, *_args(shards, out, "train.max_steps=60", "checkpoint.every=1000"))
-
-    def logged_step() -> int:
-        try:
-            lines = _train_lines(out)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return 0
-        return lines[-1]["step"] if lines else 0
-
-    _wait(cluster, job, lambda s: logged_step() >= 6, "training to reach step 6")
+    _wait(cluster, job, lambda s: _logged_step(out) >= 6, "training to reach step 6")
     # what --signal=B:USR1@N does before the time limit: USR1 to the batch shell only
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1",
@@ -140,3 +144,68 @@ def test_a_batch_script_running_the_trainer_without_srun_is_told_how(cluster, sh
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", state
     errors = [line for line in _log(out).splitlines() if line.startswith("train: error:")]
     assert len(errors) == 1 and "not started by srun" in errors[0], _log(out)
+
+
+# ----------------------------------------------------------------------------- two nodes
+
+
+def test_two_nodes_train_as_one_node_of_the_same_world_size(cluster, shards, tmp_path):
+    common = ("train.max_steps=6", "checkpoint.every=1000")
+    runs = {}
+    for nodes, nproc in ((1, 2), (2, 1)):
+        out = tmp_path / f"{nodes}x{nproc}"
+        job = _sbatch(cluster, out, *_args(shards, out, *common), nodes=nodes, nproc=nproc)
+        state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED", f"the {nodes}-node job")
+        assert state["ExitCode"] == "0:0", _log(out)
+        runs[nodes] = out
+    one, two = runs[1], runs[2]
+    start = _metrics(two)[0]
+    assert start["world_size"] == 2 and sorted(start["nodes"]) == ["n1", "n2"]  # global ranks 0 and 1, a node each
+    assert len(set(_metrics(one)[0]["nodes"])) == 1
+    log = _log(two)
+    assert "2 node(s) x 1 process(es)" in log and "rendezvous 127.0.0.1:" in log  # n1's NodeAddr: "n1" does not resolve
+    # only global rank 0 wrote: every step once; the same data split by global rank, the same result
+    assert [m["step"] for m in _train_lines(two)] == [m["step"] for m in _train_lines(one)] == [2, 4, 6]
+    a, b = load_state(one / "last.pt"), load_state(two / "last.pt")
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-5) for k in a["model"])
+    assert [m["loss"] for m in _train_lines(one)] == pytest.approx([m["loss"] for m in _train_lines(two)], rel=1e-4)
+
+
+def test_preemption_of_a_two_node_job_requeues_and_resumes(cluster, shards, tmp_path):
+    out = tmp_path / "run"
+    job = _sbatch(cluster, out, *_args(shards, out, "train.max_steps=60", "checkpoint.every=1000"), nodes=2, nproc=1)
+    _wait(cluster, job, lambda s: _logged_step(out) >= 6, "training to reach step 6")
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+    state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1",
+                  "the requeued job to complete")
+    assert state["ExitCode"] == "0:0", _log(out)
+    events = [m for m in _metrics(out) if "event" in m]
+    assert [e["event"] for e in events] == ["start", "stopped", "resume", "finished"]
+    assert sorted(events[0]["nodes"]) == sorted(events[2]["nodes"]) == ["n1", "n2"]  # (the rendezvous orders them)
+    steps = [m["step"] for m in _train_lines(out)]
+    assert len(steps) == len(set(steps)) and steps[-1] == 60 and events[2]["step"] == events[1]["step"]
+
+
+def test_a_lost_node_ends_the_other_in_one_line_and_the_next_job_resumes(cluster, shards, tmp_path):
+    out = tmp_path / "run"
+    args = _args(shards, out, "train.max_steps=400", "checkpoint.every=2", "train.stop_grace_s=10")
+    job = _sbatch(cluster, out, *args, nodes=2, nproc=1)
+    _wait(cluster, job, lambda s: _logged_step(out) >= 6, "training to reach step 6")
+    pids = cluster.job_pids(job, "n2")
+    assert pids, "no process of the job on n2"
+    for pid in pids:  # the node is lost: every process of the job on it dies at once
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    t = time.monotonic()
+    state = _wait(cluster, job, lambda s: s.get("JobState") in ("FAILED", "COMPLETED", "CANCELLED"), "the job to end",
+                  limit=10 + 30 + 20)
+    assert time.monotonic() - t < 10 + 30, "n1 did not end within train.stop_grace_s + 30 s"
+    errors = [line for line in _log(out).splitlines() if line.startswith("train: error:")]
+    assert len(errors) == 1 and "n2" in errors[0] and "rank 1" in errors[0], _log(out)
+    saved = load_state(out / "last.pt")["step"]
+    assert saved >= 2  # the last periodic checkpoint a later step vouched for
+    job = _sbatch(cluster, out, *_args(shards, out, f"train.max_steps={saved + 4}", "checkpoint.every=2"), nodes=2, nproc=1)
+    state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED", "the next job")
+    assert state["ExitCode"] == "0:0", _log(out)
+    resumed = [m for m in _metrics(out) if m.get("event") == "resume"]
+    assert resumed and resumed[-1]["step"] == saved

@@ -269,10 +269,5 @@ def file_quality(data: bytes) -> Optional[int]:
         return None
 
 
-def quality_feature(quality) -> float:
-    """How a network sees a quality: FBCNN's 1 - q/100 (0 for a lossless input, near 1 for the worst)."""
-    return 1.0 - float(quality) / 100.0
-
-
 __all__ = ["CHROMA", "DOUBLE_SHIFT", "JpegError", "JpegSpec", "compress", "decode", "degrade",
-           "encode", "file_quality", "ijg_table", "pixel_quality", "quality_feature", "table_quality", "val_chroma"]
+           "encode", "file_quality", "ijg_table", "pixel_quality", "table_quality", "val_chroma"]

@@ -105,21 +105,22 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def check_shards(shards: str | os.PathLike, verify: bool = False) -> None:
+def check_shards(shards: str | os.PathLike, verify: bool = False, share: tuple[int, int] = (0, 1)) -> None:
     """Every shard the manifest lists exists with the size it records (and, with `verify`, its
-    sha256): shards rewritten or cut short after the manifest are caught before training.
+    sha256: of the shards of `share` = (i, n), every n-th from the i-th, so n ranks can split the
+    reading): shards rewritten or cut short after the manifest are caught before training.
     ManifestError (one line) otherwise."""
     path = manifest_path(shards)
     manifest = load_manifest(shards)
-    for split in SPLITS:
-        for shard in manifest["splits"][split]["shards"]:
-            file = path.parent / shard["name"]
-            try:
-                size = file.stat().st_size
-            except OSError:
-                raise ManifestError(f"shard {file} is listed in {path} but cannot be read") from None
-            if size != shard["bytes"]:
-                raise ManifestError(f"shard {file} is {size} bytes, {path} says {shard['bytes']}: the shards changed "
-                                    "after the manifest was written; run make_shards.py again")
-            if verify and sha256_file(file) != shard["sha256"]:
-                raise ManifestError(f"shard {file} does not match the sha256 in {path}: run make_shards.py again")
+    listed = [shard for split in SPLITS for shard in manifest["splits"][split]["shards"]]
+    for i, shard in enumerate(listed):
+        file = path.parent / shard["name"]
+        try:
+            size = file.stat().st_size
+        except OSError:
+            raise ManifestError(f"shard {file} is listed in {path} but cannot be read") from None
+        if size != shard["bytes"]:
+            raise ManifestError(f"shard {file} is {size} bytes, {path} says {shard['bytes']}: the shards changed "
+                                "after the manifest was written; run make_shards.py again")
+        if verify and i % share[1] == share[0] and sha256_file(file) != shard["sha256"]:
+            raise ManifestError(f"shard {file} does not match the sha256 in {path}: run make_shards.py again")

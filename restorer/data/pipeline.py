@@ -9,7 +9,9 @@ otherwise. All randomness comes from numpy generators seeded with (seed, rank, w
 
 Why not webdataset's own `shardshuffle`, `shuffle` and `with_epoch`: they seed from the pid and the
 clock (not reproducible), reuse one shard order every epoch, and count per worker. webdataset still
-does what it is best at: URL expansion (brace patterns, `pipe:`, http) and tar reading.
+does what it is best at: URL expansion (brace patterns), opening files and `pipe:` commands, and tar
+reading. http(s) shards are streamed by curl through HttpShard, which bounds a stalled transfer and
+never lets a failed one pass as a short shard.
 """
 
 from __future__ import annotations
@@ -17,16 +19,20 @@ from __future__ import annotations
 import functools
 import itertools
 import multiprocessing
+import os
 import re
+import subprocess
 import sys
+import time
 import zlib
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
@@ -92,6 +98,7 @@ class SkipLog:
 
     def __init__(self, where: str):
         self.where, self.count, self.kinds = where, 0, set()
+        self._last: Optional[Exception] = None
 
     def __call__(self, what: str, reason: str) -> None:
         self.count += 1
@@ -105,7 +112,11 @@ class SkipLog:
     def handler(self, exn: Exception) -> bool:
         """webdataset error handler: a broken tar or member is logged and the stream goes on.
         webdataset adds the shard's URL to the exception's args, and sometimes its stream's repr to
-        the message ("... @ <_io.BufferedReader ...>"): the line names the shard once."""
+        the message ("... @ <_io.BufferedReader ...>"): the line names the shard once. A failed
+        HttpShard raises its one error again when the tar reader reads on: it is counted once."""
+        if exn is self._last:
+            return True
+        self._last = exn
         url = next((a for a in exn.args[1:] if isinstance(a, str)), None)
         text, _, stream = str(exn.args[0] if exn.args else exn).partition(" @ <")
         named = re.search(r"name='([^']*)'", stream)
@@ -114,9 +125,174 @@ class SkipLog:
         return True
 
 
+HTTP_STALL_S = 60  # default of RESTORER_HTTP_STALL_S: an http(s) transfer with no byte for this long is abandoned
+HTTP_RETRIES = 2  # default of RESTORER_HTTP_RETRIES: new tries of a shard that failed before its first byte
+HTTP_RETRY_DELAY_S = 1.0  # before the first new try; doubled before each next one
+HTTP_CONNECT_TIMEOUT_S = 30
+_TRANSIENT_CURL_EXITS = {7, 35, 52, 55, 56}  # refused, TLS handshake, empty reply, send/recv failure (not 28: a timeout
+# or a stall has already cost its full time once)
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+
+
+class HttpShardError(OSError):
+    """An http(s) shard could not be read to its end: curl's own words (the HTTP status, a dropped
+    connection, a stall), and how many tries it took."""
+
+
+def http_settings() -> tuple[int, int]:
+    """(stall seconds, retries) for http(s) shards, from RESTORER_HTTP_STALL_S and RESTORER_HTTP_RETRIES.
+
+    Environment variables, not config keys: they describe the network a run reads from, not the
+    experiment, and the same run config should work from any cluster's store."""
+    out = []
+    for name, default, least in (("RESTORER_HTTP_STALL_S", HTTP_STALL_S, 1),
+                                 ("RESTORER_HTTP_RETRIES", HTTP_RETRIES, 0)):
+        text = os.environ.get(name, "").strip()
+        if not text:
+            out.append(default)
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            unit = "seconds" if least else "tries"
+            raise ValueError(f"{name}: must be a whole number of {unit} >= {least}, got {text!r}")
+        out.append(value)
+    return out[0], out[1]
+
+
+class HttpShard:
+    """An http(s) shard streamed by curl and read like a file, whose failures are never silent.
+
+    webdataset's own curl pipe (gopen_curl) retries 30 times 2 s apart (a 500 costs a minute), has
+    no limit on a stalled transfer (a server that stops sending hangs the worker for good), and
+    reports curl's failure only if curl happens to have exited by the time the tar reader sees the
+    end of its output: otherwise a 404 reads as an "empty file" and a connection dropped between
+    two members as a shorter, valid shard. Here:
+    - curl runs with -f (an HTTP error is a failure) and -sS (quiet, but its error is kept), and
+      abandons a transfer that moves no byte for `stall_s` seconds (--speed-limit 1 --speed-time),
+      from a server that never answers as from one that stops mid-shard (curl judges the speed
+      over its last few seconds: a stall after a burst of bytes is noticed up to ~5 s later); a
+      reader that pauses (validation, a checkpoint) and leaves curl waiting on a full pipe does
+      not trip it;
+    - at the end of curl's output its exit status is always awaited: a failure raises
+      HttpShardError with curl's message, naming the shard, and so does every later read (the
+      same exception, which SkipLog counts once);
+    - a shard that failed before its first byte in a way that may pass at once (refused, reset,
+      408, 429, 5xx) is asked again up to `retries` times, 1 s, 2 s, ... apart; a timeout or a
+      stall is not (it has cost its full time once: a read of a shard is bounded by about one
+      stall limit or connect timeout). Never after a byte: curl's own --retry would then write a
+      second copy of the shard after the first's partial bytes.
+    """
+
+    def __init__(self, url: str, stall_s: int = HTTP_STALL_S, retries: int = HTTP_RETRIES):
+        self.url, self.stall_s, self.retries = url, stall_s, retries
+        self.tries = self.received = 0
+        self.ended = False
+        self.error: Optional[HttpShardError] = None
+        self.proc: Optional[subprocess.Popen] = None
+        self._start()
+
+    def __repr__(self) -> str:  # webdataset appends it to a member's error: SkipLog.handler finds the name
+        return f"<HttpShard name='{self.url}'>"
+
+    def _start(self) -> None:
+        self.tries += 1
+        cmd = ["curl", "-f", "-sS", "-L", "--connect-timeout", str(HTTP_CONNECT_TIMEOUT_S),
+               "--speed-limit", "1", "--speed-time", str(self.stall_s), self.url]
+        # its own session: a Ctrl-C or job signal meant for the trainer does not fail the shard being read
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+
+    def read(self, size: int = -1) -> bytes:
+        if self.error is not None:
+            raise self.error
+        while not self.ended:
+            data = self.proc.stdout.read(size)  # blocks until `size` bytes or the end of curl's output
+            if data or size == 0:
+                self.received += len(data)
+                return data
+            status = self.proc.wait()
+            if status == 0:
+                self.close()
+                break
+            error = self._error(status)
+            if self.received == 0 and self.tries <= self.retries and self._transient(status, error):
+                self._stop()
+                time.sleep(HTTP_RETRY_DELAY_S * 2 ** (self.tries - 1))
+                self._start()
+                continue
+            self.close()
+            self.error = HttpShardError(error + (f" (after {self.tries} tries)" if self.tries > 1 else ""))
+            raise self.error
+        return b""
+
+    def _error(self, status: int) -> str:
+        text = self.proc.stderr.read().decode(errors="replace").strip()
+        line = text.splitlines()[-1] if text else (f"curl killed by signal {-status}" if status < 0
+                                                    else f"curl exited with status {status}")
+        if "too slow" in line:
+            line += f" (a stalled transfer: RESTORER_HTTP_STALL_S={self.stall_s})"
+        return line
+
+    @staticmethod
+    def _transient(status: int, error: str) -> bool:
+        if status == 22:  # -f: an HTTP status >= 400
+            code = re.search(r"error: (\d{3})", error)
+            return bool(code) and int(code.group(1)) in _TRANSIENT_HTTP
+        return status in _TRANSIENT_CURL_EXITS
+
+    def _stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+    def close(self) -> None:
+        """End curl (if it still runs: the reader stopped early) and reap it; reads end here."""
+        self.ended = True
+        self._stop()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def open_shards(urls: list[str], handler) -> Iterator[dict]:
+    """{"url", "stream"} for webdataset's tar reader, as its url_opener makes them: http(s) shards
+    through HttpShard (each closed once the reader moves on), any other URL through webdataset's
+    gopen (files, pipe:). A shard that cannot be opened goes to `handler`."""
+    settings = None
+    for url in urls:
+        if settings is None and url.startswith(("http://", "https://")):
+            settings = http_settings()  # a bad setting ends the run rather than skip every shard
+        try:
+            stream = HttpShard(url, *settings) if url.startswith(("http://", "https://")) else gopen(url)
+        except Exception as exn:
+            exn.args = exn.args + (url,)
+            if handler(exn):
+                continue
+            break
+        try:
+            yield {"url": url, "stream": stream}
+        finally:
+            if isinstance(stream, HttpShard):
+                stream.close()
+
+
 def read_images(urls: list[str], skip: SkipLog, keep=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, decoded image) for every usable sample of the shards, in order; `keep(key)` filters."""
-    for sample in tarfile_samples(({"url": u} for u in urls), handler=skip.handler):
+    """(key, decoded image) for every usable sample of the shards, in order; `keep(key)` filters.
+    A shard that fails (not found, a broken tar, a dropped or stalled transfer) costs a warning and
+    a count, and the stream goes on with the next one."""
+    members = tar_file_expander(open_shards(urls, skip.handler), handler=skip.handler)
+    for sample in group_by_keys(members, handler=skip.handler):
         key = sample.get("__key__", "?")
         if keep is not None and not keep(key):
             continue

@@ -6,11 +6,13 @@ from __future__ import annotations
 import typing
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from restorer.choices import Literal
+from restorer.data.jpeg import ijg_table
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -73,7 +75,18 @@ def macs_per_pixel(model: nn.Module, in_channels: int, size: int = 64) -> float:
 #   scales   the same at every scale: encoder, middle and decoder (FiLM, Perez et al. 2018)
 Conditioning = Literal["none", "input", "decoder", "scales"]
 CONDITIONING = typing.get_args(Conditioning)
+# A conditioned network's correction (its output less its input):
+#   steps    in units of the input's JPEG quantization step (Conditioned.correction)
+#   plain    as the last layer gives it
+Correction = Literal["steps", "plain"]
 EMBEDDING = 64  # width of the quality embedding (an MLP per image, not per pixel: its cost is nothing)
+
+
+def quantization_steps() -> torch.Tensor:
+    """The mean step of libjpeg's luma table at each IJG quality 1..100, relative to q10's (index q - 1):
+    1 at q10, 0.29 at q50, 0.06 at q90, 0.03 at q95 (baseline tables: entries 1..255)."""
+    means = np.array([ijg_table(q).mean() for q in range(1, 101)])
+    return torch.tensor(means / means[9], dtype=torch.float32)
 
 
 def quality_feature(quality: torch.Tensor) -> torch.Tensor:
@@ -124,10 +137,13 @@ class Conditioned(nn.Module):
     """The quality input of a network: `takes_quality`, its embedding (decoder, scales), its input
     plane (input), and a FiLM (or nothing) for each place a network can modulate."""
 
-    def __init__(self, conditioning: str) -> None:
+    def __init__(self, conditioning: str, correction: str = "steps") -> None:
         super().__init__()
         self.conditioning = conditioning
         self.takes_quality = conditioning != "none"
+        self.in_steps = self.takes_quality and correction == "steps"
+        # (a buffer, not a global: TorchScript and .to(device) take it along; not in the state dict)
+        self.register_buffer("steps", quantization_steps(), persistent=False)
         self.embed = QualityEmbedding() if conditioning in ("decoder", "scales") else None
         self.extra_planes = 1 if conditioning == "input" else 0
 
@@ -143,6 +159,21 @@ class Conditioned(nn.Module):
         if quality is None:
             raise ValueError("this network is conditioned on the JPEG quality: give it the input's quality (N,)")
         return self.embed(quality)
+
+    def correction(self, y: torch.Tensor, quality: Optional[torch.Tensor]) -> torch.Tensor:
+        """The last layer's output y as the correction to add: in units of the input's quantization
+        step (`steps`: y times the mean step of the luma table at q, relative to q10's), or as it is
+        (`plain`, and unconditioned networks).
+
+        Why steps: a JPEG's error is about half a step per coefficient, so a correction measured in
+        steps has one size at every quality (as a denoiser's residual over the noise level), and a
+        network that has not yet learned the high qualities cannot hurt them by more than a share of
+        their small steps."""
+        if not self.in_steps:
+            return y
+        assert quality is not None
+        index = quality.reshape(-1).round().clamp(1, 100).long() - 1
+        return y * self.steps[index].to(y.dtype).reshape(-1, 1, 1, 1)
 
     def with_planes(self, x: torch.Tensor, quality: Optional[torch.Tensor]) -> torch.Tensor:
         """x, or x with the quality plane after its channels (conditioning `input`)."""

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from restorer.choices import check_choices
-from restorer.models.common import Conditioned, Conditioning, check_channels
+from restorer.models.common import Conditioned, Conditioning, Correction, check_channels
 
 
 @dataclass
@@ -20,6 +20,7 @@ class DnCNNOptions:
     channels: int = 32  # feature maps (the paper: 64)
     batch_norm: bool = True  # the paper's BN after each middle convolution
     conditioning: Conditioning = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
+    correction: Correction = "steps"  # conditioned: in the input's quantization steps, or plain (models.common)
 
     def validate(self) -> None:
         check_choices(self)
@@ -37,6 +38,7 @@ class DnCNN(nn.Module):
 
     Conditioned on the JPEG quality (`conditioning`): `input` adds FFDNet's level map as an input
     plane; `scales` modulates every layer's features with a FiLM, `decoder` the second half's.
+    A conditioned network's correction is in units of its input's quantization step (`correction`).
     """
 
     Options = DnCNNOptions
@@ -48,7 +50,7 @@ class DnCNN(nn.Module):
         opts.validate()
         c, f = check_channels(in_channels), opts.channels
         self.in_channels, self.options = c, opts
-        self.cond = Conditioned(opts.conditioning)
+        self.cond = Conditioned(opts.conditioning, opts.correction)
         self.takes_quality = self.cond.takes_quality
         layers: list[nn.Module] = [nn.Conv2d(c + self.cond.extra_planes, f, 3, padding=1), nn.ReLU(inplace=True)]
         places = ["none", "encoder"]  # where each layer's output is modulated (after the ReLUs)
@@ -74,7 +76,7 @@ class DnCNN(nn.Module):
         y = self.cond.with_planes(x, quality)
         for layer, film in zip(self.body, self.films):
             y = film(layer(y), emb)
-        return x - y
+        return x - self.cond.correction(y, quality)
 
     def last_layer(self) -> nn.Module:
         """The output layer: it trains at lr x optim.last_lr_scale (restorer.optim)."""

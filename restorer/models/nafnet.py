@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from restorer.choices import check_choices
-from restorer.models.common import Conditioned, Conditioning, check_channels, pad_to_multiple
+from restorer.models.common import Conditioned, Conditioning, Correction, check_channels, pad_to_multiple
 
 
 @dataclass
@@ -22,6 +22,7 @@ class NAFNetOptions:
     middle_blocks: int = 1
     dec_blocks: tuple[int, ...] = (1, 1, 1, 1)  # per decoder scale, deepest first; as long as enc_blocks
     conditioning: Conditioning = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
+    correction: Correction = "steps"  # conditioned: in the input's quantization steps, or plain (models.common)
 
     def validate(self) -> None:
         check_choices(self)
@@ -89,6 +90,7 @@ class NAFNet(nn.Module):
 
     Conditioned on the JPEG quality (`conditioning`): `input` adds a level plane to the intro's input;
     `decoder` (FBCNN's) and `scales` modulate each scale's blocks' output with a FiLM.
+    A conditioned network's correction is in units of its input's quantization step (`correction`).
     """
 
     Options = NAFNetOptions
@@ -104,7 +106,7 @@ class NAFNet(nn.Module):
         c, chan = check_channels(in_channels), opts.width
         self.in_channels, self.options = c, opts
         self.multiple = 2 ** len(opts.enc_blocks)
-        self.cond = Conditioned(opts.conditioning)
+        self.cond = Conditioned(opts.conditioning, opts.correction)
         self.takes_quality = self.cond.takes_quality
         self.intro = nn.Conv2d(c + self.cond.extra_planes, chan, 3, padding=1)
         self.encoders, self.downs, self.enc_films = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -138,7 +140,7 @@ class NAFNet(nn.Module):
         y = self.mid_film(self.middle(y), emb)
         for i, (decoder, film, up) in enumerate(zip(self.decoders, self.dec_films, self.ups)):  # (TorchScript compiles this)
             y = film(decoder(up(y) + skips[len(skips) - 1 - i]), emb)
-        return (inp + self.ending(y))[..., :h, :w]
+        return (inp + self.cond.correction(self.ending(y), quality))[..., :h, :w]
 
     def last_layer(self) -> nn.Module:
         """The output layer: it trains at lr x optim.last_lr_scale (restorer.optim)."""

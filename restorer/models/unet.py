@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from restorer.choices import check_choices
-from restorer.models.common import Conditioned, Conditioning, check_channels, pad_to_multiple
+from restorer.models.common import Conditioned, Conditioning, Correction, check_channels, pad_to_multiple
 
 
 @dataclass
@@ -20,6 +20,7 @@ class UNetOptions:
     widths: tuple[int, ...] = (16, 32, 64, 128)  # channels per scale, full resolution first (DRUNet: 64..512)
     blocks: int = 1  # residual blocks per scale, in the encoder, the middle and the decoder (DRUNet: 4)
     conditioning: Conditioning = "none"  # on the JPEG quality: none | input | decoder | scales (models.common)
+    correction: Correction = "steps"  # conditioned: in the input's quantization steps, or plain (models.common)
 
     def validate(self) -> None:
         check_choices(self)
@@ -50,6 +51,7 @@ class UNet(nn.Module):
 
     Conditioned on the JPEG quality (`conditioning`): `input` adds DRUNet's level map as a plane of
     the head's input; `decoder` (FBCNN's) and `scales` modulate each scale's output with a FiLM.
+    A conditioned network's correction is in units of its input's quantization step (`correction`).
     """
 
     Options = UNetOptions
@@ -63,7 +65,7 @@ class UNet(nn.Module):
         c, w = check_channels(in_channels), opts.widths
         self.in_channels, self.options = c, opts
         self.multiple = 2 ** (len(w) - 1)
-        self.cond = Conditioned(opts.conditioning)
+        self.cond = Conditioned(opts.conditioning, opts.correction)
         self.takes_quality = self.cond.takes_quality
 
         def blocks(ch: int) -> list[nn.Module]:
@@ -91,7 +93,7 @@ class UNet(nn.Module):
         y = self.mid_film(self.body(skips[-1]), emb)
         for i, (up, film) in enumerate(zip(self.ups, self.dec_films)):  # (indices: TorchScript compiles this)
             y = film(up(y + skips[len(skips) - 1 - i]), emb)
-        y = self.tail(y + skips[0])
+        y = self.cond.correction(self.tail(y + skips[0]), quality)
         return (inp + y)[..., :h, :w]
 
     def last_layer(self) -> nn.Module:

@@ -6,12 +6,18 @@ is changed.
     {"rank": 1, "raise_in": "validate"}              restorer.train.validate raises (a rank with or without
                                                      validation images of its own: it fails either way)
     {"rank": 1, "set": {"train.out_dir": "/x"}}      that rank's config differs (it sees another disk)
+    {"rank": 0, "slow_hash_s": 4}                    that rank's disk is slow: each shard's sha256 takes 4 s more
+    {"hide": "wandb"}                                the package is not installed (its import fails)
 """
 
 import json
 import os
 
 fault = json.loads(os.environ.get("RESTORER_TEST_FAULT") or "null")
+if fault and fault.get("hide"):
+    import sys
+
+    sys.modules[fault["hide"]] = None  # `import wandb` raises ImportError; find_spec finds nothing
 if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
     if fault.get("raise_in") == "validate":
         import restorer.train as train
@@ -20,6 +26,18 @@ if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
             raise RuntimeError("injected failure in validation")
 
         train.validate = validate
+    if fault.get("slow_hash_s"):
+        import time
+
+        import restorer.data.manifest as manifest
+
+        sha256_file = manifest.sha256_file
+
+        def slow(path):
+            time.sleep(fault["slow_hash_s"])  # a slow shared file system, not a wait for another process
+            return sha256_file(path)
+
+        manifest.sha256_file = slow
     if fault.get("set"):
         import restorer.config as config
 
