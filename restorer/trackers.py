@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -145,8 +146,6 @@ class MlflowTracker(Tracker):
         self.mlflow = mlflow
 
     def _log(self, scalars: dict, step: int) -> None:
-        import time
-
         now = int(time.time() * 1000)
         metrics = [self.mlflow.entities.Metric(k, v, now, step) for k, v in scalars.items()]
         self.client.log_batch(self.id, metrics=metrics)
