@@ -15,14 +15,13 @@ Needs matplotlib (pip install -e '.[plot]'). Resumed runs are drawn as one run: 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 from restorer.cli import Parser, UsageError, run
 from restorer.fileio import atomic_open
-from restorer.runs import differing_keys, read_config, run_labels
+from restorer.runs import differing_keys, read_config, read_records, run_labels
 
 
 def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -30,13 +29,12 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UsageError(f"no metrics.jsonl in {run_dir} (is it a run folder, train.out_dir?)")
+    records, bad = read_records(path)
+    if bad:
+        print(f"plot: warning: {path}: {bad} line{' is' if bad == 1 else 's are'} not JSON (a write cut short?): skipped",
+              file=sys.stderr)
     train, val = {}, {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            print(f"plot: warning: {path} line {n} is not JSON (a write cut short?): skipped", file=sys.stderr)
-            continue
+    for record in records:
         if "loss" in record:
             train[record["step"]] = record
         elif "val_psnr" in record:

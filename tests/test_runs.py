@@ -5,6 +5,7 @@ stopped by SIGTERM (train.max_steps=400, no validation)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import re
 import shutil
@@ -144,6 +145,14 @@ def test_a_run_without_its_end_reads_running_and_a_cut_line_is_counted(sweep, tm
     row = next(r for r in parse(out) if r[0] == str(run))
     assert row[2:5] == ["running?", "4", "-"]
     assert err == f"runs: warning: {run / 'metrics.jsonl'}: 1 line is not JSON (a write cut short?): skipped\n"
+    # the plot reads it the same way; a JSON line that is not an object is counted, not a traceback
+    if importlib.util.find_spec("matplotlib") is not None:
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write("3\n")
+        assert plot.main([str(run), "--out", str(tmp_path / "killed.png")]) == 0
+        out, err = capsys.readouterr()
+        assert err == f"plot: warning: {run / 'metrics.jsonl'}: 2 lines are not JSON (a write cut short?): skipped\n"
+        assert (tmp_path / "killed.png").stat().st_size > 0
 
 
 def test_labels_and_differences(sweep):
