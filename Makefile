@@ -17,8 +17,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PIP) -e ".[dev,demo,plot,export,bench,tensorboard,wandb,mlflow]"
 	touch $@
 
+# Most of a test's time is processes starting (torch's import) or waiting on each other (SLURM, torchrun):
+# the files run in parallel, one worker a core (at most 4); a file's tests stay in one worker (its fixtures).
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses=4 --dist loadfile
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not slurm"

@@ -47,6 +47,9 @@ RUN_FILES = (LAST, BEST, "config.yaml", "metrics.jsonl", "trackers.json", "card.
 RUN_FOLDERS = ("tb", "val", "wandb")  # TensorBoard events, validation pictures, wandb's offline runs
 _STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
 _TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")
+# What restore does with any network's output, which another program must do too to match it.
+FILE_BOUNDS = ("restore then moves the output (x 255, before rounding) inside the quantization bins of the input's "
+               "JPEG file: restorer.data.jpeg.file_bounds(data).project(output)")
 QUALITY_INPUT = ("quality: float32 N, the IJG quality (1-100) of each input's JPEG quantization tables "
                  "(restorer.data.jpeg.table_quality; estimated from the pixels when a file has none); "
                  "lower removes more, higher keeps more detail")
@@ -128,6 +131,7 @@ class Checkpoint:
             "conditioning": self.network.conditioning,
             "input": "float32 N x C x H x W in [0, 1]; output the same, clamp to [0, 1]",
             **({"quality_input": QUALITY_INPUT} if self.network.takes_quality else {}),
+            "file_bounds": FILE_BOUNDS,
             "training": {**(trained.card() if trained is not None else {}),
                          "patch_size": (data.get("patch") or {}).get("size"), "steps": self.step},
             "validation": {"best_psnr_db": best if math.isfinite(best) else None,

@@ -6,22 +6,17 @@ One process without either is a world of one: no process group, the same code pa
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import pickle
 import socket
-import subprocess
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
-from restorer.errors import RestorerError
-
-
-class LaunchError(RestorerError):
-    """The processes were started in a way that cannot work; one line saying how to launch."""
+from restorer.errors import LaunchError
+from restorer.slurm import env_int, slurm_master_addr, slurm_port
 
 
 @dataclass(frozen=True)
@@ -36,53 +31,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _env_int(env: Mapping[str, str], *names: str) -> int | None:
-    for name in names:
-        if env.get(name, "").strip():
-            return int(env[name])
-    return None
-
-
-def _scontrol(*args: str, run=subprocess.run) -> str:
-    out = run(["scontrol", *args], capture_output=True, text=True, check=True, timeout=30)
-    return out.stdout
-
-
-def slurm_master_addr(env: Mapping[str, str] = os.environ, run=subprocess.run,
-                      resolve=socket.getaddrinfo) -> str:
-    """The address every task of a SLURM job reaches its first node by: that node's NodeAddr
-    (`scontrol show node`), which is what SLURM itself uses, else its host name. Node names need not
-    resolve (n1, n2 on clusters whose node names are not host names); NodeAddr does.
-
-    LaunchError (one line) when a multi-node job cannot find it (no scontrol) or it does not resolve:
-    never a silent 127.0.0.1, which on another node is that node itself. A one-node job without
-    scontrol uses 127.0.0.1 (every task is on that node)."""
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
-    nodes = _env_int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1
-    try:
-        first = _scontrol("show", "hostnames", nodelist, run=run).split()[0]
-        fields = dict(tok.split("=", 1) for tok in _scontrol("show", "node", first, run=run).split() if "=" in tok)
-    except (OSError, subprocess.SubprocessError, IndexError) as e:
-        if nodes > 1:
-            raise LaunchError(f"cannot find the first node of this {nodes}-node job ({nodelist or 'no node list'}): "
-                              f"scontrol failed ({e.__class__.__name__}); set MASTER_ADDR to its address") from None
-        return "127.0.0.1"
-    addr = fields.get("NodeAddr") or fields.get("NodeHostName") or first
-    try:
-        resolve(addr, None)
-    except (OSError, UnicodeError):
-        raise LaunchError(f"the first node {first}'s address {addr!r} does not resolve here: set NodeAddr in "
-                          "slurm.conf to an address the nodes reach, or MASTER_ADDR") from None
-    return addr
-
-
-def slurm_port(job_id: int) -> int:
-    """A rendezvous port every task of a SLURM job derives alike, in 20000-59999. A hash of the job id,
-    not the id modulo the range: consecutive or regularly spaced job ids (arrays, requeues of
-    neighbours) then rarely share a port on one node."""
-    return 20000 + int.from_bytes(hashlib.sha256(str(job_id).encode()).digest()[:4], "big") % 40000
-
-
 def rank_env(env: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
     """(rank, world size, local rank): torchrun's variables, else srun's (one task per GPU), else 0, 1, 0.
 
@@ -90,15 +38,15 @@ def rank_env(env: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
     (`python launch/train.py` in an `sbatch --ntasks=N` script): one process that would wait for N-1
     peers that never come. That is a LaunchError.
     """
-    if _env_int(env, "RANK") is not None:
-        return _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE") or 1, _env_int(env, "LOCAL_RANK") or 0
-    tasks = _env_int(env, "SLURM_NTASKS") or 1
-    if _env_int(env, "SLURM_PROCID") is not None and tasks > 1:
-        if _env_int(env, "SLURM_STEP_ID", "SLURM_STEPID") is None:
+    if env_int(env, "RANK") is not None:
+        return env_int(env, "RANK"), env_int(env, "WORLD_SIZE") or 1, env_int(env, "LOCAL_RANK") or 0
+    tasks = env_int(env, "SLURM_NTASKS") or 1
+    if env_int(env, "SLURM_PROCID") is not None and tasks > 1:
+        if env_int(env, "SLURM_STEP_ID", "SLURM_STEPID") is None:
             raise LaunchError(f"this job has {tasks} SLURM tasks but this process was not started by srun: "
                               "run it as `srun python launch/train.py ...` (one task per GPU), or submit "
                               "launch/slurm/train.sbatch (torchrun per node)")
-        return _env_int(env, "SLURM_PROCID"), tasks, _env_int(env, "SLURM_LOCALID") or 0
+        return env_int(env, "SLURM_PROCID"), tasks, env_int(env, "SLURM_LOCALID") or 0
     return 0, 1, 0
 
 
@@ -125,16 +73,16 @@ def init_distributed(device: str = "auto", timeout_s: float = 600) -> DistInfo:
     rank, world_size, local_rank = rank_env()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
-        sharing = (_env_int(os.environ, "LOCAL_WORLD_SIZE") or 1) if _env_int(os.environ, "RANK") is not None else 1
+        sharing = (env_int(os.environ, "LOCAL_WORLD_SIZE") or 1) if env_int(os.environ, "RANK") is not None else 1
         dev = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count(), sharing))
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        if _env_int(os.environ, "RANK") is None:  # srun started every rank: give torch what torchrun would
+        if env_int(os.environ, "RANK") is None:  # srun started every rank: give torch what torchrun would
             if "MASTER_ADDR" not in os.environ:
                 os.environ["MASTER_ADDR"] = slurm_master_addr()
-            os.environ.setdefault("MASTER_PORT", str(slurm_port(_env_int(os.environ, "SLURM_JOB_ID") or 0)))
+            os.environ.setdefault("MASTER_PORT", str(slurm_port(env_int(os.environ, "SLURM_JOB_ID") or 0)))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         timeout = datetime.timedelta(seconds=timeout_s)
         global _store

@@ -32,3 +32,7 @@ class RunError(RestorerError):
     """The work itself failed (the inputs were fine)."""
 
     exit_code = 1
+
+
+class LaunchError(RestorerError):
+    """The processes were started in a way that cannot work; one line saying how to launch."""

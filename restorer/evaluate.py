@@ -4,8 +4,8 @@ and of the network's output, on full images, for qualities 10 20 30 40 in one ta
     python -m restorer.evaluate --ckpt CKPT --images DIR [--quality 10 20 30 40 | --sweep]
                                 [--chroma 420|422|444] [--double Q1] [--gray | --y-channel]
                                 [--json FILE] [--plot FILE.png] [--device auto|cpu|cuda]
-                                [--precision fp32|bf16] [--tile N] [--max-side N]
-    python -m restorer.evaluate --ckpt CKPT --inputs JPEG_DIR --references DIR [--json FILE]
+                                [--precision fp32|bf16] [--tile N] [--max-side N] [--no-file-bounds]
+    python -m restorer.evaluate --ckpt CKPT --inputs JPEG_DIR --references DIR [--json FILE] [--no-file-bounds]
 
 CKPT is a checkpoint (EMA weights when present) or a network exported as .onnx or .safetensors.
 
@@ -24,8 +24,10 @@ For every image under DIR (recursive; .jpg .jpeg .png .webp .bmp .tif .tiff, any
 * a grayscale network without ``--gray``: the reference is the luma it trains on (JFIF BT.601, full
   range: Pillow's L, restorer.data.patches.luma), JPEG-encoded as a grayscale JPEG. Metrics on it.
 * the network runs on the whole image: in tiles of 1024 px (so memory stays bounded), which the
-  benchmarks' images (LIVE1, Classic5, BSDS500) fit in whole, on every device alike; the output is
-  rounded to 8 bits as a saved image would be. A network conditioned on the quality is given the one
+  benchmarks' images (LIVE1, Classic5, BSDS500) fit in whole, on every device alike; as restore
+  does, the output is moved inside the quantization bins of the JPEG it restores (the file's bounds,
+  restorer.data.jpeg.FileBounds; ``--no-file-bounds`` scores the network alone), then rounded to 8
+  bits as a saved image would be. A network conditioned on the quality is given the one
   the JPEG's tables say, as restore reads it from a file; there is no guard: a network is scored at
   every quality asked, inside its training range or not;
 * PSNR, SSIM (Gaussian 11x11, sigma 1.5) and PSNR-B (Yim & Bovik 2011) per image, then the mean
@@ -142,7 +144,7 @@ def double_shift(name: str) -> tuple[int, int]:
 
 def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, y_channel: bool = False,
              chroma: str = "420", double: Optional[int] = None, device: str = "auto", precision: str = "fp32",
-             tile: Optional[int] = None, max_side: int = 0, progress: bool = False) -> dict:
+             tile: Optional[int] = None, max_side: int = 0, progress: bool = False, file_bounds: bool = True) -> dict:
     """Encode every image under `images_dir` at each quality, restore it, score both (module
     docstring). Returns {"checkpoint", "channel", "chroma", "double", "qualities": {q: {"images":
     {name: figures}, "mean"}}}."""
@@ -195,7 +197,7 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
             ref = ref[..., 0] if clean.ndim == 2 else ref
             pixels, tables_q = jpeg.decode(data)
             pixels = pixels[..., 0] if clean.ndim == 2 else pixels
-            out = restore_image(net, pixels, quality=tables_q, **kw)
+            out = restore_image(net, pixels, quality=tables_q, bounds=jpeg.file_bounds(data) if file_bounds else None, **kw)
             per_q[str(q)][name] = scored(channel, ref, pixels, out)
             bar.update()
     bar.close()
@@ -205,11 +207,11 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
         warn(f"{len(lossy_references)} reference(s) are JPEGs themselves, of a quality scored here: "
              f"{', '.join(lossy_references[:5])}{' ...' if len(lossy_references) > 5 else ''}; at or above its "
              "own quality a score measures how well the network keeps the reference's artifacts")
-    return _result(ckpt_path, channel, per_q, chroma=chroma, double=double)
+    return _result(ckpt_path, channel, per_q, chroma=chroma, double=double, file_bounds=file_bounds)
 
 
 def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = False, device: str = "auto",
-                   precision: str = "fp32", tile: Optional[int] = None) -> dict:
+                   precision: str = "fp32", tile: Optional[int] = None, file_bounds: bool = True) -> dict:
     """Score JPEG files as they are against references matched by stem; the quality key is 'given'.
     Each input's quality (for a conditioned network) is its tables', or what its pixels show."""
     inputs, refs = Path(inputs_dir), Path(references_dir)
@@ -244,12 +246,12 @@ def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = F
         if net.takes_quality and quality is None:
             warn(f"{stem}: no JPEG trace in its pixels: restored as quality 95")
             quality = 95
-        out = restore_image(net, jpeg_pixels, quality=quality, **kw)
+        out = restore_image(net, jpeg_pixels, quality=quality, bounds=jpeg.file_bounds(data) if file_bounds else None, **kw)
         images[stem] = scored("y" if y_channel else "rgb", ref, jpeg_pixels, out)
     if not images:
         raise UsageError(f"no input under {inputs} has a usable reference under {refs}")
     channel = "y" if y_channel else ("gray" if gray_inputs == len(images) else "rgb")
-    return _result(ckpt_path, channel, {GIVEN: images})
+    return _result(ckpt_path, channel, {GIVEN: images}, file_bounds=file_bounds)
 
 
 def _image_files(root: Path, option: str) -> list[Path]:
@@ -272,8 +274,10 @@ def _tiling(tile: Optional[int]) -> dict:
     return {"tile": tile, "overlap": 32, "batch": 4}
 
 
-def _result(ckpt_path, channel: str, per_q: dict, chroma: Optional[str] = None, double: Optional[int] = None) -> dict:
-    result = {"checkpoint": str(ckpt_path), "channel": channel, "chroma": chroma, "double": double, "qualities": {}}
+def _result(ckpt_path, channel: str, per_q: dict, chroma: Optional[str] = None, double: Optional[int] = None,
+            file_bounds: bool = True) -> dict:
+    result = {"checkpoint": str(ckpt_path), "channel": channel, "chroma": chroma, "double": double,
+              "file_bounds": file_bounds, "qualities": {}}
     for q, images in per_q.items():
         mean = {k: float(np.mean([img[k] for img in images.values()])) for k in KEYS}
         result["qualities"][q] = {"images": images, "mean": mean}
@@ -293,6 +297,8 @@ def format_report(result: dict) -> str:
         lines.append(f"JPEG: Pillow (libjpeg-turbo), standard tables, {result['chroma'][0]}:{result['chroma'][1]}:"
                      f"{result['chroma'][2]}" + (f"; double: first at quality {double}, the block grid shifted 1-7 px, "
                                                  "then the quality of the row" if double is not None else ""))
+    if result.get("file_bounds") is False:
+        lines.append("network alone: outputs not moved inside the JPEG file's quantization bins (--no-file-bounds)")
     lines.append("")
     head = (f"{'quality':>7} {'images':>6} | {'PSNR JPEG':>9} {'network':>8} {'gain':>7} {'worst':>7} | "
             f"{'SSIM JPEG':>9} {'network':>8} {'gain':>8} | {'PSNR-B JPEG':>11} {'network':>8} {'gain':>7}")
@@ -357,6 +363,8 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--tile", type=int, help=f"tile size (default {TILE}: the benchmarks' images in one piece)")
+    p.add_argument("--no-file-bounds", dest="file_bounds", action="store_false", help="score the network alone: "
+                   "do not move its output inside the quantization bins of the input's JPEG file, as restore does")
     p.add_argument("--max-side", type=int, default=0,
                    help="centre-crop images to at most this many pixels a side for a quick look (default 0: whole images)")
     return p
@@ -382,11 +390,13 @@ def main(argv=None) -> int:
                 raise UsageError("--plot needs matplotlib: pip install -e '.[plot]'") from None
         if args.inputs:
             result = evaluate_pairs(args.ckpt, args.inputs, args.references, y_channel=args.y_channel,
-                                    device=args.device, precision=args.precision, tile=args.tile)
+                                    device=args.device, precision=args.precision, tile=args.tile,
+                                    file_bounds=args.file_bounds)
         else:
             result = evaluate(args.ckpt, args.images, SWEEP if args.sweep else args.quality or QUALITIES, gray=args.gray,
                               y_channel=args.y_channel, chroma=args.chroma, double=args.double, device=args.device,
-                              precision=args.precision, tile=args.tile, max_side=args.max_side, progress=True)
+                              precision=args.precision, tile=args.tile, max_side=args.max_side, progress=True,
+                              file_bounds=args.file_bounds)
         print(format_report(result))
         if args.json:
             atomic_write_json(args.json, result)

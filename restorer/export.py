@@ -13,9 +13,11 @@
 Every format takes float32 N x C x H x W in [0, 1] (C = 3 for RGB, 1 for grayscale) and returns the
 restored image the same way (clamp to [0, 1]). A network conditioned on the JPEG quality takes a
 second input, `quality`: float32 N, the IJG quality (1-100) of each input's quantization tables
-(restorer.data.jpeg.table_quality reads them from a file). The card (restorer.checkpoint): the
-network's name and options, its conditioning and how to feed it, channels, the training's JPEG
-qualities and degradations, its steps and best validation PSNR.
+(restorer.data.jpeg.table_quality reads them from a file). restore then moves the output inside the
+quantization bins of the input's JPEG file (restorer.data.jpeg.FileBounds); a program that wants
+restore's pixels does the same. The card (restorer.checkpoint): the network's name and options, its
+conditioning and how to feed it and its output, channels, the training's JPEG qualities and
+degradations, its steps and best validation PSNR.
 """
 
 from __future__ import annotations

@@ -290,12 +290,15 @@ def _extract(image: np.ndarray, y0: int, x0: int, th: int, tw: int) -> np.ndarra
 
 
 def restore_array(network: Network | nn.Module, image: np.ndarray, tile: int = 256, overlap: int = 32,
-                  batch: int = 8, quality: Optional[float] = None) -> np.ndarray:
+                  batch: int = 8, quality: Optional[float] = None,
+                  bounds: Optional[jpeg.FileBounds] = None) -> np.ndarray:
     """Restore an ``(H, W, C)`` uint8 image (``(H, W)`` is taken as one channel) with `network`
     (a Network, or a bare module: fp32 on its parameters' device); `quality` is its JPEG's, for a
     network conditioned on it.
 
-    Returns an array of the same shape, uint8. See the module docstring for the tiling.
+    Returns an array of the same shape, uint8. With `bounds` (the image's JPEG file's:
+    restorer.data.jpeg.file_bounds) each finished band of rows is moved inside them before it is
+    rounded. See the module docstring for the tiling.
     """
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError("image must be an (H, W, C) or (H, W) uint8 numpy array")
@@ -346,8 +349,12 @@ def restore_array(network: Network | nn.Module, image: np.ndarray, tile: int = 2
         stop = min(y0 + d, h)
         if stop > done:
             vals = acc[:, done - y0:stop - y0, :w] * inv_y[done:stop][None, :, None] * inv_x[None, None, :]
-            vals = vals.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-            out[done:stop] = vals.permute(1, 2, 0).cpu().numpy()
+            vals = vals.clamp_(0.0, 1.0).mul_(255.0)
+            if bounds is None:
+                out[done:stop] = vals.round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            else:  # bands start on the 8x8 grid (every tile origin does): no block straddles two
+                band = vals.permute(1, 2, 0).cpu().numpy()
+                out[done:stop] = bounds.project_rows(band[..., 0] if c == 1 else band, done).reshape(band.shape)
             done = stop
             del vals
         if not last:  # slide the window: keep the open rows, zero the new ones
@@ -401,20 +408,23 @@ def restore_gray(network: Network, gray: np.ndarray, **kw) -> np.ndarray:
     return np.round(rgb.astype(np.float32).mean(axis=2)).astype(np.uint8)
 
 
-def restore_image(network: Network, image: np.ndarray, **kw) -> np.ndarray:
+def restore_image(network: Network, image: np.ndarray, bounds: Optional[jpeg.FileBounds] = None, **kw) -> np.ndarray:
     """Restore a (H, W) grayscale or (H, W, 3) RGB uint8 image; the output has the same shape.
 
     A grayscale image through an RGB model is replicated to 3 channels and converted back to L;
     an RGB image through a grayscale model has its luma restored (restorer.data.patches.luma, what
-    the network trained on) and keeps its chroma (Cb, Cr).
+    the network trained on) and keeps its chroma (Cb, Cr). With `bounds`, the image's JPEG file's
+    (:func:`restorer.data.jpeg.file_bounds`), the result is moved inside them before it is rounded.
     """
+    if (image.ndim == 2) == (network.in_channels == 1):  # the network takes the image as it is
+        return restore_array(network, image, bounds=bounds, **kw)  # projected band by band: memory stays bounded
     if image.ndim == 2:
-        return restore_gray(network, image, **kw)
-    if not network.grayscale:
-        return restore_array(network, image, **kw)
-    ycc = np.array(Image.fromarray(image, "RGB").convert("YCbCr"))
-    ycc[..., 0] = restore_array(network, luma(image), **kw)
-    return np.asarray(Image.fromarray(ycc, "YCbCr").convert("RGB"))
+        out = restore_gray(network, image, **kw)
+    else:
+        ycc = np.array(Image.fromarray(image, "RGB").convert("YCbCr"))
+        ycc[..., 0] = restore_array(network, luma(image), **kw)
+        out = np.asarray(Image.fromarray(ycc, "YCbCr").convert("RGB"))
+    return out if bounds is None else bounds.project(out)  # (rounded twice here: a grey level at most)
 
 
 def find_inputs(paths: Iterable[str], exclude: Path | None = None) -> tuple[list[Path], list[str]]:

@@ -2,7 +2,7 @@
 
     python -m restorer.restore --ckpt runs/x/best.pt photos/ img.jpg --out restored/ \
         [--quality N] [--force] [--tile N] [--overlap 32] [--batch N] [--device auto|cpu|cuda]
-        [--precision fp32|bf16] [--compare] [--reference DIR]
+        [--precision fp32|bf16] [--compare] [--reference DIR] [--no-file-bounds]
 
 --ckpt is a checkpoint (best.pt, last.pt) or a network exported as .onnx or .safetensors (restorer.export).
 
@@ -18,6 +18,13 @@ overrides it for every file (lower removes more, higher keeps more detail).
 Never silently worse: a network restores the qualities it was trained on (its card says which). A
 file outside them (a q10 network and a q90 photo), or with no JPEG trace at all, is written
 unchanged, with one line saying so; ``--force`` restores it anyway. The last line counts them.
+
+The file's bounds: a JPEG file says in which quantization bin each 8x8 block's DCT coefficient of
+the original lay. The network's output is moved to the nearest image inside those bins before it is
+written (restorer.data.jpeg.FileBounds): never further from the original than the network's output,
+and at high qualities it keeps the detail a network would smooth away. Not with ``--quality`` (a
+file re-saved from a worse JPEG holds that JPEG's artifacts inside its own bins) or
+``--no-file-bounds``, and not for files without tables.
 
 Tiling: see restorer.inference (the tiles, their blending, the memory bound).
 
@@ -37,6 +44,7 @@ import torch
 from PIL import Image
 
 from restorer.cli import Parser, UsageError, one_line, run
+from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from restorer.fileio import atomic_open
 from restorer.errors import RestorerError
@@ -98,6 +106,9 @@ def _parser() -> Parser:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp32 (default, as evaluate) or bf16")
     p.add_argument("--quality", type=int, help="the JPEG quality to restore every input as (1-100), instead of "
                    "each file's own: lower removes more, higher keeps more detail")
+    p.add_argument("--no-file-bounds", dest="file_bounds", action="store_false", help="do not move the output "
+                   "inside the quantization bins of its JPEG file (done by default, except with --quality: a file "
+                   "re-saved from a worse JPEG holds that JPEG's artifacts inside its own bins)")
     p.add_argument("--force", action="store_true", help="also restore files outside the qualities the network was "
                    "trained on (written unchanged otherwise)")
     p.add_argument("--compare", action="store_true", help="also write OUT/<stem>_compare.png")
@@ -177,7 +188,9 @@ def restore_file(network: Network, path: Path, outputs: tuple[Path, Path], args,
             notes.append(f"no JPEG trace: restored as quality {quality}, the gentlest the network knows")
         if notes:
             say(f"{path}: " + "; ".join(notes))
-        result = restore_image(network, image, quality=quality if network.takes_quality else None,
+        # The file's bounds hold the image its last encoder saw; --quality says that is not the whole story.
+        bounds = jpeg.file_bounds(data) if args.file_bounds and how == "tables" else None
+        result = restore_image(network, image, quality=quality if network.takes_quality else None, bounds=bounds,
                                tile=args.tile, overlap=args.overlap, batch=args.batch)
         save_png(outputs[0], result)
     except (RestorerError, OSError, RuntimeError, torch.OutOfMemoryError) as e:  # unwritable output, memory

@@ -11,19 +11,23 @@ CUDA_VISIBLE_DEVICES, which SLURM sets to the allocation), never every GPU the n
 node. Each process gets an equal share of the task's CPUs (SLURM_CPUS_PER_TASK): one for itself,
 the rest for its DataLoader workers; on a CPU node the process's share also sets its threads. The
 rendezvous is on the first node, at the address SLURM itself reaches it by (its NodeAddr:
-restorer.dist.slurm_master_addr); a plan that cannot find it fails in one line.
+slurm_master_addr); a plan that cannot find it fails in one line. It imports no torch: a job starts
+its trainer seconds sooner.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
+import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from restorer.cli import Parser, run
-from restorer.dist import slurm_master_addr, slurm_port
+from restorer.errors import LaunchError
 
 WORKERS_PER_GPU = 4  # fewer loader workers a GPU than this may leave it waiting for data (bench/gpu_check.py)
 
@@ -46,6 +50,54 @@ class Plan:
                     f"a GPU (fewer than {WORKERS_PER_GPU} may leave the GPUs waiting for data): ask for "
                     f"--cpus-per-task={want} or more, if the nodes have them")
         return None
+
+
+def env_int(env: Mapping[str, str], *names: str) -> int | None:
+    """The first of the variables `names` set in `env`, as an int (SLURM's and torchrun's)."""
+    for name in names:
+        if env.get(name, "").strip():
+            return int(env[name])
+    return None
+
+
+def _scontrol(*args: str, run=subprocess.run) -> str:
+    out = run(["scontrol", *args], capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout
+
+
+def slurm_master_addr(env: Mapping[str, str] = os.environ, run=subprocess.run,
+                      resolve=socket.getaddrinfo) -> str:
+    """The address every task of a SLURM job reaches its first node by: that node's NodeAddr
+    (`scontrol show node`), which is what SLURM itself uses, else its host name. Node names need not
+    resolve (n1, n2 on clusters whose node names are not host names); NodeAddr does.
+
+    LaunchError (one line) when a multi-node job cannot find it (no scontrol) or it does not resolve:
+    never a silent 127.0.0.1, which on another node is that node itself. A one-node job without
+    scontrol uses 127.0.0.1 (every task is on that node)."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    nodes = env_int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1
+    try:
+        first = _scontrol("show", "hostnames", nodelist, run=run).split()[0]
+        fields = dict(tok.split("=", 1) for tok in _scontrol("show", "node", first, run=run).split() if "=" in tok)
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        if nodes > 1:
+            raise LaunchError(f"cannot find the first node of this {nodes}-node job ({nodelist or 'no node list'}): "
+                              f"scontrol failed ({e.__class__.__name__}); set MASTER_ADDR to its address") from None
+        return "127.0.0.1"
+    addr = fields.get("NodeAddr") or fields.get("NodeHostName") or first
+    try:
+        resolve(addr, None)
+    except (OSError, UnicodeError):
+        raise LaunchError(f"the first node {first}'s address {addr!r} does not resolve here: set NodeAddr in "
+                          "slurm.conf to an address the nodes reach, or MASTER_ADDR") from None
+    return addr
+
+
+def slurm_port(job_id: int) -> int:
+    """A rendezvous port every task of a SLURM job derives alike, in 20000-59999. A hash of the job id,
+    not the id modulo the range: consecutive or regularly spaced job ids (arrays, requeues of
+    neighbours) then rarely share a port on one node."""
+    return 20000 + int.from_bytes(hashlib.sha256(str(job_id).encode()).digest()[:4], "big") % 40000
 
 
 def allocated_gpus(env: Mapping[str, str]) -> int:

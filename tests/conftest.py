@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_ok, pack_photos, run_cmd, train_cmd
+from helpers import assert_ok, pack_photos, train_here
 
 # the run every resume test starts from: 4 steps, a checkpoint every step (the newest 2 kept as
 # step copies), validation at steps 2 and 4 (best.pt), a constant lr of 1e-3
@@ -23,7 +23,7 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def _base_run(tmp_path_factory, shards) -> Path:
     out = tmp_path_factory.mktemp("base") / "run"
-    assert_ok(run_cmd(train_cmd(0, shards, out, *BASE_RUN)))
+    assert_ok(train_here(shards, out, *BASE_RUN))
     return out
 
 

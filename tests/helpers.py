@@ -145,6 +145,23 @@ def train_env(fault: dict | None = None) -> dict:
     return env
 
 
+def train_here(shards: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """train_cmd(0, ...)'s run, in this process: launch/train.py's own main, without the seconds a new
+    process spends importing torch and torch._dynamo (most of a small run's time). For one-process
+    runs that succeed and whose process is not what is tested: its signals, its exit status on a
+    failure, faults injected into it and its loader workers' output need run_cmd."""
+    import contextlib
+
+    from restorer.train import main
+
+    args = ["--config", str(REPO / "configs" / "cpu.yaml"), f"data.shards={shards}", f"train.out_dir={out}", *TINY,
+            *overrides]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(args)
+    return subprocess.CompletedProcess(["launch/train.py", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
 def run_cmd(cmd: list[str], timeout: float = 240, fault: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=train_env(fault))
 

@@ -310,7 +310,7 @@ def test_a_sweep_of_chroma_and_double_jpegs_feeds_the_network_its_tables_quality
         data = jpeg.encode(clean, q, "444")
         pixels, read_back = jpeg.decode(data)
         assert read_back == q
-        out_img = restore_array(net, pixels, tile=1024, overlap=32, batch=4, quality=q)
+        out_img = restore_array(net, pixels, tile=1024, overlap=32, batch=4, quality=q, bounds=jpeg.file_bounds(data))
         expected = 10 * np.log10(255**2 / np.mean((out_img.astype(np.float64) - clean) ** 2))
         assert res["qualities"][str(q)]["images"]["a.png"]["psnr_model"] == pytest.approx(expected, abs=1e-3)
     # double JPEG: first at Q1, the grid shifted 1-7 px (fixed per image), then the quality of the row
@@ -351,3 +351,25 @@ def test_a_plot_of_the_gain_and_the_sweeps_mistakes(images, tmp_path, capsys):
                           (["--chroma", "411"], "argument --chroma: invalid choice")):
         rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", images, *args)
         assert rc == 2 and err.startswith("evaluate: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_outputs_are_scored_inside_their_files_bounds_as_restore_writes_them(images, tmp_path, capsys):
+    """A network that adds its own errors, at q90 4:4:4: scored as restore writes its outputs (moved
+    inside their JPEG files' bins, nearer the originals) and, with --no-file-bounds, alone."""
+    torch.manual_seed(1)
+    m = build_model("seed", in_channels=3, residual=True)
+    with torch.no_grad():
+        m.last.weight.normal_(0, 0.05)
+    path = save_network(tmp_path / "noisy.pt", m, "seed", {"residual": True}, config={"data": {"patch": {"grayscale": False}}})
+    bounded = evaluate(path, images, [90], chroma="444", device="cpu")
+    alone = evaluate(path, images, [90], chroma="444", device="cpu", file_bounds=False)
+    assert bounded["file_bounds"] is True and alone["file_bounds"] is False
+    for name, fig in bounded["qualities"]["90"]["images"].items():
+        other = alone["qualities"]["90"]["images"][name]
+        assert fig["psnr_jpeg"] == other["psnr_jpeg"]
+        assert other["psnr_model"] < other["psnr_jpeg"] and fig["psnr_model"] > other["psnr_model"] + 0.5
+    rc, out, err = run_main(capsys, "--ckpt", path, "--images", images, "--quality", "90", "--chroma", "444",
+                            "--no-file-bounds")
+    assert rc == 0, err
+    assert "network alone" in out
+    assert parse_table(out)["90"][2] == pytest.approx(alone["qualities"]["90"]["mean"]["psnr_model"], abs=1e-3)

@@ -3,17 +3,21 @@ a card, for every network; restore and evaluate take the exported files."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, encode, photo_like, save_network, write
+from helpers import encode, photo_like, save_network, write
+from restorer.data import jpeg
+from restorer.export import main as export_main
 from restorer.inference import load_network, restore_array
+from restorer.restore import main as restore_main
 from restorer.models import build_model
 
 pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxscript, onnxruntime, safetensors)")
@@ -39,9 +43,17 @@ def _checkpoint(path, name: str, channels: int = 3, conditioning: str = "none"):
     return path, model.eval()
 
 
+def _cli(main, *args) -> subprocess.CompletedProcess:
+    """A tool's command line run in this process (no interpreter and torch import to wait for each time):
+    its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def _export(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "restorer.export", *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    return _cli(export_main, *args)
 
 
 @pytest.mark.slow
@@ -94,8 +106,7 @@ def test_safetensors_with_a_card_and_restore_takes_it(tmp_path):
     got = restore_array(load_network(tmp_path / "net.safetensors", "cpu"), image, tile=32, overlap=8)
     assert np.abs(got.astype(int) - reference).max() <= 1
     src = write(tmp_path / "in" / "photo.jpg", encode(image, "JPEG", quality=20))
-    p = subprocess.run([sys.executable, "-m", "restorer.restore", "--ckpt", str(tmp_path / "net.safetensors"),
-                        str(src), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    p = _cli(restore_main, "--ckpt", tmp_path / "net.safetensors", src, "--out", tmp_path / "out")
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "out" / "photo.png").exists()
 
@@ -138,12 +149,11 @@ def test_a_conditioned_network_exports_with_its_quality_input_in_every_format(tm
     image = photo_like(72, 56, 5)
     src = write(tmp_path / "in" / "photo.jpg", encode(image, "JPEG", quality=35))
     pixels = np.asarray(Image.open(src))
-    expected = restore_array(load_network(ckpt, "cpu"), pixels, tile=32, overlap=8, quality=35)
+    expected = restore_array(load_network(ckpt, "cpu"), pixels, tile=32, overlap=8, quality=35,
+                             bounds=jpeg.file_bounds(src.read_bytes()))  # restore keeps the file's bins, whatever the format
     for out in ("net.onnx", "net.safetensors", "net.pt"):
         target = tmp_path / out.replace(".", "_")
-        p = subprocess.run([sys.executable, "-m", "restorer.restore", "--ckpt", str(tmp_path / out), str(src),
-                            "--out", str(target), "--tile", "32", "--overlap", "8"], capture_output=True, text=True,
-                           cwd=REPO)
+        p = _cli(restore_main, "--ckpt", tmp_path / out, src, "--out", target, "--tile", "32", "--overlap", "8")
         assert p.returncode == 0 and "restored 1, unchanged 0" in p.stdout, p.stderr[-3000:]
         got = np.asarray(Image.open(target / "photo.png"))
         assert np.abs(got.astype(int) - expected).max() <= 1, out

@@ -11,8 +11,9 @@ import pytest
 from helpers import REPO, run_cmd, train_cmd, train_env
 from restorer.config import load_config
 from restorer.data.pipeline import ring_bytes, shm_problem
-from restorer.dist import LaunchError, cuda_device_index, rank_env, slurm_master_addr, slurm_port
-from restorer.slurm import make_plan, shell
+from restorer.dist import cuda_device_index, rank_env
+from restorer.errors import LaunchError
+from restorer.slurm import make_plan, shell, slurm_master_addr, slurm_port
 from restorer.checks import compile_problem
 
 

@@ -99,3 +99,102 @@ def test_the_spec_checks_its_fields_in_one_style():
         with pytest.raises(ValueError, match=message):
             jpeg.JpegSpec(**bad).validate()
     jpeg.JpegSpec(quality=(10, 60, 95), quality_weights=(0.75, 0.25), chroma="random", double_p=0.25).validate()
+
+
+# ----------------------------------------------------------------------------- the file's own bounds
+
+
+def _psnr(x: np.ndarray, ref: np.ndarray) -> float:
+    return float(10 * np.log10(255.0 ** 2 / np.mean((x.astype(np.float64) - ref) ** 2)))
+
+
+def _blurred(pixels: np.ndarray) -> np.ndarray:
+    """A restoration that over-smooths, as a network does at high qualities."""
+    from PIL import ImageFilter
+    return np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(1.0)))
+
+
+@pytest.mark.parametrize("quality,chroma", [(10, "420"), (50, "444"), (90, "444"), (90, "420"), (95, "422")])
+def test_the_original_and_the_decoded_jpeg_lie_inside_the_files_bounds(photo, quality, chroma):
+    data = jpeg.encode(photo, quality, chroma)
+    bounds = jpeg.file_bounds(data)
+    # a subsampled chroma plane's blocks are of a smaller image: only full-resolution planes are bounded
+    assert sorted(bounds.planes) == ([0, 1, 2] if chroma == "444" else [0]) and not bounds.gray
+    decoded = jpeg.decode(data)[0]
+    for inside in (photo, decoded):  # each is (to the rounding of the encoder's integer arithmetic) its own projection
+        moved = np.abs(bounds.project(inside).astype(int) - inside)
+        assert moved.max() <= 2 and (moved > 0).mean() < 0.01
+
+
+@pytest.mark.parametrize("quality,chroma", [(10, "420"), (50, "444"), (90, "444"), (90, "420"), (95, "444")])
+def test_a_projected_restoration_is_never_further_from_the_original_and_much_nearer_at_high_quality(photo, quality, chroma):
+    data = jpeg.encode(photo, quality, chroma)
+    decoded = jpeg.decode(data)[0]
+    rng = np.random.default_rng(quality)
+    noisy = np.clip(decoded + rng.normal(0, 3, decoded.shape), 0, 255).astype(np.uint8)
+    bounds = jpeg.file_bounds(data)
+    for restored in (_blurred(decoded), noisy):
+        before, after = _psnr(restored, photo), _psnr(bounds.project(restored), photo)
+        assert after >= before
+        if quality >= 90 and chroma == "444" and restored is not noisy:  # narrow bins, every plane bounded:
+            assert after > before + 2.0  # much of the smoothed-away detail comes back
+
+
+def test_a_float_restoration_is_projected_before_it_is_rounded(photo):
+    data = jpeg.encode(photo, 90, "444")
+    bounds = jpeg.file_bounds(data)
+    restored = _blurred(jpeg.decode(data)[0]).astype(np.float32) + 0.4  # between two grey levels
+    kept = restored.copy()
+    assert bounds.project(restored).dtype == np.uint8
+    np.testing.assert_array_equal(restored, kept)  # the caller's array is left as it was
+
+
+def test_bands_of_rows_on_the_grid_project_as_the_whole_image_does(photo):
+    """restore projects each band of tiles as it finishes: bands that start on the 8x8 grid give the
+    whole image's projection exactly; a band off the grid is refused."""
+    data = jpeg.encode(photo, 90, "444")
+    bounds = jpeg.file_bounds(data)
+    restored = _blurred(jpeg.decode(data)[0]).astype(np.float32) + 0.3
+    whole = bounds.project(restored)
+    edges = [0, 40, 136, photo.shape[0]]  # multiples of 8, then the image's last row
+    banded = np.concatenate([bounds.project_rows(restored[a:b], a) for a, b in zip(edges, edges[1:])])
+    np.testing.assert_array_equal(banded, whole)
+    with pytest.raises(ValueError, match="not on the grid"):
+        bounds.project_rows(restored[4:40], 4)
+
+
+def test_a_grayscale_jpeg_has_one_bounded_plane(photo):
+    gray = photo[..., 0]
+    data = jpeg.encode(gray, 90)
+    bounds = jpeg.file_bounds(data)
+    assert bounds.gray and sorted(bounds.planes) == [0]
+    blurred = _blurred(gray)
+    assert _psnr(bounds.project(blurred), gray) > _psnr(blurred, gray) + 2.0
+
+
+def test_partial_edge_blocks_are_left_as_they_are():
+    from helpers import photo_like
+    image = photo_like(100, 70, seed=5)  # 12 x 8 whole blocks; 4 columns and 6 rows in partial ones
+    data = jpeg.encode(image, 90, "444")
+    blurred = _blurred(jpeg.decode(data)[0])
+    projected = jpeg.file_bounds(data).project(blurred)
+    np.testing.assert_array_equal(projected[64:], blurred[64:])
+    np.testing.assert_array_equal(projected[:, 96:], blurred[:, 96:])
+    assert not np.array_equal(projected[:64, :96], blurred[:64, :96])
+
+
+def test_files_without_usable_bounds_have_none_and_a_wrong_size_is_one_line(photo):
+    assert jpeg.file_bounds(encode(photo, "PNG")) is None
+    assert jpeg.file_bounds(b"not an image") is None
+    assert jpeg.file_bounds(encode(photo, "JPEG", quality=90)[:200]) is None  # truncated before the image data
+    cmyk = io.BytesIO()
+    Image.fromarray(photo).convert("CMYK").save(cmyk, format="JPEG", quality=90)
+    assert jpeg.file_bounds(cmyk.getvalue()) is None
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the pixels restore sees are not on the file's block grid
+    rotated = io.BytesIO()
+    Image.fromarray(photo).save(rotated, format="JPEG", quality=90, exif=exif.tobytes())
+    assert jpeg.file_bounds(rotated.getvalue()) is None
+    bounds = jpeg.file_bounds(jpeg.encode(photo, 90, "444"))
+    with pytest.raises(ValueError, match="not the size of the file"):
+        bounds.project(photo[:128])

@@ -14,7 +14,7 @@ from torch import nn
 
 from helpers import encode, photo_like, save_network, save_state, write
 from restorer.data import jpeg
-from restorer.inference import load_checkpoint_network, load_network, restore_array
+from restorer.inference import decode_file, load_checkpoint_network, load_network, restore_array
 from restorer.models import build_model
 from restorer.pictures import LABEL_H, compare_size
 from restorer.restore import main
@@ -46,6 +46,13 @@ def _jpeg(path, w, h, seed=1, gray=False, quality=30):
     return write(path, encode(arr, "JPEG", quality=quality))
 
 
+def _written(net, path: Path, **kw) -> np.ndarray:
+    """What restore writes for a JPEG file: the network's output moved inside the file's bounds."""
+    data = path.read_bytes()
+    pixels, _ = decode_file(data)
+    return restore_array(net, pixels, bounds=jpeg.file_bounds(data), **kw)
+
+
 def _decode_png(path) -> np.ndarray:
     with Image.open(path) as im:
         assert im.format == "PNG"
@@ -60,7 +67,7 @@ def test_round_trip_file_matches_array(tmp_path, ckpt):
     assert checkpoint.network.grayscale is False
     with Image.open(src) as im:
         image = np.asarray(im.convert("RGB"))
-    expected = restore_array(model, image, tile=64, overlap=16, batch=8)
+    expected = _written(model, src, tile=64, overlap=16, batch=8)
     assert expected.shape == (150, 200, 3) and expected.dtype == np.uint8
     png = _decode_png(out / "photo.png")
     assert png.shape == (150, 200, 3) and png.dtype == np.uint8
@@ -288,11 +295,11 @@ def test_a_conditioned_network_gets_each_files_quality_and_quality_overrides_it(
     net = load_network(ckpt, "cpu")
     for name, q in (("q20", 20), ("q70", 70)):
         pixels = np.asarray(Image.open(tmp_path / "in" / f"{name}.jpg"))
-        expected = restore_array(net, pixels, tile=64, overlap=32, quality=q)
+        expected = _written(net, tmp_path / "in" / f"{name}.jpg", tile=64, overlap=32, quality=q)
         np.testing.assert_array_equal(_decode_png(tmp_path / "out" / f"{name}.png"), expected)
-        other = restore_array(net, pixels, tile=64, overlap=32, quality=100 - q)
+        other = _written(net, tmp_path / "in" / f"{name}.jpg", tile=64, overlap=32, quality=100 - q)
         assert not np.array_equal(expected, other)  # the quality given matters
-    # --quality N: every file restored as N
+    # --quality N: every file restored as N, by the network alone (the file's bounds are not the whole story)
     assert main(["--ckpt", str(ckpt), str(tmp_path / "in" / "q20.jpg"), "--out", str(tmp_path / "forced"), "--tile", "64",
                  "--quality", "50"]) == 0
     pixels = np.asarray(Image.open(tmp_path / "in" / "q20.jpg"))
@@ -349,8 +356,7 @@ def test_a_checkpoint_from_before_the_quality_input_restores_as_before(tmp_path,
     write(tmp_path / "in" / "a.jpg", encode(image, "JPEG", quality=10))
     write(tmp_path / "in" / "b.jpg", encode(image, "JPEG", quality=80))
     assert main(["--ckpt", str(path), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
-    pixels = np.asarray(Image.open(tmp_path / "in" / "a.jpg"))
-    np.testing.assert_array_equal(_decode_png(tmp_path / "out" / "a.png"), restore_array(model, pixels, tile=64))
+    np.testing.assert_array_equal(_decode_png(tmp_path / "out" / "a.png"), _written(model, tmp_path / "in" / "a.jpg", tile=64))
     out = capsys.readouterr()
     assert "quality 80, outside the qualities the network was trained on (10-10)" in out.err  # its card's range
     assert "restored 1, unchanged 1" in out.out
@@ -376,3 +382,28 @@ def test_a_jpeg_with_absurd_tables_falls_back_to_its_pixels_said_once(tmp_path, 
     lines = [line for line in err.splitlines() if "odd.jpg" in line]
     assert len(lines) == 1 and "no usable JPEG tables" in lines[0], err  # one line for that file
     assert not [line for line in err.splitlines() if "std.jpg" in line]  # a standard file needs no word
+
+
+def test_the_output_is_moved_inside_the_files_bounds_unless_quality_or_no_file_bounds(tmp_path, capsys):
+    """A q90 4:4:4 photo through a network that adds its own errors: restore keeps the file's bins, which
+    hold the original, so the written image is nearer to it; --no-file-bounds and --quality write the
+    network's output as it is."""
+    model = _model(0.05)
+    ckpt = _ckpt(tmp_path / "net.pt", model)
+    original = photo_like(160, 128, 12)
+    src = write(tmp_path / "in" / "q90.jpg", jpeg.encode(original, 90, "444"))
+    pixels = jpeg.decode(src.read_bytes())[0]
+    alone = restore_array(model, pixels, tile=64)
+
+    def psnr(x):
+        return 10 * np.log10(255.0 ** 2 / np.mean((x.astype(np.float64) - original) ** 2))
+
+    assert main(["--ckpt", str(ckpt), str(src), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
+    bounded = _decode_png(tmp_path / "out" / "q90.png")
+    np.testing.assert_array_equal(bounded, _written(model, src, tile=64))
+    assert psnr(bounded) > psnr(alone) + 1.0 and psnr(alone) < psnr(pixels)  # the network alone made it worse
+    for flag in (["--no-file-bounds"], ["--quality", "90"]):
+        out = tmp_path / flag[0].strip("-")
+        assert main(["--ckpt", str(ckpt), str(src), "--out", str(out), "--tile", "64", *flag]) == 0
+        np.testing.assert_array_equal(_decode_png(out / "q90.png"), alone)
+    capsys.readouterr()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import (REPO, assert_ok, events, load_state, metrics, pack_photos, run_cmd, save_state, train_cmd,
-                     train_env, train_lines)
+                     train_env, train_here, train_lines)
 from restorer.config import load_config
 from restorer.train import Training, train_step
 
@@ -56,8 +56,8 @@ def test_resume_false_into_a_used_folder_is_refused_unless_overwrite(base_run, s
     p = run_cmd(train_cmd(0, shards, out, "train.max_steps=2", "train.resume=false"))
     _one_error_line(p, 1, "holds another run")
     assert load_state(out / "last.pt")["step"] == 4 and len(list(out.glob("step-*.pt"))) == 2
-    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=2", "train.resume=false", "train.overwrite=true",
-                                "log.val_every=0")))
+    assert_ok(train_here(shards, out, "train.max_steps=2", "train.resume=false", "train.overwrite=true",
+                         "log.val_every=0"))
     assert events(out) == ["start", "finished"]  # the old run's lines are gone, not mixed in
     assert load_state(out / "last.pt")["step"] == 2 and not list(out.glob("step-*.pt"))
 
@@ -66,8 +66,8 @@ def test_resume_false_into_a_used_folder_is_refused_unless_overwrite(base_run, s
 def test_a_resumed_run_says_so_and_applies_the_new_settings(base_run, shards):
     out = base_run
     before = load_state(out / "last.pt")
-    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=8", "log.val_every=0", "optim.lr=1e-5", "optim.ema=0.999",
-                          "optim.schedule=constant"))
+    p = train_here(shards, out, "train.max_steps=8", "log.val_every=0", "optim.lr=1e-5", "optim.ema=0.999",
+                   "optim.schedule=constant")
     assert_ok(p)
     assert f"resuming from {out / 'last.pt'} at step 4" in p.stderr
     assert "optim.lr 0.001 -> 1e-05" in p.stderr and "optim.ema 0.0 -> 0.999" in p.stderr
@@ -89,7 +89,7 @@ def test_best_pt_follows_its_own_metric_after_a_resume(base_run, shards):
     last["best_psnr"] = -math.inf
     save_state(out / "last.pt", last)
     # resumed weights barely move: validation gives the last figure again, no better than best.pt's
-    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=8", "log.val_every=2", "optim.lr=1e-12")))
+    assert_ok(train_here(shards, out, "train.max_steps=8", "log.val_every=2", "optim.lr=1e-12"))
     again = load_state(out / "best.pt")
     assert (again["step"], again["best_psnr"]) == (best["step"], best["best_psnr"])
 
@@ -101,7 +101,7 @@ def test_a_truncated_last_pt_falls_back_to_the_newest_step_copy_then_best_pt(bas
     data = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(data[: len(data) // 2])
     (out / "step-00000004.pt").write_bytes(b"garbage")
-    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "log.val_every=0"))
+    p = train_here(shards, out, "train.max_steps=6", "log.val_every=0")
     assert_ok(p)
     assert "last.pt:" in p.stderr and "resuming from step-00000002.pt (step 2) instead" in p.stderr
     assert [m["step"] for m in metrics(out) if m.get("event") == "resume"] == [2]
@@ -109,7 +109,7 @@ def test_a_truncated_last_pt_falls_back_to_the_newest_step_copy_then_best_pt(bas
     best_step = load_state(out / "best.pt")["step"]
     for name in ("last.pt", *(p.name for p in out.glob("step-*.pt"))):
         (out / name).write_bytes(b"garbage")
-    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=8", "log.val_every=0"))
+    p = train_here(shards, out, "train.max_steps=8", "log.val_every=0")
     assert_ok(p)
     assert f"resuming from best.pt (step {best_step}) instead" in p.stderr
     assert [m["step"] for m in metrics(out) if m.get("event") == "resume"][-1] == best_step
@@ -122,7 +122,7 @@ def test_a_truncated_last_pt_falls_back_to_the_newest_step_copy_then_best_pt(bas
 def test_precision_switched_to_fp16_on_resume_works(base_run, shards):
     out = base_run
     assert load_state(out / "last.pt")["scaler"] == {}  # fp32: no loss scaler
-    assert_ok(run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "log.val_every=0", "train.precision=fp16")))
+    assert_ok(train_here(shards, out, "train.max_steps=6", "log.val_every=0", "train.precision=fp16"))
     state = load_state(out / "last.pt")
     # fp16 now: the GradScaler ran (its scale and growth tracker are in the checkpoint)
     assert state["step"] == 6 and state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
@@ -160,7 +160,7 @@ def test_shards_changed_after_the_manifest_are_caught(tmp_path, shards):
     data = bytearray((bad / "train-000001.tar").read_bytes())
     data[2000] ^= 0xFF  # same size, other bytes: only the sha256 sees it
     (bad / "train-000001.tar").write_bytes(bytes(data))
-    assert_ok(run_cmd(train_cmd(0, bad, tmp_path / "ok", "train.max_steps=1", "log.val_every=0")))
+    assert_ok(train_here(bad, tmp_path / "ok", "train.max_steps=1", "log.val_every=0"))
     _one_error_line(run_cmd(train_cmd(0, bad, tmp_path / "run", "data.verify=true")), 2, "does not match the sha256")
 
 

@@ -70,39 +70,6 @@ def _log(out: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in out.glob("slurm-*.out"))
 
 
-def test_sbatch_trains_two_ranks_to_the_end(cluster, shards, tmp_path):
-    out = tmp_path / "run"
-    job = _sbatch(cluster, out, *_args(shards, out, "train.max_steps=8"))
-    state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED", "the job to complete")
-    assert state["ExitCode"] == "0:0", _log(out)
-    assert load_state(out / "last.pt")["step"] == 8
-    assert _metrics(out)[0]["world_size"] == 2
-    log = _log(out)
-    assert f"restorer: job {job} start" in log and "restart 0: 1 node(s) x 2 process(es)" in log
-    assert f"job {job} ended with exit code 0" in log
-
-
-def test_time_limit_warning_requeues_and_the_job_resumes(cluster, shards, tmp_path):
-    out = tmp_path / "run"
-    job = _sbatch(cluster, out, *_args(shards, out, "train.max_steps=60", "checkpoint.every=1000"))
-    _wait(cluster, job, lambda s: _logged_step(out) >= 6, "training to reach step 6")
-    # what --signal=B:USR1@N does before the time limit: USR1 to the batch shell only
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
-    state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1",
-                  "the requeued job to complete")
-    assert state["ExitCode"] == "0:0", _log(out)
-    log = _log(out)
-    assert f"requeueing job {job}" in log and "restart 1: 1 node(s)" in log
-    assert f"job {job} stopped for its requeue" in log and "resumes from last.pt" in log
-    events = [m for m in _metrics(out) if "event" in m]
-    assert [e["event"] for e in events] == ["start", "stopped", "resume", "finished"]
-    stopped = events[1]["step"]
-    assert 6 <= stopped < 60 and events[2]["step"] == stopped  # resumed where it saved
-    steps = [m["step"] for m in _train_lines(out)]
-    assert len(steps) == len(set(steps)) and steps[-1] == 60  # no step done twice
-    assert load_state(out / "last.pt")["step"] == 60
-
-
 def test_an_array_job_gives_each_task_its_own_run_folder(cluster, shards, tmp_path):
     out = tmp_path / "sweep"
     out.mkdir()
@@ -149,7 +116,7 @@ def test_a_batch_script_running_the_trainer_without_srun_is_told_how(cluster, sh
 # ----------------------------------------------------------------------------- two nodes
 
 
-def test_two_nodes_train_as_one_node_of_the_same_world_size(cluster, shards, tmp_path):
+def test_sbatch_trains_on_one_node_and_on_two_nodes_alike(cluster, shards, tmp_path):
     common = ("train.max_steps=6", "checkpoint.every=1000")
     runs = {}
     for nodes, nproc in ((1, 2), (2, 1)):
@@ -157,6 +124,10 @@ def test_two_nodes_train_as_one_node_of_the_same_world_size(cluster, shards, tmp
         job = _sbatch(cluster, out, *_args(shards, out, *common), nodes=nodes, nproc=nproc)
         state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED", f"the {nodes}-node job")
         assert state["ExitCode"] == "0:0", _log(out)
+        log = _log(out)
+        assert f"restorer: job {job} start" in log and f"restart 0: {nodes} node(s) x {nproc} process(es)" in log
+        assert f"job {job} ended with exit code 0" in log
+        assert load_state(out / "last.pt")["step"] == 6 and _metrics(out)[0]["world_size"] == 2
         runs[nodes] = out
     one, two = runs[1], runs[2]
     start = _metrics(two)[0]
@@ -171,19 +142,26 @@ def test_two_nodes_train_as_one_node_of_the_same_world_size(cluster, shards, tmp
     assert [m["loss"] for m in _train_lines(one)] == pytest.approx([m["loss"] for m in _train_lines(two)], rel=1e-4)
 
 
-def test_preemption_of_a_two_node_job_requeues_and_resumes(cluster, shards, tmp_path):
+def test_usr1_before_the_time_limit_or_a_preemption_requeues_a_two_node_job_and_it_resumes(cluster, shards, tmp_path):
     out = tmp_path / "run"
     job = _sbatch(cluster, out, *_args(shards, out, "train.max_steps=60", "checkpoint.every=1000"), nodes=2, nproc=1)
     _wait(cluster, job, lambda s: _logged_step(out) >= 6, "training to reach step 6")
+    # what --signal=B:USR1@N does before the time limit, and a preemption: USR1 to the batch shell only
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1",
                   "the requeued job to complete")
     assert state["ExitCode"] == "0:0", _log(out)
+    log = _log(out)
+    assert f"requeueing job {job}" in log and "restart 1: 2 node(s)" in log
+    assert f"job {job} stopped for its requeue" in log and "resumes from last.pt" in log
     events = [m for m in _metrics(out) if "event" in m]
     assert [e["event"] for e in events] == ["start", "stopped", "resume", "finished"]
     assert sorted(events[0]["nodes"]) == sorted(events[2]["nodes"]) == ["n1", "n2"]  # (the rendezvous orders them)
+    stopped = events[1]["step"]
+    assert 6 <= stopped < 60 and events[2]["step"] == stopped  # resumed where it saved
     steps = [m["step"] for m in _train_lines(out)]
-    assert len(steps) == len(set(steps)) and steps[-1] == 60 and events[2]["step"] == events[1]["step"]
+    assert len(steps) == len(set(steps)) and steps[-1] == 60  # no step done twice
+    assert load_state(out / "last.pt")["step"] == 60
 
 
 def test_a_lost_node_ends_the_other_in_one_line_and_the_next_job_resumes(cluster, shards, tmp_path):

@@ -269,5 +269,115 @@ def file_quality(data: bytes) -> Optional[int]:
         return None
 
 
+# ----------------------------------------------------------------------------- the file's own bounds
+
+# JPEG's 8x8 DCT-II is orthonormal: a distance between coefficients is the same distance between pixels.
+_DCT = np.array([[np.sqrt((1 if u == 0 else 2) / 8) * np.cos((2 * x + 1) * u * np.pi / 16) for x in range(8)]
+                 for u in range(8)], np.float32)
+# How far past its bin a true coefficient can lie, in coefficient (= pixel) units: the encoder's
+# integer colour conversion and DCT, and the decoder's rounded pixels, each move it by a fraction of one.
+BOUND_MARGIN = 1.0
+_EXIF_ORIENTATION = 0x0112
+
+
+def _blocks(plane: np.ndarray) -> np.ndarray:
+    """(H, W) -> (H//8, W//8, 8, 8): the whole 8x8 blocks of the JPEG grid (a partial edge block was
+    padded by the encoder with pixels the file does not keep, so it is left out)."""
+    nby, nbx = plane.shape[0] // 8, plane.shape[1] // 8
+    return plane[:nby * 8, :nbx * 8].reshape(nby, 8, nbx, 8).transpose(0, 2, 1, 3)
+
+
+@dataclass
+class FileBounds:
+    """What a JPEG file says of the image it was made from: every whole 8x8 block's DCT coefficient
+    lay in its quantization bin, [(k - 1/2) Q, (k + 1/2) Q], k the stored value and Q the table's step.
+
+    :meth:`project` moves a restored image to the nearest image inside those bins (the quantization
+    constraint set of the JPEG restoration literature). The original image lies inside them, and the
+    projection onto a convex set that holds a point never moves anything further from that point: a
+    restoration projected is never further from the original than before, and at high qualities, where
+    the bins are narrow, it undoes a network's over-smoothing. A double JPEG's last bins hold the image
+    its last encoder saw, not the original: that is why restore skips them when told another quality.
+
+    Planes: the luma, and each chroma plane stored at full resolution (4:4:4); a subsampled chroma
+    plane's blocks are of a smaller image and are left alone. Blocks with a pixel at 0 or 255 are left
+    alone too: the clipping may have moved their coefficients out of their bins."""
+
+    planes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]  # plane -> (k: (nby, nbx, 8, 8) int16, Q: (8, 8), usable: (nby, nbx))
+    gray: bool
+
+    def project(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) RGB (or (H, W) for a grayscale file) in 0..255, float or uint8, of the file's size
+        -> the nearest image (in the file's YCbCr) inside the file's bins, rounded to uint8."""
+        nby, nbx = self.blocks
+        if image.ndim != (2 if self.gray else 3) or (image.shape[0] // 8, image.shape[1] // 8) != (nby, nbx):
+            raise ValueError(f"an image of {image.shape[1]}x{image.shape[0]} is not the size of the file whose "
+                             "bounds these are")
+        return self.project_rows(image, 0)
+
+    def project_rows(self, rows: np.ndarray, top: int) -> np.ndarray:
+        """:meth:`project` for the file's rows top, top + 1, ... (`top` a multiple of 8): blocks do not
+        straddle such bands, so restore projects each band of tiles as it finishes (memory stays bounded)."""
+        nby, nbx = self.blocks
+        if top % 8 or rows.shape[1] // 8 != nbx or (top + rows.shape[0]) // 8 > nby:
+            raise ValueError(f"rows {top}-{top + rows.shape[0]} of width {rows.shape[1]} are not on the grid of the "
+                             "file whose bounds these are")
+        x = np.array(rows, np.float32)  # a copy: the caller's array stays as it was
+        ycc = x[..., None] if self.gray else x @ _RGB_TO_YCC.T + _YCC_OFFSET
+        b0, b1 = top // 8, (top + x.shape[0]) // 8  # the block rows whole in this band
+        for i, (k, step, usable) in self.planes.items():
+            coef = _DCT @ (_blocks(ycc[..., i]) - 128.0) @ _DCT.T
+            lo, hi = (k[b0:b1] - 0.5) * step - BOUND_MARGIN, (k[b0:b1] + 0.5) * step + BOUND_MARGIN
+            delta = np.clip(coef, lo, hi) - coef
+            delta[~usable[b0:b1]] = 0.0
+            ycc[:(b1 - b0) * 8, :nbx * 8, i] += (_DCT.T @ delta @ _DCT).transpose(0, 2, 1, 3).reshape((b1 - b0) * 8, nbx * 8)
+        out = ycc[..., 0] if self.gray else (ycc - _YCC_OFFSET) @ _YCC_TO_RGB.T
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        """(block rows, block columns): the file's whole 8x8 blocks."""
+        return next(iter(self.planes.values()))[0].shape[:2]
+
+
+# JPEG's (JFIF's) full-range BT.601 colour conversion, as libjpeg does it
+_RGB_TO_YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)
+_YCC_OFFSET = np.array([0.0, 128.0, 128.0], np.float32)
+_YCC_TO_RGB = np.linalg.inv(_RGB_TO_YCC.astype(np.float64)).astype(np.float32)
+
+
+def file_bounds(data: bytes) -> Optional[FileBounds]:
+    """The bins a JPEG file's blocks lay in (:class:`FileBounds`), from its tables and its decoded
+    planes; None for anything else: not a JPEG, no usable tables, CMYK or RGB-coded (Adobe) colour,
+    or an EXIF rotation (the pixels restore sees are not on the file's grid)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in ("JPEG", "MPO") or im.mode not in ("L", "RGB") or table_quality(im.quantization) is None:
+                return None
+            if im.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None) or im.info.get("adobe_transform") == 0:
+                return None
+            tables, layers = dict(im.quantization), list(im.layer)
+            if im.mode == "RGB":
+                im.draft("YCbCr", None)  # the decoder's own planes, before its colour conversion
+            planes = np.asarray(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    planes = planes[..., None] if planes.ndim == 2 else planes
+    if len(layers) != planes.shape[-1]:
+        return None
+    full = (max(h for _, h, _, _ in layers), max(v for _, _, v, _ in layers))
+    bounds = {}
+    for i, (_, h, v, table) in enumerate(layers):
+        if (h, v) != full or table not in tables or len(tables[table]) != 64:
+            continue
+        step = np.asarray(tables[table], np.float32).reshape(8, 8)
+        pixels = _blocks(planes[..., i])
+        coef = _DCT @ (pixels.astype(np.float32) - 128.0) @ _DCT.T
+        k = np.round(coef / step).astype(np.int16)
+        usable = ~((pixels == 0) | (pixels == 255)).any(axis=(2, 3))
+        bounds[i] = (k, step, usable)
+    return FileBounds(bounds, gray=planes.shape[-1] == 1) if bounds else None
+
+
 __all__ = ["CHROMA", "DOUBLE_SHIFT", "JpegError", "JpegSpec", "compress", "decode", "degrade",
-           "encode", "file_quality", "ijg_table", "pixel_quality", "table_quality", "val_chroma"]
+           "encode", "file_bounds", "file_quality", "FileBounds", "ijg_table", "pixel_quality", "table_quality", "val_chroma"]
