@@ -145,21 +145,25 @@ def train_env(fault: dict | None = None) -> dict:
     return env
 
 
-def train_here(shards: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """train_cmd(0, ...)'s run, in this process: launch/train.py's own main, without the seconds a new
-    process spends importing torch and torch._dynamo (most of a small run's time). For one-process
-    runs that succeed and whose process is not what is tested: its signals, its exit status on a
-    failure, faults injected into it and its loader workers' output need run_cmd."""
+def cli_here(main, *args) -> subprocess.CompletedProcess:
+    """A tool's command line (its `main`) run in this process, without the seconds a new process spends
+    importing torch: its exit code and what it printed, as subprocess.run would give them."""
     import contextlib
 
-    from restorer.train import main
-
-    args = ["--config", str(REPO / "configs" / "cpu.yaml"), f"data.shards={shards}", f"train.out_dir={out}", *TINY,
-            *overrides]
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(args)
-    return subprocess.CompletedProcess(["launch/train.py", *args], code, stdout.getvalue(), stderr.getvalue())
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())
+
+
+def train_here(shards: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """train_cmd(0, ...)'s run in this process (cli_here: launch/train.py's own main; a new process would
+    also import torch._dynamo, most of a small run's time). For one-process runs that succeed and whose
+    process is not what is tested: its signals, its exit status on a failure, faults injected into it
+    and its loader workers' output need run_cmd."""
+    from restorer.train import main
+
+    return cli_here(main, *train_cmd(0, shards, out, *overrides)[2:])  # (less python and launch/train.py)
 
 
 def run_cmd(cmd: list[str], timeout: float = 240, fault: dict | None = None) -> subprocess.CompletedProcess:

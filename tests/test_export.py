@@ -3,8 +3,6 @@ a card, for every network; restore and evaluate take the exported files."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import encode, photo_like, save_network, write
+from helpers import cli_here, encode, photo_like, save_network, write
 from restorer.data import jpeg
 from restorer.export import main as export_main
 from restorer.inference import load_network, restore_array
@@ -43,17 +41,8 @@ def _checkpoint(path, name: str, channels: int = 3, conditioning: str = "none"):
     return path, model.eval()
 
 
-def _cli(main, *args) -> subprocess.CompletedProcess:
-    """A tool's command line run in this process (no interpreter and torch import to wait for each time):
-    its exit code and what it printed."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
 def _export(*args) -> subprocess.CompletedProcess:
-    return _cli(export_main, *args)
+    return cli_here(export_main, *args)
 
 
 @pytest.mark.slow
@@ -106,7 +95,7 @@ def test_safetensors_with_a_card_and_restore_takes_it(tmp_path):
     got = restore_array(load_network(tmp_path / "net.safetensors", "cpu"), image, tile=32, overlap=8)
     assert np.abs(got.astype(int) - reference).max() <= 1
     src = write(tmp_path / "in" / "photo.jpg", encode(image, "JPEG", quality=20))
-    p = _cli(restore_main, "--ckpt", tmp_path / "net.safetensors", src, "--out", tmp_path / "out")
+    p = cli_here(restore_main, "--ckpt", tmp_path / "net.safetensors", src, "--out", tmp_path / "out")
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "out" / "photo.png").exists()
 
@@ -153,7 +142,7 @@ def test_a_conditioned_network_exports_with_its_quality_input_in_every_format(tm
                              bounds=jpeg.file_bounds(src.read_bytes()))  # restore keeps the file's bins, whatever the format
     for out in ("net.onnx", "net.safetensors", "net.pt"):
         target = tmp_path / out.replace(".", "_")
-        p = _cli(restore_main, "--ckpt", tmp_path / out, src, "--out", target, "--tile", "32", "--overlap", "8")
+        p = cli_here(restore_main, "--ckpt", tmp_path / out, src, "--out", target, "--tile", "32", "--overlap", "8")
         assert p.returncode == 0 and "restored 1, unchanged 0" in p.stdout, p.stderr[-3000:]
         got = np.asarray(Image.open(target / "photo.png"))
         assert np.abs(got.astype(int) - expected).max() <= 1, out
