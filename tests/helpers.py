@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -148,8 +149,6 @@ def train_env(fault: dict | None = None) -> dict:
 def cli_here(main, *args) -> subprocess.CompletedProcess:
     """A tool's command line (its `main`) run in this process, without the seconds a new process spends
     importing torch: its exit code and what it printed, as subprocess.run would give them."""
-    import contextlib
-
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main([str(a) for a in args])
