@@ -27,6 +27,7 @@ test-fast: install
 
 bench: install
 	$(PY) bench/shards.py
+	$(PY) bench/stream.py
 	$(PY) bench/loader.py
 	$(PY) bench/train_step.py
 	$(PY) bench/evaluate.py

@@ -24,6 +24,10 @@ packed with the real shard tool.
   blind      ours with configs/cpu.yaml's JPEG: qualities 10-95 (3/4 at 10-60), random chroma, a
              quarter double JPEGs: the default recipe's cost against q10 alone
 
+  against    with --against DIR (another checkout, e.g. `git worktree add /tmp/main main`): ours and
+             DIR's train_loader at the same settings, each in a process of its own, in turn
+             --rounds times: the ratio of the best rounds (the goal: ours >= 0.95 of it)
+
 The alternatives run in turn, `--rounds` times; each figure is the best round (this machine's speed
 drifts, and noise only ever slows a run down). The last line printed is one JSON object of the figures.
 """
@@ -50,7 +54,8 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# --against runs this file again with another checkout's restorer (BENCH_RESTORER_TREE) for the same measurement
+sys.path.insert(0, os.environ.get("BENCH_RESTORER_TREE") or str(REPO))
 from restorer.data import decode_image, jpeg  # noqa: E402
 from restorer.data.patches import training_pair  # noqa: E402
 from restorer.config import DataConfig, load_config  # noqa: E402
@@ -268,6 +273,21 @@ def profile_single_process(cfg: DataConfig, batches: int) -> list[str]:
     return lines
 
 
+def measure_against(tree: Path, shards: Path, args, warmup: int) -> tuple[list[float], list[float]]:
+    """patches/s of this checkout's loader and of `tree`'s, each in a process of its own, in turn."""
+    import subprocess
+
+    results: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for r in range(args.rounds):
+        for name, root in (("ours", REPO), ("theirs", tree)):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", str(shards), "--workers",
+                   str(args.workers), "--steps", str(args.steps), "--warmup", str(warmup), "--rounds", str(r)]
+            env = os.environ | {"BENCH_RESTORER_TREE": str(root.resolve())}
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            results[name].append(float(out.split()[-1]))
+    return results["ours"], results["theirs"]
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -290,7 +310,15 @@ def main() -> None:
     ap.add_argument("--floor-patches", type=int, default=1500, help="patches timed for the floor (default 1500)")
     ap.add_argument("--profile", type=int, default=0, metavar="BATCHES",
                     help="also cProfile this many batches of the stream in one process (default 0: off)")
+    ap.add_argument("--against", metavar="DIR", help="also measure another checkout's loader (see above)")
+    ap.add_argument("--measure", metavar="SHARDS", help=argparse.SUPPRESS)  # (the child of --against)
+    ap.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.measure:  # one measurement, in the restorer BENCH_RESTORER_TREE names: patches/s on stdout
+        pps, _, _ = bench_loader(DataConfig(shards=args.measure, workers=args.workers), args.warmup, args.steps,
+                                 args.rounds)
+        print(pps)
+        return
     if args.workers < 1 or args.photos < 4 or args.steps < 1 or args.rounds < 1:
         ap.error("--workers >= 1, --photos >= 4, --steps >= 1, --rounds >= 1")
 
@@ -341,6 +369,7 @@ def main() -> None:
                 main_share[name].append(share)
 
         profile = profile_single_process(cfg, args.profile) if args.profile else []
+        against = measure_against(Path(args.against), out, args, warmup) if args.against else None
 
     best = {k: max(v) for k, v in rows.items()}
     ours_vs_seed = best["ours"] / best["seed"]
@@ -388,7 +417,13 @@ def main() -> None:
           f"set-up {t_setup:.1f} s, total {total_s:.1f} s")
     for line in profile:
         print(line)
+    if against is not None:
+        ours, theirs = against
+        print(f"against {args.against}: ours {max(ours):.1f} patches/s ({' '.join(f'{v:.0f}' for v in ours)}), "
+              f"theirs {max(theirs):.1f} ({' '.join(f'{v:.0f}' for v in theirs)}): ours/theirs "
+              f"{max(ours) / max(theirs):.3f} (goal >= 0.95: {'ok' if max(ours) / max(theirs) >= 0.95 else 'BELOW'})")
     print(json.dumps({
+        **({"against_ratio": round(max(against[0]) / max(against[1]), 3)} if against is not None else {}),
         "seed": round(best["seed"], 2), "ours": round(best["ours"], 1), "floor": round(best["floor"], 1),
         "amortized_vs_floor": round(amortized_vs_floor, 3), "ours_vs_seed": round(ours_vs_seed, 1),
         "amortized": round(best["amortized"], 1), "ours_per_cpu_s": round(max(cpu["ours"]), 1),

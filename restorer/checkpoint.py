@@ -8,8 +8,16 @@ weights_only=True)` reads it with no pickled code):
     network              the NetworkSpec: name, options (the conditioning among them), channels, grayscale
     model, ema           the bare network's state_dict (no `module.` / `_orig_mod.` prefixes), its EMA
     optimizer, scaler    the training state
-    step, epoch, best_psnr, train_seconds, rng
+    step, epoch, best_psnr, train_seconds
+    world_size, global_batch   the ranks it ran on, and the patches of a step (world x batch x grad_accum)
+    data                 where the training stream is (restorer.data.pipeline: its step, images, seed)
+    rng                  the random generators' states (torch's, and each CUDA device's)
     config               the resolved config the run trained with
+
+The trainer's parts with state (the training bundle, the run's progress, the data stream, the
+generators) each give and take their own fields (`state_dict` / `load_state_dict`, the Stateful
+protocol); :meth:`Checkpoint.of` assembles a checkpoint of them and checks every field, and
+:meth:`Checkpoint.load_into` hands each part the whole state to take its own from.
 
 Everyone reads a file through :func:`read_checkpoint` (a :class:`Checkpoint`), which also upgrades
 files of earlier versions (`_upgrade`): the one place that knows old layouts.
@@ -17,11 +25,16 @@ files of earlier versions (`_upgrade`): the one place that knows old layouts.
 A run folder holds last.pt (the newest), best.pt (the best validation PSNR), and with
 `checkpoint.keep` the step-NNNNNNNN.pt copies of the newest saves. Resuming reads last.pt, or the
 newest step copy that loads when last.pt is damaged.
+
+The run folder's own files are this module's too (:class:`RunFolder`): before a run creates
+anything in a folder, rank 0 records there (RUN_MARKER) every name the run may create, and the
+trainer deletes or replaces only names that record lists: never a file it cannot prove it wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -29,13 +42,13 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol, Sequence
 
 import torch
 
 from restorer.data.jpeg import JpegSpec
 from restorer.errors import RestorerError, one_line
-from restorer.fileio import atomic_open, atomic_path
+from restorer.fileio import atomic_open, atomic_path, atomic_write_json
 from restorer.models import NetworkSpec
 
 FORMAT = "restorer-checkpoint"
@@ -43,10 +56,14 @@ FORMAT_VERSION = 2  # 1: the network as model_name / model_args, the JPEG settin
 CARD_FORMAT = "restorer-network"
 CARD_VERSION = 2
 LAST, BEST = "last.pt", "best.pt"
-RUN_FILES = (LAST, BEST, "config.yaml", "metrics.jsonl", "trackers.json", "card.json")  # besides step copies and:
+RUN_FILES = (LAST, BEST, "config.yaml", "metrics.jsonl", "trackers.json", "card.json", "trace.jsonl")  # and:
 RUN_FOLDERS = ("tb", "val", "wandb")  # TensorBoard events, validation pictures, wandb's offline runs
+STEP_COPIES = "step-NNNNNNNN.pt"  # in a run marker: every step copy
+RUN_MARKER = ".restorer-run"  # a run folder's record of the names the trainer claimed there (RunFolder)
+MARKER_FORMAT = "restorer-run"
+_RUN_NAMES = frozenset((*RUN_FILES, *RUN_FOLDERS, STEP_COPIES))
 _STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
-_TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")
+_TEMP_FILE = re.compile(r"^\.(.+)\.tmp\d+$")  # restorer.fileio.temp_path's names: the file's own name inside
 # What restore does with any network's output, which another program must do too to match it.
 FILE_BOUNDS = ("restore then moves the output (x 255, before rounding) inside the quantization bins of the input's "
                "JPEG file: restorer.data.jpeg.file_bounds(data).project(output)")
@@ -57,6 +74,19 @@ QUALITY_INPUT = ("quality: float32 N, the IJG quality (1-100) of each input's JP
 
 class CheckpointError(RestorerError):
     """A checkpoint (or an exported network file) that cannot be used; one line."""
+
+
+class RunFolderError(RestorerError):
+    """A train.out_dir the trainer will not write in: it holds files of a run's names that no run of
+    this trainer recorded as its own; one line."""
+
+
+class Stateful(Protocol):
+    """A part of a run with state: its fields of a checkpoint (the file's own names: model, step, ...)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -74,34 +104,86 @@ class Checkpoint:
     train_seconds: float = 0.0
     config: dict = field(default_factory=dict)
     rng: Optional[dict] = None
+    world_size: int = 1
+    global_batch: int = 0  # 0: not recorded (a checkpoint of an earlier restorer)
+    data: Optional[dict] = None
     path: Optional[Path] = None  # where it was read from (not saved)
+
+    @classmethod
+    def of(cls, network: NetworkSpec, config: dict, parts: Sequence[Stateful]) -> "Checkpoint":
+        """A checkpoint of the parts' fields (each part gives its own; none gives another's)."""
+        state = {"format": FORMAT, "version": FORMAT_VERSION, "network": network.to_dict(), "config": config}
+        for part in parts:
+            fields = part.state_dict()
+            clash = state.keys() & fields.keys()
+            if clash:
+                raise ValueError(f"{type(part).__name__} gives {', '.join(sorted(clash))}, which another part gave")
+            state.update(fields)
+        return cls.from_state(state)
+
+    def load_into(self, parts: Sequence[Stateful]) -> None:
+        """Hand each part the whole state: it takes its own fields."""
+        state = self.to_state()
+        for part in parts:
+            part.load_state_dict(state)
 
     def to_state(self) -> dict:
         state = {"format": FORMAT, "version": FORMAT_VERSION, "network": self.network.to_dict(),
                  "model": self.weights, "optimizer": self.optimizer, "scaler": self.scaler, "step": self.step,
                  "epoch": self.epoch, "best_psnr": self.best_psnr, "train_seconds": self.train_seconds,
-                 "config": self.config, "rng": self.rng}
+                 "config": self.config, "rng": self.rng, "world_size": self.world_size,
+                 "global_batch": self.global_batch, "data": self.data}
         if self.ema is not None:
             state["ema"] = self.ema
         return state
 
     @classmethod
     def from_state(cls, state: dict, path: Optional[Path] = None) -> "Checkpoint":
-        """CheckpointError (one line) when `state` is not a checkpoint this restorer can use."""
+        """CheckpointError (one line, naming the field) when `state` is not a checkpoint this restorer
+        can use: every field is checked for its type here, so that nothing downstream meets a string
+        step or a list of weights (and load_latest can fall back to an older file)."""
         where = f"{path}: " if path is not None else ""
         if not isinstance(state, dict) or "model" not in state:
             raise CheckpointError(f"{where}not a restorer checkpoint (no model weights)")
         state = _upgrade(state, where)
-        try:
-            network = NetworkSpec.from_dict(state["network"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{where}its network record is unreadable") from None
-        best = state.get("best_psnr")
-        return cls(network=network, weights=state["model"], ema=state.get("ema"), optimizer=state.get("optimizer"),
-                   scaler=state.get("scaler"), step=int(state.get("step") or 0), epoch=int(state.get("epoch") or 0),
-                   best_psnr=float(best) if best is not None else -math.inf,
-                   train_seconds=float(state.get("train_seconds") or 0.0), config=state.get("config") or {},
-                   rng=state.get("rng"), path=path)
+
+        def checked(name: str, ok, expected: str, default=None):
+            value = state.get(name)
+            if value is None:
+                return default  # a field left out (an exported network has no optimizer)
+            if not ok(value):
+                raise CheckpointError(f"{where}its {name} is {_described(value)}, not {expected}")
+            return value
+
+        weights = checked("model", _is_weights, "a dict of tensors")
+        ema = checked("ema", _is_weights, "a dict of tensors")
+        network = checked("network", _is_network_record, "a network record (name, options, in_channels, grayscale)")
+        if weights is None or network is None:
+            missing = "model weights" if weights is None else "network record"
+            raise CheckpointError(f"{where}not a restorer checkpoint (no {missing})")
+        optimizer = checked("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                           and isinstance(v.get("param_groups"), list)
+                           and all(isinstance(g, dict) for g in v["param_groups"]),
+                           "an optimizer state (state, param_groups)")
+        scaler = checked("scaler", lambda v: isinstance(v, dict), "a dict")
+        step = checked("step", _is_count, "a whole number >= 0", 0)
+        epoch = checked("epoch", _is_count, "a whole number >= 0", 0)
+        best = checked("best_psnr", lambda v: _is_number(v) and not math.isnan(v), "a number", -math.inf)
+        seconds = checked("train_seconds", lambda v: _is_number(v) and 0 <= v < math.inf, "a number of seconds", 0.0)
+        config = checked("config", lambda v: isinstance(v, dict), "a dict", {})
+        rng = checked("rng", lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor)
+                     and v["torch"].dtype == torch.uint8 and v["torch"].shape == torch.get_rng_state().shape
+                     and isinstance(v.get("cuda", []), list)
+                     and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in v.get("cuda", [])),
+                     "a dict of the torch generators' states")
+        world_size = checked("world_size", lambda v: _is_count(v) and v >= 1, "a whole number >= 1", 1)
+        global_batch = checked("global_batch", _is_count, "a whole number >= 0", 0)
+        data = checked("data", lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_plain(x)
+                                                                    for k, x in v.items()),
+                       "a dict of plain values")
+        return cls(network=NetworkSpec.from_dict(network), weights=weights, ema=ema, optimizer=optimizer,
+                   scaler=scaler, step=step, epoch=epoch, best_psnr=float(best), train_seconds=float(seconds),
+                   config=config, rng=rng, world_size=world_size, global_batch=global_batch, data=data, path=path)
 
     @property
     def inference_weights(self) -> dict:
@@ -109,17 +191,28 @@ class Checkpoint:
         return self.ema if self.ema is not None else self.weights
 
     def training_jpeg(self) -> Optional[JpegSpec]:
-        """The JPEG degradation the network was trained on (None when the file does not say)."""
-        jpeg = ((self.config or {}).get("data") or {}).get("jpeg")
+        """The JPEG degradation the network was trained on (None when the file does not say, or says
+        something that is not one: a config is whatever a file held)."""
+        jpeg = _section(self.config, "data").get("jpeg")
         if not isinstance(jpeg, dict):
             return None
         known = {k: tuple(v) if isinstance(v, list) else v for k, v in jpeg.items() if k in JpegSpec.__dataclass_fields__}
-        return JpegSpec(**known)
+        if not all(map(_is_plain, known.values())):
+            return None
+        try:
+            spec = JpegSpec(**known)
+            spec.validate()
+        except (TypeError, ValueError):
+            return None
+        return spec
 
     def card(self) -> dict:
         """What another tool needs to know about the network besides its weights: how to build and
-        feed it, and what it was trained on (the qualities restore's guard compares a file with)."""
-        data = (self.config or {}).get("data") or {}
+        feed it, and what it was trained on (the qualities restore's guard compares a file with).
+        Plain JSON values, whatever the checkpoint's config holds (what it cannot say is null)."""
+        data = _section(self.config, "data")
+        patch_size = _section(data, "patch").get("size")
+        qualities = data.get("val_qualities")
         best = self.best_psnr
         trained = self.training_jpeg()
         return {
@@ -133,40 +226,85 @@ class Checkpoint:
             **({"quality_input": QUALITY_INPUT} if self.network.takes_quality else {}),
             "file_bounds": FILE_BOUNDS,
             "training": {**(trained.card() if trained is not None else {}),
-                         "patch_size": (data.get("patch") or {}).get("size"), "steps": self.step},
+                         "patch_size": patch_size if _is_count(patch_size) else None, "steps": self.step},
             "validation": {"best_psnr_db": best if math.isfinite(best) else None,
-                           "qualities": data.get("val_qualities")},
+                           "qualities": qualities if isinstance(qualities, list) and all(map(_is_number, qualities))
+                           else None},
             "checkpoint": str(self.path) if self.path is not None else None,
         }
+
+
+def _section(tree, key: str) -> dict:
+    """tree[key] when both are dicts, else {} (a config read from a file may hold anything)."""
+    value = tree.get(key) if isinstance(tree, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_plain(value) -> bool:
+    """A JSON value of numbers, strings, booleans and lists of them (not a tensor, a dict)."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float))
+
+
+def _is_weights(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _is_network_record(value) -> bool:
+    options = value.get("options") if isinstance(value, dict) else None
+    return (isinstance(value, dict) and isinstance(value.get("name"), str)
+            and (options is None or (isinstance(options, dict)
+                                     and all(isinstance(k, str) and _is_plain(v) for k, v in options.items())))
+            and _is_count(value.get("in_channels")) and value["in_channels"] >= 1
+            and isinstance(value.get("grayscale"), bool))
+
+
+def _described(value) -> str:
+    """A field's value as an error names it: its type, and the value itself when it is short."""
+    shown = f" {one_line(repr(value), 40)}" if isinstance(value, (str, int, float, bool)) else ""
+    return f"{'None' if value is None else type(value).__name__}{shown}"
 
 
 def card_qualities(card: dict) -> Optional[tuple[int, int]]:
     """The range of JPEG qualities a card says its network was trained on (cards of version 1 said
     `jpeg_quality`); None when it does not say."""
-    training = card.get("training") or {}
+    training = _section(card, "training")
     qualities = training.get("qualities") or training.get("jpeg_quality")
-    if isinstance(qualities, (list, tuple)) and len(qualities) >= 2:
+    if isinstance(qualities, (list, tuple)) and len(qualities) >= 2 and all(_is_number(q) and 1 <= q <= 100
+                                                                           for q in qualities):
         return int(min(qualities)), int(max(qualities))
     return None
 
 
 def _upgrade(state: dict, where: str) -> dict:
     """A state of any earlier format version as the current one (a copy; the file is not touched)."""
-    version = state.get("version", 1) if state.get("format", FORMAT) == FORMAT else None
+    fmt, version = state.get("format", FORMAT), state.get("version", 1)
+    if not (isinstance(fmt, str) and fmt == FORMAT and type(version) is int and version in (1, FORMAT_VERSION)):
+        raise CheckpointError(f"{where}format version {_described(version)} of {_described(fmt)}; "
+                              f"this restorer reads {FORMAT} versions 1 to {FORMAT_VERSION}")
     if version == FORMAT_VERSION:
         return state
-    if version != 1:
-        raise CheckpointError(f"{where}format version {state.get('version')!r} of {state.get('format')!r}; "
-                              f"this restorer reads {FORMAT} versions 1 to {FORMAT_VERSION}")
     # version 1 (before the JPEG quality input): the network as model_name / model_args; the JPEG
     # settings in data.patch and one data.val_quality
-    if "model_name" not in state:
+    if not isinstance(state.get("model_name"), str):
         raise CheckpointError(f"{where}not a restorer checkpoint (no network name)")
+    for name in ("model_args", "config"):
+        if not isinstance(state.get(name) or {}, dict):
+            raise CheckpointError(f"{where}its {name} is {_described(state[name])}, not a dict")
     args = dict(state.get("model_args") or {})
-    channels = int(args.pop("in_channels", 3))
+    channels = args.pop("in_channels", 3)
     config = {k: dict(v) if isinstance(v, dict) else v for k, v in (state.get("config") or {}).items()}
-    data = config.get("data") or {}
-    patch = dict(data.get("patch") or {})
+    data = _section(config, "data")
+    patch = dict(_section(data, "patch"))
     jpeg = {k: patch.pop(k) for k in ("quality", "chroma", "double_p", "double_quality") if k in patch}
     if "val_quality" in data:
         data["val_qualities"] = [data.pop("val_quality")]
@@ -175,7 +313,7 @@ def _upgrade(state: dict, where: str) -> dict:
     grayscale = bool(patch.get("grayscale", channels == 1))
     weights = state["model"]
     first = weights.get("base.0.weight") if isinstance(weights, dict) else None
-    if state["model_name"] == "seed" and first is not None and tuple(first.shape[:1]) == (32,):
+    if state["model_name"] == "seed" and isinstance(first, torch.Tensor) and tuple(first.shape[:1]) == (32,):
         raise CheckpointError(f"{where}it holds the seed network's old layout (first layer 3->32, not the "
                               "document's 3->128); it cannot be loaded into today's SeedNet: train it again")
     return {**state, "format": FORMAT, "version": FORMAT_VERSION, "config": config,
@@ -237,38 +375,104 @@ def best_psnr_on_disk(out_dir: Path) -> Optional[float]:
     return None
 
 
-def keep_step_copy(out_dir: Path, step: int, keep: int) -> None:
+def keep_step_copy(folder: RunFolder, step: int, keep: int) -> None:
     """step-NNNNNNNN.pt, the last.pt just written, as a hard link (no second write; the next save
     renames a new file over last.pt and leaves the link alone), or a copy where links do not work;
-    then delete all but the newest `keep` copies."""
+    then delete all but the newest `keep` of the copies the run folder's marker says are the run's."""
+    out_dir = folder.path
     with atomic_path(out_dir / f"step-{step:08d}.pt") as tmp:
         try:
             os.link(out_dir / LAST, tmp)
         except OSError:
             shutil.copyfile(out_dir / LAST, tmp)
-    for old in step_copies(out_dir)[:-keep]:
+    for old in [p for p in step_copies(out_dir) if folder.owns(p.name)][:-keep]:
         old.unlink()
 
 
-def run_files(out_dir: Path) -> list[Path]:
-    """What an earlier run left in out_dir (checkpoints, config, metrics, TensorBoard events, pictures,
-    tracker runs)."""
-    if not out_dir.is_dir():
-        return []
-    found = [out_dir / n for n in RUN_FILES if (out_dir / n).is_file()] + step_copies(out_dir)
-    return found + [out_dir / n for n in RUN_FOLDERS if (out_dir / n).is_dir()]
+@dataclass
+class RunFolder:
+    """A run folder as the trainer may touch it: the trainer removes only what it can prove it wrote.
 
+    Before a run creates anything in a folder, rank 0 claims it (`claim`): the marker RUN_MARKER,
+    written atomically, lists every name the run may create there (RUN_FILES, RUN_FOLDERS and the
+    step copies, STEP_COPIES) that is not there yet, whichever module writes it. Deleting (`remove_ours`:
+    an attempt that died before its first checkpoint, or train.overwrite=true) and pruning step
+    copies touch only names the marker lists (`owns`). A run's name that is there but not listed
+    (`theirs`: a user's config.yaml or val/ of photos, the files of a run from before markers) is
+    never deleted nor written over: the trainer refuses to start a run there, train.overwrite or not.
+    Any other file in the folder (a user's notes.txt) is left alone: a run only adds its own names.
+    Resuming deletes nothing and needs no marker: a checkpoint that loads is resumed from (a run from
+    before markers too), and the claim then lists only the names that were not there yet.
+    """
 
-def remove_run_files(out_dir: Path) -> None:
-    """Delete an earlier run's files (train.overwrite=true): nothing of it mixes with the new run."""
-    for path in run_files(out_dir):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path: Path
+    owned: frozenset = frozenset()  # the names the marker lists, of _RUN_NAMES
+    earlier: frozenset = frozenset()  # step copies already there when STEP_COPIES was claimed: not the run's
 
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "RunFolder":
+        """The folder and what its marker lists (nothing when it has none); RunFolderError when
+        the marker cannot be read."""
+        path = Path(path)
+        marker = path / RUN_MARKER
+        if not os.path.lexists(marker):
+            return cls(path)
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            names = record.get("names") if isinstance(record, dict) and record.get("format") == MARKER_FORMAT else None
+            earlier = record.get("earlier", []) if isinstance(names, list) else None
+            if not (isinstance(earlier, list) and all(isinstance(n, str) for n in names + earlier)):
+                raise ValueError(f"not a {MARKER_FORMAT} record")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise RunFolderError(f"{marker} cannot be read ({one_line(e, 80)}): it says which files in {path} "
+                                 "the trainer wrote; move the run's files away, or use another train.out_dir") from None
+        return cls(path, frozenset(names) & _RUN_NAMES, frozenset(n for n in earlier if _STEP_FILE.match(n)))
 
-def remove_stale_temp_files(out_dir: Path) -> None:
-    """Temporary files of saves that a SIGKILL interrupted (never of a live writer: rank 0 owns the folder)."""
-    if out_dir.is_dir():
-        for p in out_dir.iterdir():
-            if _TEMP_FILE.match(p.name):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+    def owns(self, name: str) -> bool:
+        if _STEP_FILE.match(name):
+            return STEP_COPIES in self.owned and name not in self.earlier
+        return name in self.owned
+
+    def entries(self) -> list[Path]:
+        """The run's names that are in the folder (whatever they are: files, folders, links)."""
+        if not self.path.is_dir():
+            return []
+        return [self.path / n for n in (*RUN_FILES, *RUN_FOLDERS) if os.path.lexists(self.path / n)] + \
+            step_copies(self.path)
+
+    def ours(self) -> list[Path]:
+        return [p for p in self.entries() if self.owns(p.name)]
+
+    def theirs(self) -> list[Path]:
+        """The run's names in the folder that the marker does not list: not the trainer's to touch."""
+        return [p for p in self.entries() if not self.owns(p.name)]
+
+    def claim(self) -> None:
+        """Create the folder if need be and record in its marker, as the run's, every name the run may
+        create that is not there yet (all of them, in a new or emptied folder)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        owned = set(self.owned) | {n for n in (*RUN_FILES, *RUN_FOLDERS) if not os.path.lexists(self.path / n)}
+        if STEP_COPIES not in owned:
+            owned.add(STEP_COPIES)
+            self.earlier = frozenset(p.name for p in step_copies(self.path))
+        self.owned = frozenset(owned)
+        atomic_write_json(self.path / RUN_MARKER, {"format": MARKER_FORMAT, "version": 1, "names": sorted(owned),
+                                                   "earlier": sorted(self.earlier)})
+
+    def remove_ours(self) -> None:
+        """Delete the run's names that the marker lists (a link itself, never what it points to)."""
+        for path in self.ours():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def remove_stale_temp_files(self) -> None:
+        """Temporary files (restorer.fileio.temp_path's) of the run's own names that a SIGKILL
+        interrupted; never of a live writer: rank 0 owns the folder."""
+        if self.path.is_dir():
+            for p in self.path.iterdir():
+                temp = _TEMP_FILE.match(p.name)
+                if temp and (self.owns(temp[1]) or temp[1] == RUN_MARKER):
+                    with contextlib.suppress(OSError):
+                        p.unlink()

@@ -31,7 +31,7 @@ def check_data(cfg: Config, hash_share: Optional[tuple[int, int]] = (0, 1)) -> N
             raise ConfigError("data: no training shards (the manifest's train split is empty)")
         if any(u.startswith(("http://", "https://")) for u in [*urls, *split_urls(cfg.data, "val")]):
             try:
-                http_settings()  # RESTORER_HTTP_STALL_S / _RETRIES: a bad value fails here, not in every worker
+                http_settings()  # RESTORER_HTTP_STALL_S / _RETRIES / _MIN_RATE: a bad value fails here, not in every worker
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         steps_per_epoch(cfg.data, cfg.train.batch_size, 1)
@@ -52,7 +52,7 @@ def local_ranks() -> int:
 def check_shared_memory(cfg: Config, ranks_on_node: int, shm: str = "/dev/shm") -> None:
     """The workers' batch rings live in shared memory; a container's default /dev/shm (64 MB) holds
     far less than gpu.yaml needs. ConfigError (one line) naming what to change, before any work."""
-    need = ring_bytes(cfg.data, cfg.train.batch_size) * ranks_on_node
+    need = ring_bytes(cfg.data, cfg.train.batch_size, cfg.train.grad_accum) * ranks_on_node
     try:
         st = os.statvfs(shm)
     except OSError:

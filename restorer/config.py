@@ -16,6 +16,7 @@ in its section's dataclass here (or in the network's or spec's own, which this f
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,53 @@ from restorer.data.jpeg import JpegSpec
 from restorer.data.patches import PatchSpec
 from restorer.errors import RestorerError
 from restorer.models import MODELS, DnCNNOptions, NAFNetOptions, NetworkSpec, SeedOptions, UNetOptions
+from restorer.urls import mask_secrets, shard_url_problem
 
 
 class ConfigError(RestorerError):
-    """A bad config file, key or value; the message is one line."""
+    """A bad config file, key or value; the message is one line, the passwords of the URLs it quotes masked."""
+
+    def __str__(self) -> str:
+        return mask_secrets(super().__str__())
+
+
+LONGEST_WAIT_S = 365 * 24 * 3600  # a year: a longer timeout is a mistake (threading and timedelta refuse far longer)
+
+
+def check_range(key: str, value, low=None, high=None, *, low_open: bool = False, high_open: bool = False) -> None:
+    """ValueError "key: must be ..., got value" unless low <= value <= high (< or > where open, no
+    bound where None). NaN and the infinities never pass: every numeric setting is finite."""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if finite and (low is None or (value > low if low_open else value >= low)) \
+            and (high is None or (value < high if high_open else value <= high)):
+        return
+    if low is not None and high is not None:
+        want = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    else:
+        want = f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}"
+    raise ValueError(f"{key}: must be {'' if finite else 'a finite number '}{want}, got {value}")
+
+
+def expand_shard_urls(pattern: str, allow_pipe: bool) -> list[str]:
+    """The URLs a data.train_urls / val_urls pattern names, expanded by webdataset's own expand_urls
+    (what the pipeline opens: '::' between patterns, ${VAR} from WDS_VAR, brace ranges), each
+    checked by check_shard_urls. ValueError (one line) otherwise."""
+    from webdataset.shardlists import expand_urls  # (imported when a pattern is given: it is slow to import)
+
+    try:
+        urls = list(expand_urls(pattern))
+    except ValueError as e:  # braceexpand's UnbalancedBracesError
+        raise ValueError(mask_secrets(str(e))) from None
+    check_shard_urls(urls, allow_pipe)
+    return urls
+
+
+def check_shard_urls(urls: list[str], allow_pipe: bool) -> None:
+    """ValueError naming the first URL the pipeline must not open (restorer.urls.shard_url_problem)."""
+    for url in urls:
+        problem = shard_url_problem(url, allow_pipe)
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass
@@ -39,36 +83,42 @@ class DataConfig:
     """Where the training pairs come from and how they are made (restorer.data.pipeline)."""
 
     shards: str = ""  # a shard folder or its manifest.json
-    train_urls: str = ""  # instead of the manifest's list: any URL pattern webdataset reads
-    val_urls: str = ""  # (brace patterns, pipe:aws s3 cp s3://... -, http://...)
+    train_urls: str = ""  # instead of the manifest's list: a URL pattern as webdataset expands them (brace
+    val_urls: str = ""  # ranges, '::') of paths, file:, http(s):// or pipe:aws s3 cp s3://... - (allow_pipe)
     epoch_samples: int = 0  # patches per epoch; 0: every training image once, patches_per_image each
     patch: PatchSpec = field(default_factory=PatchSpec)  # the clean patches: size, rescale, rotation, colour
     jpeg: JpegSpec = field(default_factory=JpegSpec)  # their JPEG: qualities, chroma, double JPEG
     patches_per_image: int = 256  # patches cut from each decoded image: a decode costs ~100 patches
-    shuffle_buffer: int = 2048  # patches held per stream, ~50 KB each at patch 128
+    shuffle_buffer: int = 2048  # patches mixed: a slot's window of shuffle_buffer // patches_per_image images
     workers: int = 4  # DataLoader worker processes per rank
     val_crop: int = 256  # validation: centre crop of at most this side ...
     val_qualities: tuple[int, ...] = (10,)  # ... JPEG-encoded at each of these qualities (jpeg.chroma's subsampling)
     verify: bool = False  # at start, check every shard's sha256 against the manifest (sizes are always checked)
     allow_pipe: bool = False  # let train_urls/val_urls use pipe: (it runs a shell command on every rank and worker)
+    trace: bool = False  # write RUN/trace.jsonl: the image and patch of every slot of every step (from shards only)
 
     def validate(self) -> None:
         """Raise ValueError naming the field that is wrong."""
         if not (self.shards or self.train_urls):
             raise ValueError("shards: must be a shard folder (or its manifest.json), or set train_urls")
+        check_range("epoch_samples", self.epoch_samples, 0)
         if self.train_urls and not self.shards and self.epoch_samples <= 0:
             raise ValueError(f"epoch_samples: must be > 0 when train_urls is used without a manifest, got {self.epoch_samples}")
         for name in ("patches_per_image", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            raise ValueError(f"workers: must be >= 0, got {self.workers}")
+            check_range(name, getattr(self, name), 1)
+        check_range("workers", self.workers, 0)
+        if self.trace and self.train_urls:
+            raise ValueError("trace: the stream from train_urls is not a function of integers; trace a run from a "
+                             "shard folder (data.shards)")
         if self.val_crop < 16:  # whole 8x8 blocks, at least SSIM's 11x11 window
             raise ValueError(f"val_crop: must be >= 16 (SSIM's window is 11x11), got {self.val_crop}")
-        for name in ("train_urls", "val_urls"):
-            if "pipe:" in getattr(self, name) and not self.allow_pipe:
-                raise ValueError(f"{name}: a pipe: URL runs a shell command on every rank and worker: "
-                                 "set data.allow_pipe=true if you mean it")
+        for name in ("train_urls", "val_urls"):  # each URL as the pipeline will open it: after expansion
+            pattern = getattr(self, name)
+            try:
+                if pattern:
+                    expand_shard_urls(pattern, self.allow_pipe)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         if not self.val_qualities or not all(1 <= q <= 100 for q in self.val_qualities):
             raise ValueError(f"val_qualities: must be one or more qualities in 1..100, got {list(self.val_qualities)}")
         for name in ("patch", "jpeg"):
@@ -140,15 +190,17 @@ class OptimConfig:
 
     def validate(self) -> None:
         check_choices(self)
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"ema: must be in [0, 1), got {self.ema}")
+        check_range("lr", self.lr, 0, low_open=True)
+        for key in ("last_lr_scale", "weight_decay", "grad_clip", "warmup_steps", "step_every"):
+            check_range(key, getattr(self, key), 0)
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):  # else Adam's traceback
+            raise ValueError(f"betas: must be two numbers in [0, 1), got {list(self.betas)}")
+        check_range("charbonnier_eps", self.charbonnier_eps, 0, low_open=True)  # 0: sqrt's gradient at 0 is NaN
+        check_range("min_lr_scale", self.min_lr_scale, 0, 1)
         if self.schedule == "step" and self.step_every <= 0:
             raise ValueError(f"step_every: must be > 0 for the step schedule, got {self.step_every}")
-        for key in ("warmup_steps", "grad_clip", "weight_decay", "last_lr_scale", "min_lr_scale", "charbonnier_eps"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        check_range("step_gamma", self.step_gamma, 0, 1, low_open=True)
+        check_range("ema", self.ema, 0, 1, high_open=True)
 
 
 @dataclass
@@ -166,7 +218,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     resume: bool = True  # continue from out_dir/last.pt when it exists; false starts fresh
-    overwrite: bool = False  # starting fresh in a folder that holds another run deletes that run's files
+    overwrite: bool = False  # fresh start over a run recorded in .restorer-run: deletes its files (never others)
     max_nonfinite: int = 20  # this many non-finite losses in a row stop the run
     stop_grace_s: float = 25.0  # after SIGTERM/SIGUSR1, exit by force if a step never ends
     collective_timeout_s: float = 600.0  # a collective (all-reduce, broadcast) that waits longer fails the run
@@ -174,16 +226,12 @@ class TrainConfig:
     def validate(self) -> None:
         check_choices(self)
         for key in ("epochs", "batch_size", "grad_accum", "max_nonfinite"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.max_steps < 0:
-            raise ValueError(f"max_steps: must be >= 0, got {self.max_steps}")
-        if self.stop_grace_s <= 0:
-            raise ValueError(f"stop_grace_s: must be > 0, got {self.stop_grace_s}")
-        if self.collective_timeout_s <= 0:
-            raise ValueError(f"collective_timeout_s: must be > 0, got {self.collective_timeout_s}")
-        if self.max_minutes < 0:
-            raise ValueError(f"max_minutes: must be >= 0, got {self.max_minutes}")
+            check_range(key, getattr(self, key), 1)
+        check_range("max_steps", self.max_steps, 0)
+        check_range("max_minutes", self.max_minutes, 0)
+        check_range("seed", self.seed, 0, 2**32 - 1)  # numpy's seeds are >= 0 (-1: a traceback); 2**32 are plenty
+        for key in ("stop_grace_s", "collective_timeout_s"):
+            check_range(key, getattr(self, key), 0, LONGEST_WAIT_S, low_open=True)
         if not self.out_dir:
             raise ValueError("out_dir: must be a folder, got ''")
 
@@ -194,10 +242,8 @@ class CheckpointConfig:
     keep: int = 0  # also keep step-NNNNNNNN.pt copies of the last this many saves; 0: none
 
     def validate(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"every: must be >= 1, got {self.every}")
-        if self.keep < 0:
-            raise ValueError(f"keep: must be >= 0, got {self.keep}")
+        check_range("every", self.every, 1)
+        check_range("keep", self.keep, 0)
 
 
 @dataclass
@@ -218,12 +264,9 @@ class LogConfig:
 
     def validate(self) -> None:
         check_choices(self)
-        if self.every < 1:
-            raise ValueError(f"every: must be >= 1, got {self.every}")
-        if self.val_every < 0:
-            raise ValueError(f"val_every: must be >= 0, got {self.val_every}")
-        if self.pictures < 0:
-            raise ValueError(f"pictures: must be >= 0, got {self.pictures}")
+        check_range("every", self.every, 1)
+        check_range("val_every", self.val_every, 0)
+        check_range("pictures", self.pictures, 0)
 
 
 @dataclass
@@ -294,14 +337,22 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        number = None
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer past float's range
+                number = math.inf
+        if number is None:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # nan, inf, 1e400: every numeric setting is finite
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -383,4 +434,6 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The config as YAML (the run folder's config.yaml), passwords in its URLs masked: a file to read
+    and share, not the secret (the checkpoint keeps the config as given, to resume)."""
+    return yaml.safe_dump(mask_secrets(cfg.to_dict()), sort_keys=False)

@@ -31,7 +31,9 @@ For every image under DIR (recursive; .jpg .jpeg .png .webp .bmp .tif .tiff, any
   the JPEG's tables say, as restore reads it from a file; there is no guard: a network is scored at
   every quality asked, inside its training range or not;
 * PSNR, SSIM (Gaussian 11x11, sigma 1.5) and PSNR-B (Yim & Bovik 2011) per image, then the mean
-  over images (restorer.metrics).
+  over images (restorer.metrics). An image under 11 px a side (after ``--max-side`` and ``--double``'s
+  cut) has no SSIM: it is skipped, with one warning that counts them. A network whose output is not
+  finite (NaN or inf) ends the evaluation (exit 1): nothing is scored from it.
 
 The published JPEG-input figures this reproduces (the input row does not depend on the network):
 LIVE1 gray q10 27.77 dB PSNR (q20 30.07, q30 31.41, q40 32.35), Classic5 gray q10 27.82 dB.
@@ -62,8 +64,8 @@ from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from restorer.data.patches import luma
 from restorer.fileio import atomic_open, atomic_write_json
-from restorer.inference import (PRECISIONS, Network, decode_file, find_inputs, input_quality, load_network,
-                                restore_image)
+from restorer.inference import (PRECISIONS, Network, NonFiniteOutputError, decode_file, find_inputs, input_quality,
+                                load_network, restore_image)
 from restorer.metrics import psnr, psnr_b, ssim
 
 METRICS = ("psnr", "ssim", "psnrb")
@@ -71,6 +73,8 @@ KEYS = tuple(f"{m}_{s}" for m in METRICS for s in ("jpeg", "model"))
 QUALITIES = (10, 20, 30, 40)
 SWEEP = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 TILE = 1024  # on every device: the same tiles give the same figures
+SSIM_WINDOW = 11  # the Gaussian window of SSIM (restorer.metrics.ssim): the smallest side that can be scored
+MAX_SHIFT = 7  # --double cuts 1..MAX_SHIFT px from the top and the left of each image
 GIVEN = "given"  # the "quality" key of --inputs/--references results
 
 #: MATLAB rgb2ycbcr luma weights, for R, G, B in [0, 1] giving Y in [16/255, 235/255].
@@ -114,7 +118,8 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
 
 def measure(x: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     a, b = _tensor(x), _tensor(ref)
-    return {"psnr": float(psnr(a, b)[0]), "ssim": float(ssim(a, b)[0]), "psnrb": float(psnr_b(a, b)[0])}
+    return {"psnr": float(psnr(a, b)[0]), "ssim": float(ssim(a, b, window_size=SSIM_WINDOW)[0]),
+            "psnrb": float(psnr_b(a, b)[0])}
 
 
 def scored(channel: str, clean: np.ndarray, jpeg: np.ndarray, out: np.ndarray) -> dict[str, float]:
@@ -139,7 +144,7 @@ def centre_crop(rgb: np.ndarray, max_side: int) -> np.ndarray:
 def double_shift(name: str) -> tuple[int, int]:
     """The grid shift of --double for an image: 1-7 px each way, fixed by its name."""
     h = zlib.crc32(name.encode())
-    return 1 + h % 7, 1 + (h // 7) % 7
+    return 1 + h % MAX_SHIFT, 1 + (h // MAX_SHIFT) % MAX_SHIFT
 
 
 def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, y_channel: bool = False,
@@ -157,8 +162,11 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
         raise UsageError(f"--chroma: must be one of {', '.join(jpeg.CHROMA)}, got {chroma!r}")
     if gray and y_channel:
         raise UsageError("--gray already measures on Y: drop --y-channel")
-    if max_side and max_side < 8:
-        raise UsageError(f"--max-side must be >= 8 (or 0 for whole images), got {max_side}")
+    smallest = SSIM_WINDOW + (MAX_SHIFT if double is not None else 0)
+    if max_side and max_side < smallest:
+        raise UsageError(f"--max-side must be >= {smallest} (SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window"
+                         f"{f', and the up to {MAX_SHIFT} px --double cuts' if double is not None else ''}) "
+                         f"or 0 for whole images, got {max_side}")
     root = Path(images_dir)
     paths = _image_files(root, "--images")
     net = _load(ckpt_path, device, precision)
@@ -172,16 +180,17 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
     bar = tqdm(total=len(paths) * len(qualities), desc="evaluate", unit="image", file=sys.stderr,
                disable=not progress or None, leave=False)
     lossy_references: list[str] = []  # references that are JPEGs at or below a quality scored
+    too_small: list[str] = []  # images under SSIM's window once cropped and cut
+    unreadable = 0
     for path in paths:
         name = path.relative_to(root).as_posix()
         try:
             raw = path.read_bytes()
             image, is_gray = decode_file(raw)
             own = jpeg.file_quality(raw)
-            if own is not None and max(qualities) >= own:
-                lossy_references.append(f"{name} (q{own})")
         except (ImageDecodeError, OSError) as e:
             warn(f"skipping {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            unreadable += 1
             bar.update(len(qualities))
             continue
         image = centre_crop(image, max_side) if max_side else image
@@ -192,21 +201,31 @@ def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, 
         else:
             clean = np.repeat(image[..., None], 3, axis=2) if is_gray else image
         shift = double_shift(name) if double is not None else (0, 0)
+        h, w = clean.shape[0] - shift[0], clean.shape[1] - shift[1]  # the size scored
+        if min(h, w) < SSIM_WINDOW:
+            too_small.append(f"{name} ({max(w, 0)}x{max(h, 0)})")
+            bar.update(len(qualities))
+            continue
+        if own is not None and max(qualities) >= own:
+            lossy_references.append(f"{name} (q{own})")
         for q in qualities:
             data, ref = jpeg.compress(clean[..., None] if clean.ndim == 2 else clean, q, chroma, first=double, shift=shift)
             ref = ref[..., 0] if clean.ndim == 2 else ref
             pixels, tables_q = jpeg.decode(data)
             pixels = pixels[..., 0] if clean.ndim == 2 else pixels
-            out = restore_image(net, pixels, quality=tables_q, bounds=jpeg.file_bounds(data) if file_bounds else None, **kw)
+            out = _restored(net, pixels, f"{name} at quality {q}", quality=tables_q,
+                            bounds=jpeg.file_bounds(data) if file_bounds else None, **kw)
             per_q[str(q)][name] = scored(channel, ref, pixels, out)
             bar.update()
     bar.close()
     if not any(per_q.values()):
-        raise UsageError(f"none of the {len(paths)} image(s) under {root} could be read")
+        raise UsageError(f"none of the {len(paths)} image(s) under {root} could be scored ({unreadable} unreadable, "
+                         f"{len(too_small)} under {SSIM_WINDOW} px a side)")
+    _warn_too_small(too_small)
     if lossy_references:
         warn(f"{len(lossy_references)} reference(s) are JPEGs themselves, of a quality scored here: "
-             f"{', '.join(lossy_references[:5])}{' ...' if len(lossy_references) > 5 else ''}; at or above its "
-             "own quality a score measures how well the network keeps the reference's artifacts")
+             f"{_some(lossy_references)}; at or above its own quality a score measures how well the network keeps "
+             "the reference's artifacts")
     return _result(ckpt_path, channel, per_q, chroma=chroma, double=double, file_bounds=file_bounds)
 
 
@@ -221,6 +240,7 @@ def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = F
     kw = _tiling(tile)
     images: dict[str, dict[str, float]] = {}
     gray_inputs = 0
+    too_small: list[str] = []
     for path in paths:
         stem = path.relative_to(inputs).with_suffix("").as_posix()
         if stem not in references:
@@ -241,17 +261,42 @@ def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = F
             warn(f"skipping {stem}: the input is {jpeg_pixels.shape[1]}x{jpeg_pixels.shape[0]}, its reference "
                  f"{ref.shape[1]}x{ref.shape[0]}")
             continue
+        if min(ref.shape[:2]) < SSIM_WINDOW:
+            too_small.append(f"{stem} ({ref.shape[1]}x{ref.shape[0]})")
+            continue
         gray_inputs += is_gray
         quality = input_quality(data, jpeg_pixels)[0] if net.takes_quality else None
         if net.takes_quality and quality is None:
             warn(f"{stem}: no JPEG trace in its pixels: restored as quality 95")
             quality = 95
-        out = restore_image(net, jpeg_pixels, quality=quality, bounds=jpeg.file_bounds(data) if file_bounds else None, **kw)
+        out = _restored(net, jpeg_pixels, stem, quality=quality, bounds=jpeg.file_bounds(data) if file_bounds else None,
+                        **kw)
         images[stem] = scored("y" if y_channel else "rgb", ref, jpeg_pixels, out)
     if not images:
-        raise UsageError(f"no input under {inputs} has a usable reference under {refs}")
+        raise UsageError(f"no input under {inputs} has a usable reference under {refs}"
+                         + (f" ({len(too_small)} under {SSIM_WINDOW} px a side)" if too_small else ""))
+    _warn_too_small(too_small)
     channel = "y" if y_channel else ("gray" if gray_inputs == len(images) else "rgb")
     return _result(ckpt_path, channel, {GIVEN: images}, file_bounds=file_bounds)
+
+
+def _restored(net: Network, pixels: np.ndarray, what: str, **kw) -> np.ndarray:
+    """restore_image, or the evaluation ends (exit 1) naming the image: a non-finite output has no score."""
+    try:
+        return restore_image(net, pixels, **kw)
+    except NonFiniteOutputError as e:
+        raise NonFiniteOutputError(f"{what}: {e}") from None
+
+
+def _some(names: list[str]) -> str:
+    """The first few of `names`, for a warning that counts them."""
+    return f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+
+
+def _warn_too_small(names: list[str]) -> None:
+    if names:
+        warn(f"{len(names)} image(s) under {SSIM_WINDOW} px a side (SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window) "
+             f"skipped: {_some(names)}")
 
 
 def _image_files(root: Path, option: str) -> list[Path]:

@@ -7,8 +7,12 @@
   odd sizes before it is kept: the largest difference must be within 1/255.
 * torchscript: torch.jit.script of the network (no Python needed to run it; torch.jit.load).
 * safetensors: the weights (no pickle: any tool can read them) with the card in the header's
-  metadata, and the card beside it as FILE.json. restorer.restore and restorer.evaluate take all
-  onnx and safetensors files (and checkpoints) as --ckpt; TorchScript is for other programs.
+  metadata, and the card beside it as a .json (net.safetensors: net.json). restorer.restore and
+  restorer.evaluate take all onnx and safetensors files (and checkpoints) as --ckpt; TorchScript is
+  for other programs.
+
+An --out that is the checkpoint (a link to it included) or a folder, and a safetensors --out that is
+its own card's name (w.json), are refused before anything is written (exit 2).
 
 Every format takes float32 N x C x H x W in [0, 1] (C = 3 for RGB, 1 for grayscale) and returns the
 restored image the same way (clamp to [0, 1]). A network conditioned on the JPEG quality takes a
@@ -28,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-from restorer.cli import Parser, UsageError, one_line, run
+from restorer.cli import Parser, one_line, run
 from restorer.errors import RunError
 from restorer.fileio import atomic_open
 from restorer.inference import ONNX_CARD_KEY, load_checkpoint_network
+from restorer.fileio import refuse_overwrites
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 TOLERANCE = 1 / 255  # an exported network's output may differ from PyTorch's by less than one grey level
@@ -108,6 +113,11 @@ def export_torchscript(model: torch.nn.Module, card: dict, out: Path) -> float:
     return worst
 
 
+def card_path(out: Path) -> Path:
+    """Where export_safetensors writes the card beside the weights."""
+    return out.with_suffix(".json")
+
+
 def export_safetensors(model: torch.nn.Module, card: dict, out: Path) -> float:
     try:
         from safetensors.torch import save
@@ -116,7 +126,7 @@ def export_safetensors(model: torch.nn.Module, card: dict, out: Path) -> float:
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_open(out, "wb") as f:
         f.write(save(weights, metadata={ONNX_CARD_KEY: json.dumps(card)}))
-    with atomic_open(out.with_suffix(".json"), "w") as f:
+    with atomic_open(card_path(out), "w") as f:
         json.dump(card, f, indent=1)
         f.write("\n")
     return 0.0
@@ -127,11 +137,13 @@ EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript, "safetensor
 
 def export(ckpt: str, fmt: str, out: str) -> float:
     """Export; returns the largest difference from PyTorch measured on odd sizes."""
+    path = Path(out)
+    outputs = [("--out", path)]
+    if fmt == "safetensors" and path.name:  # (no name: "." or "/", a folder, refused as such)
+        outputs.append(("its card", card_path(path)))
+    refuse_overwrites(outputs, [("--ckpt", Path(ckpt))], hint="give --out a file name of its own")
     model, checkpoint = load_checkpoint_network(ckpt)
     card = checkpoint.card()
-    path = Path(out)
-    if path.is_dir():
-        raise UsageError(f"--out is a folder: give a file name, e.g. {path / ('model.' + fmt.replace('torchscript', 'pt'))}")
     path.parent.mkdir(parents=True, exist_ok=True)
     return EXPORTERS[fmt](model, card, path)
 

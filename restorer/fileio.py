@@ -6,7 +6,9 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Hashable, Iterator, Sequence, Union
+
+from restorer.errors import UsageError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -63,3 +65,37 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=False)
         f.write("\n")
+
+
+# what a tool writes is never what it reads (restore, export, plot, runs)
+
+
+def file_identity(path: PathLike) -> Hashable:
+    """What one file is, however it is named: (device, inode) when it exists (os.path.samefile's test:
+    a symlink or a hard link to it is the same file); its absolute path, symlinks resolved, when it
+    does not exist yet (two outputs named two ways)."""
+    try:  # resolved first: "new/../net.pt" is net.pt once the writer has made the folder new
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop (RuntimeError before Python 3.13), a NUL
+        resolved = Path(os.path.abspath(path))
+    try:
+        st = os.stat(resolved)
+    except (OSError, ValueError):  # not there (yet), a dangling link
+        return resolved
+    return st.st_dev, st.st_ino
+
+
+def refuse_overwrites(outputs: Sequence[tuple[str, PathLike]], inputs: Sequence[tuple[str, PathLike]],
+                      hint: str) -> None:
+    """UsageError (one line, before anything is written) for an output that is a folder, that is one
+    of the tool's inputs or another of its outputs. Each pair: (what the user knows it as, its path)."""
+    named: dict[Hashable, str] = {}
+    for what, path in inputs:
+        named.setdefault(file_identity(path), f"{what} {path}")
+    for what, path in outputs:
+        if os.path.isdir(path):
+            raise UsageError(f"{what} {path} is a folder: {hint}")
+        key = file_identity(path)
+        if key in named:
+            raise UsageError(f"{what} {path} would overwrite {named[key]}: {hint}")
+        named[key] = f"{what} {path}"

@@ -3,7 +3,9 @@ the device and the precision, convert uint8 <-> float and tile through the funct
 
 A network comes from a checkpoint (rebuilt from the file alone, EMA weights when present) or from a
 network exported as ONNX or safetensors (restorer.export), and runs in fp32 by default everywhere;
-`precision="bf16"` uses autocast (CUDA, and CPUs with bf16 instructions).
+`precision="bf16"` uses autocast (CUDA, and CPUs with bf16 instructions). Loading refuses in one line
+(CheckpointError) a card whose fields are of the wrong type, a TorchScript export and weights that
+hold NaN or inf; an output that is not finite anyway raises NonFiniteOutputError before any of it is kept.
 
 Tiling (:func:`restore_array`)
 ------------------------------
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -45,7 +48,7 @@ from PIL import Image
 from torch import nn
 
 from restorer.checkpoint import Checkpoint, CheckpointError, card_qualities, read_checkpoint
-from restorer.errors import UsageError, one_line
+from restorer.errors import RunError, UsageError, one_line
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, load_image, to_rgb_array
 from restorer.data.patches import luma
@@ -55,6 +58,12 @@ GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
 MIN_WEIGHT = 1e-3
 PRECISIONS = ("fp32", "bf16")
 ONNX_CARD_KEY = "restorer"  # the metadata entry of an exported file that holds the network's card (restorer.export)
+CHANNELS = (1, 3)  # the images restore and evaluate feed a network: grayscale or RGB
+
+
+class NonFiniteOutputError(RunError):
+    """The network's output holds NaN or inf (damaged weights, or values that overflow): nothing of it
+    may be written or scored; one line."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,8 +157,11 @@ def load_network(path: str | Path, device: str | torch.device | None = "auto", p
     if path.suffix.lower() == ".safetensors":
         model, spec, card = _safetensors_model(path)
     else:
+        if _is_torchscript(path):  # torch.load's own refusal would suggest weights_only=False: unsafe advice
+            raise CheckpointError(f"{path} is a TorchScript export, for other programs: give its checkpoint, "
+                                  "or an .onnx or .safetensors export")
         model, checkpoint = load_checkpoint_network(path)
-        spec, card = checkpoint.network, checkpoint.card()
+        spec, card = checkpoint.network, _checked_card(checkpoint.card(), path)
     # channels_last on every device: 1.5-1.8x faster on CPUs too (AVX2 and AVX-512 alike), for every network
     model = model.to(dev, memory_format=torch.channels_last)
     return Network(model, spec.in_channels, spec.grayscale, dev, precision, spec.name, model, spec.takes_quality, card)
@@ -169,10 +181,17 @@ def _onnx_network(path: Path, device: torch.device, precision: str) -> Network:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
         raise CheckpointError(f"cannot load {path}: {one_line(e)}") from None
-    card = json.loads(session.get_modelmeta().custom_metadata_map.get(ONNX_CARD_KEY, "{}"))
+    card = session.get_modelmeta().custom_metadata_map.get(ONNX_CARD_KEY, "{}")
+    card = _checked_card(_card_json(card, path), path)
+    _refuse_non_finite(_onnx_initializers(path), path)
     inputs = session.get_inputs()
-    channels = inputs[0].shape[1]
-    channels = channels if isinstance(channels, int) else card.get("in_channels", 3)
+    shape = inputs[0].shape
+    if len(shape) != 4:
+        raise CheckpointError(f"{path}: its input has {len(shape)} dimensions, not N x C x H x W")
+    channels = shape[1] if _is_int(shape[1]) else card.get("in_channels", 3)  # a named dimension: the card says
+    if channels not in CHANNELS:
+        raise CheckpointError(f"{path}: its input has {channels} channels; restore and evaluate feed 1 (grayscale) "
+                              "or 3 (RGB)")
     names = [i.name for i in inputs]
 
     def forward(x: torch.Tensor, quality: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -195,16 +214,103 @@ def _safetensors_model(path: Path) -> tuple[nn.Module, NetworkSpec, dict]:
         raise UsageError("reading a .safetensors file needs safetensors: pip install -e '.[export]'") from None
     try:
         with safe_open(str(path), framework="pt") as f:
-            card = json.loads((f.metadata() or {}).get(ONNX_CARD_KEY, "null"))
+            text = (f.metadata() or {}).get(ONNX_CARD_KEY)
             weights = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - a damaged file: the library's own error types
         raise CheckpointError(f"cannot read {path}: {one_line(e)}") from None
+    card = _card_json(text, path) if text is not None else None
     if not isinstance(card, dict) or not {"network", "in_channels"} <= card.keys():
         raise CheckpointError(f"{path} has no restorer card (network, in_channels) in its metadata "
                               "(export it with python -m restorer.export)")
-    spec = NetworkSpec(card["network"], dict(card.get("options") or {}), int(card["in_channels"]),
-                       bool(card.get("grayscale", card["in_channels"] == 1)))
+    card = _checked_card(card, path)
+    spec = NetworkSpec(card["network"], dict(card.get("options") or {}), card["in_channels"],
+                       card.get("grayscale", card["in_channels"] == 1))
     return _built(spec, weights, path), spec, card
+
+
+def _card_json(text: str, path: Path):
+    """The card an exported file's metadata holds, as JSON says it (any type: checked_card checks it)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # not JSON, or nested past the parser's depth
+        raise CheckpointError(f"{path}: its restorer card is not JSON ({one_line(e, 80)})") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_quality_list(value) -> bool:
+    return isinstance(value, list) and len(value) >= 2 and all(_is_int(q) and 1 <= q <= 100 for q in value)
+
+
+# The card's fields restore and evaluate read, and what each must be when it is there.
+_CARD_FIELDS = {
+    "network": (lambda v: isinstance(v, str) and v != "", "a network's name"),
+    "options": (lambda v: v is None or isinstance(v, dict), "an object of the network's options"),
+    "in_channels": (lambda v: _is_int(v) and v in CHANNELS, "1 (grayscale) or 3 (RGB)"),
+    "grayscale": (lambda v: isinstance(v, bool), "true or false"),
+    "training": (lambda v: v is None or isinstance(v, dict), "an object"),
+}
+_TRAINING_FIELDS = {  # version 1 cards said jpeg_quality
+    key: (lambda v: v is None or _is_quality_list(v), "2 or more JPEG qualities in 1..100")
+    for key in ("qualities", "jpeg_quality")
+}
+
+
+def _checked_card(card, path) -> dict:
+    """`card` (a network's, from its file) when the fields restore and evaluate read are of their
+    types; CheckpointError (one line) naming the first that is not. A field left out stays out."""
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{path}: its restorer card is not a JSON object: {one_line(repr(card), 60)}")
+    training = card.get("training") or {}
+    for fields, where, record in ((_CARD_FIELDS, "", card), (_TRAINING_FIELDS, "training.", training)):
+        for key, (fits, what) in fields.items():
+            if key in record and not fits(record[key]):
+                raise CheckpointError(f"{path}: its card's {where}{key} must be {what}, "
+                                      f"got {one_line(repr(record[key]), 60)}")
+    return card
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (torch.jit.save): a zip holding constants.pkl, which a checkpoint never does."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):  # not a zip (an old-style checkpoint) or unreadable: read_checkpoint says
+        return False
+
+
+def _onnx_initializers(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """An ONNX file's weights held in the file (its initializers) as float tensors; none without
+    the onnx package or for a file it cannot parse (the network's outputs are still checked)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - no onnx package, or a file only onnxruntime reads
+        return
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:  # its data lives elsewhere: not read here
+            continue
+        try:
+            array = numpy_helper.to_array(tensor)
+        except Exception:  # noqa: BLE001 - a tensor onnx cannot decode: onnxruntime judges the file
+            continue
+        if array.dtype.kind == "f":
+            yield tensor.name, torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _refuse_non_finite(weights: Iterable[tuple[str, torch.Tensor]], source) -> None:
+    """CheckpointError (one line) when a weight holds NaN or inf: every output of such a network
+    is damaged (a NaN turns a whole image black), so nothing is restored with it."""
+    damaged = [(name, t) for name, t in weights if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if damaged:
+        name, t = damaged[0]
+        kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
+        raise CheckpointError(f"{source}: its weights are damaged: {len(damaged)} tensor(s) hold NaN or inf "
+                              f"({name} holds {kind}); use another checkpoint")
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,9 +328,13 @@ def _built(spec: NetworkSpec, weights: dict, source) -> nn.Module:
     """The network of `spec` with `weights`, in eval mode; CheckpointError when they do not fit."""
     try:
         model = spec.build()
+    except ValueError as e:  # an unknown network or option
+        raise CheckpointError(f"{source}: {e}") from None
+    try:
         load_weights(model, weights, str(source))
-    except ValueError as e:  # an unknown network or option, weights of another shape
+    except ValueError as e:  # weights of another shape (the message names the file)
         raise CheckpointError(str(e)) from None
+    _refuse_non_finite(model.state_dict().items(), source)
     return model.eval()
 
 
@@ -349,6 +459,10 @@ def restore_array(network: Network | nn.Module, image: np.ndarray, tile: int = 2
         stop = min(y0 + d, h)
         if stop > done:
             vals = acc[:, done - y0:stop - y0, :w] * inv_y[done:stop][None, :, None] * inv_x[None, None, :]
+            if not bool(torch.isfinite(vals).all()):  # (NaN survives the blending; clamping would hide inf)
+                kind = "NaN" if bool(torch.isnan(vals).any()) else "inf"
+                raise NonFiniteOutputError(f"the network's output is not finite ({kind}): its weights are damaged "
+                                           "or its values overflow")
             vals = vals.clamp_(0.0, 1.0).mul_(255.0)
             if bounds is None:
                 out[done:stop] = vals.round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

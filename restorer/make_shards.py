@@ -13,7 +13,7 @@ from typing import Optional
 
 from restorer.cli import Parser, UsageError, run
 from restorer.data.decode import DEFAULT_MAX_PIXELS
-from restorer.data.sharding import PROG, PackOptions
+from restorer.data.sharding import DEFAULT_MAX_BYTES, PROG, PackOptions
 from restorer.data.sharding import run as pack
 
 
@@ -38,6 +38,9 @@ def build_parser() -> Parser:
     p.add_argument("--min-side", type=int, default=128, help="reject images whose short side is smaller (default 128)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"reject images with more pixels (decompression bombs; default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--max-bytes", type=_size, default=str(DEFAULT_MAX_BYTES),
+                   help=f"reject files larger than this, e.g. 100M, 1G (default {DEFAULT_MAX_BYTES // 1024**2}M); "
+                   "files that are not regular files (FIFOs, devices, sockets) are rejected whatever their size")
     p.add_argument("--tile", type=int, metavar="SIZE",
                    help="cut each image into SIZExSIZE lossless PNG tiles (edge tiles aligned to the border); off by default")
     p.add_argument("--workers", type=int, default=_cpu_count(), help="worker processes (default: all cores)")
@@ -66,6 +69,8 @@ def options_from_args(a: argparse.Namespace) -> PackOptions:
         raise UsageError(f"--maxcount must be >= 1, got {a.maxcount}")
     if a.maxsize < 1:
         raise UsageError(f"--maxsize must be > 0, got {a.maxsize}")
+    if a.max_bytes < 1:
+        raise UsageError(f"--max-bytes must be > 0, got {a.max_bytes}")
     if a.min_side < 1:
         raise UsageError(f"--min-side must be >= 1, got {a.min_side}")
     if a.workers < 1:
@@ -91,6 +96,7 @@ def options_from_args(a: argparse.Namespace) -> PackOptions:
         seed=a.seed,
         tile=a.tile,
         max_pixels=a.max_pixels,
+        max_bytes=a.max_bytes,
     )
 
 

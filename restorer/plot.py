@@ -10,7 +10,9 @@ config.yaml that differ, as python -m restorer.runs shows them: "optim.lr=0.002"
 panel draws the JPEG input's PSNR dashed in the run's colour. With several runs --out is required.
 
 Needs matplotlib (pip install -e '.[plot]'). Resumed runs are drawn as one run: a step logged twice
-(work redone after a restart from an older checkpoint) keeps its last value.
+(work redone after a restart from an older checkpoint) keeps its last value. A line of metrics.jsonl
+that is not a record is skipped with a warning that counts them (as python -m restorer.runs); --out
+is never a run's metrics.jsonl or config.yaml (refused, exit 2).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import sys
 from pathlib import Path
 
 from restorer.cli import Parser, UsageError, run
-from restorer.fileio import atomic_open
-from restorer.runs import differing_keys, read_config, read_records, run_labels
+from restorer.fileio import atomic_open, refuse_overwrites
+from restorer.runs import (differing_keys, read_config, read_records, run_inputs, run_labels,
+                           warn_skipped)
 
 
 def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -30,9 +33,7 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     if not path.is_file():
         raise UsageError(f"no metrics.jsonl in {run_dir} (is it a run folder, train.out_dir?)")
     records, bad = read_records(path)
-    if bad:
-        print(f"plot: warning: {path}: {bad} line{' is' if bad == 1 else 's are'} not JSON (a write cut short?): skipped",
-              file=sys.stderr)
+    warn_skipped("plot", path, bad)
     train, val = {}, {}
     for record in records:
         if "loss" in record:
@@ -131,13 +132,13 @@ def main(argv=None) -> int:
     def body() -> int:
         args = p.parse_args(argv)
         run_dirs = list(dict.fromkeys(Path(d) for d in args.run_dirs))
-        if len(run_dirs) == 1:
-            out = Path(args.out) if args.out else run_dirs[0] / "curves.png"
-            draw(run_dirs[0], out)
-        elif not args.out:
+        if len(run_dirs) > 1 and not args.out:
             raise UsageError(f"{len(run_dirs)} runs: say where their picture goes with --out FILE.png")
+        out = Path(args.out) if args.out else run_dirs[0] / "curves.png"
+        refuse_overwrites([("--out", out)], run_inputs(run_dirs), hint="draw the picture elsewhere")
+        if len(run_dirs) == 1:
+            draw(run_dirs[0], out)
         else:
-            out = Path(args.out)
             draw_runs(run_dirs, out)
         print(f"plot: {out}")
         return 0

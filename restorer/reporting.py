@@ -1,10 +1,14 @@
 """Rank 0's account of a run: metrics.jsonl (one JSON object a line, appended), TensorBoard scalars
 when the package is installed, the experiment trackers asked for (restorer.trackers), the
-validation pictures (RUN/val/step-N.png), and the console (a tqdm bar and lines that do not break
+validation pictures (RUN/val/step-N.png), and the console (progress, and lines that do not break
 it). Other ranks report nothing (errors excepted, by their own tools).
 
-Under a time budget (train.max_minutes) the bar counts minutes of the budget, with the time left and
-the steps a second: the steps an epoch count says a run would take are never reached then.
+The progress: on a terminal a tqdm bar; in a log file (SLURM, nohup: stderr not a terminal) a plain
+line every LINE_EVERY_S instead, as a log file cannot redraw. Both say the time left: the steps left
+at the measured seconds a step (validation excluded), plus the validations still to come (every
+log.val_every steps and the last one) at their measured mean time. Under a time budget
+(train.max_minutes) the bar counts minutes of the budget, with the time left and the steps a second:
+the steps an epoch count says a run would take are never reached then.
 """
 
 from __future__ import annotations
@@ -14,28 +18,43 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence, TextIO
 
 import numpy as np
 
 from restorer.fileio import atomic_open
+from restorer.trackers import close_trackers
 
 PROG = "train"
+LINE_EVERY_S = 60.0  # a progress line in a log file, once a minute
+RATES = {"patches_s": "patches/s", "steps_s": "steps/s"}  # the bar's figures that a progress line says as rates
 
 
 class Reporter:
     """metrics.jsonl, TensorBoard and the console of one run, on rank 0 (`active`); every method is
-    a no-op elsewhere. `due(step)` says when a training line is written (log.every)."""
+    a no-op elsewhere. `due(step)` says when a training line is written (log.every). `stream`: the
+    console (sys.stderr); `clock`: the seconds the time left is measured with (time.perf_counter)."""
 
     def __init__(self, out_dir: Path, *, active: bool, every: int, total_steps: int, budget_s: float, start_step: int,
                  start_seconds: float, steps_per_epoch: int, progress: bool, tensorboard: bool, pictures: int = 0,
-                 trackers: Sequence = ()):
-        self.active, self.every, self.steps_epoch = active, every, steps_per_epoch
+                 trackers: Sequence = (), val_every: int = 0, stream: Optional[TextIO] = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.active, self.every, self.steps_epoch, self.val_every = active, every, steps_per_epoch, val_every
         self.total_steps, self.budget_s = total_steps, budget_s
         self.out_dir, self.path = out_dir, out_dir / "metrics.jsonl"
         self.pictures, self.trackers = pictures, list(trackers)
+        self.stream, self.clock = stream if stream is not None else sys.stderr, clock
         self.tb = self.bar = None
-        self.window = (start_step, time.perf_counter())  # (step, clock) where the current log window began
+        self.window = (start_step, clock())  # (step, clock) where the current log window began
+        # the time left: training seconds over steps (from the first step on), validations' seconds
+        self.step_at: Optional[float] = None  # the clock at the last step (or the end of a validation)
+        self.step_seconds, self.steps_timed = 0.0, 0
+        self.val_started: Optional[float] = None
+        self.val_seconds, self.vals_timed = 0.0, 0
+        self.step, self.seconds = start_step, start_seconds
+        self.figures: dict = {}  # the last training line's, for the progress line
+        self.lines = False  # progress as plain lines (a log file), not a bar
+        self.line_at = clock()
         if not active:
             return
         if tensorboard:
@@ -43,24 +62,21 @@ class Reporter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out_dir / "tb"))
-        if progress:
-            from tqdm import tqdm
-
-            # in a log file (SLURM, nohup) a redraw every minute, not ten a second
-            common = dict(dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 60)
-            if budget_s:
-                self.bar = tqdm(total=round(budget_s / 60, 2), initial=round(start_seconds / 60, 2), unit="min",
-                                bar_format="{desc}{percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min "
-                                           "[{remaining} left{postfix}]", **common)
-            else:
-                self.bar = tqdm(total=total_steps, initial=start_step, unit="step", **common)
+        if progress and not _is_terminal(self.stream):
+            self.lines = True
+        elif progress:
+            self.bar = _bar(self, self.stream)
 
     def due(self, step: int, last: bool = False) -> bool:
         return last or step % self.every == 0
 
     def say(self, text: str) -> None:
-        if self.active:
-            (self.bar.write if self.bar is not None else print)(f"{PROG}: {text}", file=sys.stderr)
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(f"{PROG}: {text}", file=self.stream)
+        else:
+            print(f"{PROG}: {text}", file=self.stream, flush=True)
 
     def write(self, record: dict) -> None:
         if not self.active:
@@ -74,34 +90,93 @@ class Reporter:
         for tracker in self.trackers:
             tracker.log(record, record["step"])
 
+    def trace(self, step: int, samples: list) -> None:
+        """One line of RUN/trace.jsonl (data.trace): the [image, patch] of every slot of the step's global
+        batch, in slot order. A resumed run appends the steps it does again: the last line of a step counts."""
+        if self.active:
+            with open(self.out_dir / "trace.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "samples": samples}, separators=(",", ":")) + "\n")
+
     def training(self, step: int, figures: dict, patches_per_step: int) -> None:
         """A training line (loss, target, lr, nonfinite, ...) for the steps since the last one."""
-        now = time.perf_counter()
+        now = self.clock()
         steps, elapsed = step - self.window[0], max(now - self.window[1], 1e-9)
         self.window = (step, now)
         record = {"step": step, "epoch": step / self.steps_epoch, **figures,
                   "patches_per_s": steps * patches_per_step / elapsed}
         self.write(record)
+        self.figures = {"loss": f"{record['loss']:.4g}", "target": f"{record['target']:.4g}",
+                        "patches_s": f"{record['patches_per_s']:.0f}"}
+        if self.budget_s:  # the bar counts minutes: say the steps here
+            self.figures.update(step=step, steps_s=f"{steps / elapsed:.1f}")
         if self.bar is not None:
-            postfix = {"loss": f"{record['loss']:.4g}", "target": f"{record['target']:.4g}",
-                       "patches_s": f"{record['patches_per_s']:.0f}"}
-            if self.budget_s:  # the bar counts minutes: say the steps here
-                postfix.update(step=step, steps_s=f"{steps / elapsed:.1f}")
             self.bar.set_description(f"epoch {step // self.steps_epoch}", refresh=False)
-            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.set_postfix(self.figures, refresh=False)
 
     def advance(self, step: int, seconds: float) -> None:
-        """The bar, after a step: one more step, or the minutes spent of the budget."""
-        if self.bar is None:
-            return
+        """After a step: its time, the bar (one more step, or the minutes spent of the budget), or in a
+        log file a progress line when one is due."""
+        now = self.clock()
+        if self.step_at is not None:
+            self.step_seconds += now - self.step_at
+            self.steps_timed += step - self.step
+        self.step_at, self.step, self.seconds = now, step, seconds
+        if self.bar is not None:
+            if self.budget_s:
+                self.bar.n = min(round(seconds / 60, 2), self.bar.total)
+                if step % self.every == 0:
+                    self.bar.refresh()
+            else:
+                self.bar.update(step - self.bar.n)
+        elif self.lines and now - self.line_at >= LINE_EVERY_S:
+            self.line_at = now
+            self.say(self.progress_line())
+
+    def seconds_left(self) -> Optional[float]:
+        """The run's time left: the budget's, or the steps left at the measured time a step plus the
+        validations to come at their measured mean time; None before anything was measured."""
         if self.budget_s:
-            self.bar.n = min(round(seconds / 60, 2), self.bar.total)
-            if step % self.every == 0:
-                self.bar.refresh()
+            return max(self.budget_s - self.seconds, 0.0)
+        if not self.steps_timed:
+            return None
+        left = (self.total_steps - self.step) * self.step_seconds / self.steps_timed
+        if self.vals_timed:
+            left += self.validations_left() * self.val_seconds / self.vals_timed
+        return left
+
+    def validations_left(self) -> int:
+        """Those every val_every steps before the last step, and the one at the end."""
+        every = (max(self.total_steps - 1, 0) // self.val_every - self.step // self.val_every) if self.val_every else 0
+        return max(every, 0) + 1
+
+    def progress_line(self) -> str:
+        """The bar's content as one line of text, for a log file."""
+        from tqdm import tqdm
+
+        epoch = self.step // self.steps_epoch
+        if self.budget_s:
+            done = self.seconds / self.budget_s
+            where = f"{self.seconds / 60:.1f}/{self.budget_s / 60:.1f} min ({100 * done:.0f}%), epoch {epoch}"
         else:
-            self.bar.update()
+            done = self.step / max(self.total_steps, 1)
+            where = f"step {self.step}/{self.total_steps} ({100 * done:.0f}%), epoch {epoch}"
+        figures = "".join(f", {v} {RATES[k]}" if k in RATES else f", {k} {v}" for k, v in self.figures.items())
+        left = self.seconds_left()
+        return f"{where}{figures}; {tqdm.format_interval(round(left)) if left is not None else '?'} left"
+
+    def validating(self, step: int) -> None:
+        """A validation starts (all ranks); its time is measured to the `validation` report."""
+        self.val_started = self.clock()
+        self.say(f"step {step}: validating")
 
     def validation(self, step: int, metrics: dict) -> None:
+        now = self.clock()
+        if self.val_started is not None:
+            self.val_seconds += now - self.val_started
+            self.vals_timed += 1
+            self.val_started = None
+        if self.step_at is not None:
+            self.step_at = now  # the validation is not a step's time
         self.write({"step": step, "epoch": step / self.steps_epoch, **metrics})
         self.say(f"step {step}: val PSNR {metrics['val_psnr']:.2f} dB (JPEG {metrics['val_psnr_jpeg']:.2f}), "
                  f"SSIM {metrics['val_ssim']:.4f} (JPEG {metrics['val_ssim_jpeg']:.4f})")
@@ -136,5 +211,28 @@ class Reporter:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
-        for tracker in self.trackers:
-            tracker.close()
+        close_trackers(self.trackers)
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _bar(report: Reporter, stream: TextIO):
+    """A tqdm bar on a terminal whose time left is the report's (tqdm's own would leave validation out)."""
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        @property
+        def format_dict(self):
+            left = report.seconds_left()
+            return {**super().format_dict, "left": self.format_interval(round(left)) if left is not None else "?"}
+
+    common = dict(dynamic_ncols=True, file=stream, mininterval=0.5)
+    if report.budget_s:
+        return Bar(total=round(report.budget_s / 60, 2), initial=round(report.seconds / 60, 2), unit="min",
+                   bar_format="{desc}{percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min [{left} left{postfix}]",
+                   **common)
+    return Bar(total=report.total_steps, initial=report.step, unit="step",
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{left}, {rate_fmt}{postfix}]", **common)

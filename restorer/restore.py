@@ -8,7 +8,8 @@
 
 Inputs are files or folders (folders are walked recursively for jpg/jpeg/png/webp/bmp/tif/tiff,
 any case). Each input is written as ``OUT/<stem>.png`` (lossless). Grayscale files stay grayscale.
-Unreadable files are reported as ``skipped X: reason`` and the run goes on.
+Unreadable files are reported as ``skipped X: reason`` and the run goes on. A file whose restored
+image is not finite (NaN or inf: damaged weights) is not written: ``failed X: reason``, exit 1.
 
 The quality of each input (restorer.data.jpeg): its JPEG quantization tables' IJG quality; for a
 file without usable tables (a PNG of a once-JPEG image, a video frame) the quality seen in its
@@ -46,11 +47,11 @@ from PIL import Image
 from restorer.cli import Parser, UsageError, one_line, run
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
-from restorer.fileio import atomic_open
+from restorer.fileio import atomic_open, file_identity
 from restorer.errors import RestorerError
 from restorer.pictures import make_compare
-from restorer.inference import (PRECISIONS, Network, decode_file, find_inputs, input_quality, load_network, read_image,
-                                resolve_device, restore_image, warm_up)
+from restorer.inference import (PRECISIONS, Network, NonFiniteOutputError, decode_file, find_inputs, input_quality,
+                                load_network, read_image, resolve_device, restore_image, warm_up)
 
 # --------------------------------------------------------------------------------------------
 # Files
@@ -66,20 +67,20 @@ def plan_outputs(files: list[Path], out_dir: Path, compare: bool) -> tuple[dict[
     cannot be restored with a reason: an output that would overwrite an input file (restore
     dir/a.png --out dir), or one another input already claimed (a.jpg and a.png; x_compare.png as an
     input beside x.jpg with --compare)."""
-    inputs = {f.resolve(): f for f in files}
-    claimed: dict[Path, Path] = {}
+    inputs = {file_identity(f): f for f in files}  # a symlink or a hard link to an input is that input
+    claimed: dict = {}
     plan, problems = {}, {}
     for f in files:
         outputs = (out_dir / f"{f.stem}.png", out_dir / f"{f.stem}_compare.png")
         wanted = outputs if compare else outputs[:1]
-        clash = next((o for o in wanted if o.resolve() in inputs), None)
+        clash = next((o for o in wanted if file_identity(o) in inputs), None)
         if clash is not None:
-            problems[f] = f"its output {clash} would overwrite the input {inputs[clash.resolve()]}: use another --out"
-        elif taken := next((o for o in wanted if o.resolve() in claimed), None):
-            problems[f] = f"{taken.name} is already the output of {claimed[taken.resolve()]}"
+            problems[f] = f"its output {clash} would overwrite the input {inputs[file_identity(clash)]}: use another --out"
+        elif taken := next((o for o in wanted if file_identity(o) in claimed), None):
+            problems[f] = f"{taken.name} is already the output of {claimed[file_identity(taken)]}"
         else:
             plan[f] = outputs
-            claimed.update({o.resolve(): f for o in wanted})
+            claimed.update({file_identity(o): f for o in wanted})
     return plan, problems
 
 
@@ -150,6 +151,7 @@ class Tally:
     unchanged: int = 0  # outside the network's qualities: written as they are
     estimated: int = 0  # restored with the quality their pixels show
     skipped: int = 0
+    failed: int = 0  # the network's output was not finite: not written
 
     def line(self, trained: Optional[tuple[int, int]], out_dir: Path) -> str:
         return (f"restored {self.restored}"
@@ -157,7 +159,8 @@ class Tally:
                 + f", unchanged {self.unchanged}"
                 + (f" (outside the network's qualities {trained[0]}-{trained[1]}, or no JPEG trace; --force restores "
                    "them)" if self.unchanged else "")
-                + f", skipped {self.skipped}, output dir {out_dir}")
+                + f", skipped {self.skipped}" + (f", failed {self.failed}" if self.failed else "")
+                + f", output dir {out_dir}")
 
 
 def restore_file(network: Network, path: Path, outputs: tuple[Path, Path], args, tally: Tally, say) -> None:
@@ -193,6 +196,10 @@ def restore_file(network: Network, path: Path, outputs: tuple[Path, Path], args,
         result = restore_image(network, image, quality=quality if network.takes_quality else None, bounds=bounds,
                                tile=args.tile, overlap=args.overlap, batch=args.batch)
         save_png(outputs[0], result)
+    except NonFiniteOutputError as e:  # the network failed, not the file: the run ends with exit 1
+        say(f"failed {path}: {e}")
+        tally.failed += 1
+        return
     except (RestorerError, OSError, RuntimeError, torch.OutOfMemoryError) as e:  # unwritable output, memory
         say(f"skipped {path}: {one_line(e)}")
         tally.skipped += 1
@@ -251,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 restore_file(network, path, plan[path], args, tally, say)
         print(tally.line(network.trained_qualities, out_dir))
-        return 1 if tally.restored + tally.unchanged == 0 else 0
+        return 1 if tally.failed or tally.restored + tally.unchanged == 0 else 0
 
     return run("restore", body)
 

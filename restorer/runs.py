@@ -7,7 +7,7 @@ train.out_dir=runs/sweep-%a, a few runs by hand), one row a run, best validation
 Each PATTERN is a glob or a folder. A folder that holds metrics.jsonl is a run (so is a glob's
 match of a metrics.jsonl file: 'runs/*/metrics.jsonl'); a folder named as such (not a glob's match)
 that holds none stands for its subfolders that are runs (`python -m restorer.runs runs`). A run
-named twice is shown once. A PATTERN that matches no run is an error (exit 2).
+named twice is shown once (by its shortest name). A PATTERN that matches no run is an error (exit 2).
 
 The columns:
 
@@ -27,26 +27,32 @@ The columns:
 * loss: the last training loss logged.
 
 ``--json FILE`` writes the same table: {"keys": [the differing keys], "runs": [one object a row, in
-the table's order]}. A line of metrics.jsonl cut short (a writer killed mid-line) is skipped, with a
-warning that counts them.
+the table's order]}; never over a run's metrics.jsonl or config.yaml (refused, exit 2). A line of
+metrics.jsonl that is not a record the trainer writes (a writer killed mid-line, a field of the wrong
+type) is skipped, with a warning that counts them.
+
+`**` walks real subfolders only: a symlinked folder it meets is a match (a run, when it is one) but
+is not walked into, so links that loop cannot make the search endless.
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import yaml
 
 from restorer.cli import Parser, UsageError, run
 from restorer.config import flatten
 from restorer.errors import one_line
-from restorer.fileio import atomic_write_json
+from restorer.fileio import PathLike, atomic_write_json, refuse_overwrites
+from restorer.urls import mask_secrets
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
@@ -54,6 +60,14 @@ CONFIG = "config.yaml"
 BOOKKEEPING = frozenset({"train.out_dir", "train.resume", "train.overwrite", "log.progress", "log.tensorboard"})
 FINISHED, STOPPED, RUNNING = "finished", "stopped", "running?"
 MISSING = object()  # a key one run's config does not have
+
+
+# ----------------------------------------------------------------------------- outputs that are not inputs
+
+
+def run_inputs(run_dirs: Iterable[PathLike]) -> list[tuple[str, Path]]:
+    """The files plot and runs read in each run: no output of theirs may be one of them."""
+    return [("the input", Path(d) / name) for d in run_dirs for name in (METRICS, CONFIG)]
 
 
 # ----------------------------------------------------------------------------- configs and their differences
@@ -70,7 +84,7 @@ def read_config(run_dir: Path, prog: str = "runs") -> Optional[dict[str, Any]]:
         print(f"{prog}: warning: {path} cannot be read ({one_line(e)}): its settings are not compared",
               file=sys.stderr)
         return None
-    return flatten(tree) if isinstance(tree, dict) else None
+    return flatten(mask_secrets(tree)) if isinstance(tree, dict) else None  # (a shard URL's password: never shown)
 
 
 def differing_keys(configs: Sequence[Optional[dict[str, Any]]]) -> list[str]:
@@ -111,22 +125,56 @@ def run_labels(run_dirs: Sequence[Path], configs: Optional[Sequence[Optional[dic
 # ----------------------------------------------------------------------------- one run's account
 
 
+#: the figures of a record that are numbers when present; a training line has both loss and target, a
+#: validation line both PSNRs (what plot draws)
+NUMBERS = ("epoch", "loss", "target", "lr", "val_psnr", "val_psnr_jpeg", "val_ssim", "val_ssim_jpeg", "minutes")
+PAIRS = (("loss", "target"), ("val_psnr", "val_psnr_jpeg"))
+MAX_STEP = 2 ** 63
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def usable(record: Any) -> bool:
+    """Whether a parsed line is a record as the trainer writes it: an object with a step (an integer
+    from 0), its figures numbers, a training or validation line complete, an event's name a string."""
+    if not isinstance(record, dict):
+        return False
+    step = record.get("step")
+    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < MAX_STEP):
+        return False
+    if any(k in record and not _is_number(record[k]) for k in NUMBERS):
+        return False
+    if any((a in record) != (b in record) for a, b in PAIRS):
+        return False
+    return isinstance(record.get("event", ""), str)
+
+
 def read_records(path: Path) -> tuple[list[dict], int]:
-    """The JSON objects of a metrics.jsonl, and how many lines were not JSON (a write cut short)."""
+    """The records of a metrics.jsonl, and how many lines were not one (not JSON: a write cut short;
+    nested too deep to parse; a field missing or of the wrong type: see `usable`)."""
     records, bad = [], 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(record, dict):
+        except (ValueError, RecursionError):  # not JSON, an integer of 4300+ digits; [[[... 100,000 deep
+            record = None
+        if usable(record):
             records.append(record)
         else:
             bad += 1
     return records, bad
+
+
+def warn_skipped(prog: str, path: Path, count: int) -> None:
+    """The one warning for a metrics.jsonl's lines that `read_records` skipped."""
+    if count:
+        lines = "1 line is" if count == 1 else f"{count} lines are"
+        print(f"{prog}: warning: {path}: {lines} not a record (cut short, not JSON, or a field of the wrong type): "
+              "skipped", file=sys.stderr)
 
 
 @dataclass
@@ -145,7 +193,7 @@ class Run:
 
 
 def _number(value: Any) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if _is_number(value) else None
 
 
 def read_run(run_dir: Path) -> Run:
@@ -154,9 +202,7 @@ def read_run(run_dir: Path) -> Run:
     r = Run(Path(run_dir), config=read_config(run_dir), skipped_lines=bad)
     last_event = None
     for record in records:
-        step = record.get("step")
-        if isinstance(step, int) and not isinstance(step, bool):
-            r.steps = step
+        r.steps = record["step"]
         if "event" in record:
             last_event = record
         if _number(record.get("loss")) is not None:
@@ -179,6 +225,70 @@ def is_run(path: Path) -> bool:
     return (path / METRICS).is_file()
 
 
+def _has_magic(part: str) -> bool:
+    return any(c in part for c in "*?[")
+
+
+def _matching(folder: str, part: str) -> list[str]:
+    """The names in `folder` that the glob `part` matches (hidden ones only when `part` starts with '.', as glob)."""
+    try:
+        names = os.listdir(folder or os.curdir)
+    except OSError:  # not a folder, no permission: no matches, as glob
+        return []
+    if not part.startswith("."):
+        names = [n for n in names if not n.startswith(".")]
+    return fnmatch.filter(names, part)
+
+
+def _below(folder: str) -> Iterator[str]:
+    """Every path below `folder` (hidden ones left out, as glob's `**`), walking into real subfolders
+    only, each once (by device and inode: a bind mount loops too): a symlinked folder is listed, not
+    entered."""
+    try:
+        st = os.stat(folder or os.curdir)
+    except OSError:
+        return
+    seen, todo = {(st.st_dev, st.st_ino)}, [folder]
+    while todo:
+        current = todo.pop()
+        try:
+            with os.scandir(current or os.curdir) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = os.path.join(current, entry.name)
+            yield path
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        todo.append(path)
+            except OSError:
+                continue
+
+
+def expand(pattern: str) -> list[str]:
+    """The paths a glob matches, as glob.glob(pattern, recursive=True) finds them, except that `**`
+    does not walk into symlinked folders (`_below`): glob's follows every link, and a few links that
+    loop make its walk exponential."""
+    folders_only = pattern.endswith(os.sep)
+    paths = [os.sep] if pattern.startswith(os.sep) else [""]
+    for part in (p for p in pattern.split(os.sep) if p):
+        if part == "**":
+            found = [p for base in paths if os.path.isdir(base or os.curdir) for p in (base, *_below(base))]
+        elif _has_magic(part):
+            found = [os.path.join(base, name) for base in paths for name in _matching(base, part)]
+        else:
+            found = [os.path.join(base, part) for base in paths if os.path.lexists(os.path.join(base, part))]
+        paths = list(dict.fromkeys(found))
+    paths = [p for p in paths if p]  # ('**' alone: the current folder, '' here)
+    return [p for p in paths if os.path.isdir(p)] if folders_only else paths
+
+
 def find_runs(patterns: Iterable[str]) -> list[Path]:
     """The run folders the patterns name (globs, folders, folders of runs), each once, in order."""
     found: dict[Path, Path] = {}
@@ -190,7 +300,7 @@ def find_runs(patterns: Iterable[str]) -> list[Path]:
             matched = [p for p in sorted(path.iterdir()) if p.is_dir() and is_run(p)]
         else:
             matched = []
-            for name in sorted(glob.glob(pattern, recursive=True)):
+            for name in sorted(expand(pattern)):
                 path = Path(name)
                 if path.name == METRICS and path.is_file():  # 'runs/*/metrics.jsonl'
                     path = path.parent
@@ -198,8 +308,10 @@ def find_runs(patterns: Iterable[str]) -> list[Path]:
                     matched.append(path)
         if not matched:
             raise UsageError(f"no run folders (with {METRICS}) match {pattern!r}")
-        for path in matched:
-            found.setdefault(path.resolve(), path)
+        for path in matched:  # one row a run, named its shortest way ('root/**' meets links that loop back)
+            key = path.resolve()
+            if key not in found or len(path.parts) < len(found[key].parts):
+                found[key] = path
     return list(found.values())
 
 
@@ -262,12 +374,12 @@ def main(argv=None) -> int:
 
     def body() -> int:
         args = p.parse_args(argv)
-        keys, runs = collect(find_runs(args.patterns))
+        run_dirs = find_runs(args.patterns)
+        if args.json:
+            refuse_overwrites([("--json", args.json)], run_inputs(run_dirs), hint="write the table elsewhere")
+        keys, runs = collect(run_dirs)
         for r in runs:
-            if r.skipped_lines:
-                s = "s are" if r.skipped_lines > 1 else " is"
-                print(f"runs: warning: {r.path / METRICS}: {r.skipped_lines} line{s} not JSON (a write cut short?): "
-                      "skipped", file=sys.stderr)
+            warn_skipped("runs", r.path / METRICS, r.skipped_lines)
         print(format_table(keys, runs))
         if args.json:
             atomic_write_json(args.json, as_json(keys, runs))

@@ -18,7 +18,9 @@ import sys
 import threading
 from typing import Optional
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Ctrl-C (SIGINT; a terminal sends it to every process of the job, torchrun forwards it again) is a
+# stop like the cluster's: every rank agrees, rank 0 saves, one line, exit 0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _shutdown = None
 
 
@@ -35,7 +37,7 @@ def shutdown_event():
 
 
 def worker_signals(shutdown, worker_id: int = 0) -> None:
-    """worker_init_fn (with functools.partial): ignore SIGUSR1; on SIGTERM exit only if the
+    """worker_init_fn (with functools.partial): ignore SIGUSR1 and Ctrl-C; on SIGTERM exit only if the
     trainer is exiting, so a job-wide SIGTERM lets the trainer save first."""
 
     def on_sigterm(signum, frame) -> None:
@@ -44,11 +46,25 @@ def worker_signals(shutdown, worker_id: int = 0) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (held since the fork: stop_signals_held)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Hold the stop signals in this thread while DataLoader workers are forked: a worker inherits the
+    mask and takes them only once worker_signals has set its handlers. (A job-wide SIGTERM that came
+    in between killed the new worker outright, and the trainer with it, instead of stopping it.)"""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StopRequest:
-    """SIGTERM and SIGUSR1 set a flag; the trainer acts on it at the next step boundary or inside
-    validation. Ctrl-C stays a KeyboardInterrupt.
+    """SIGTERM, SIGUSR1 and Ctrl-C (SIGINT) set a flag; the trainer acts on it at the next step
+    boundary or inside validation.
 
     A watchdog exits by force `grace_s` after the signal in case the process never gets to act on
     it (a peer died inside a collective), so it is gone before torchrun or SLURM resort to SIGKILL.

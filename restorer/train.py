@@ -31,22 +31,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from restorer import checks, dist
-from restorer.checkpoint import (BEST, LAST, Checkpoint, CheckpointError, best_psnr_on_disk, keep_step_copy,
-                                 load_latest, read_checkpoint, remove_run_files, remove_stale_temp_files, run_files,
-                                 save_checkpoint)
+from restorer.checkpoint import (BEST, LAST, RUN_MARKER, Checkpoint, CheckpointError, RunFolder, RunFolderError,
+                                 best_psnr_on_disk, keep_step_copy, load_latest, read_checkpoint, save_checkpoint)
 from restorer.cli import Parser
 from restorer.cli import run as run_tool
 from restorer.config import Config, ConfigError, config_from_dict, dump_config, flatten, load_config
 from restorer.data.pipeline import NoTrainingData, steps_per_epoch, train_loader, val_loader
-from restorer.errors import RunError, one_line
+from restorer.errors import RestorerError, RunError, one_line
 from restorer.inference import autocast, to_float
 from restorer.metrics import psnr, ssim
-from restorer.fileio import atomic_write_json
+from restorer.fileio import atomic_open, atomic_write_json
+from restorer.urls import mask_secrets
 from restorer.models import count_parameters, describe, load_weights, macs_per_pixel
 from restorer.optim import loss_fn, make_optimizer, set_lr
 from restorer.reporting import Reporter
@@ -111,7 +112,11 @@ class Training:
     def build(cls, cfg: Config, device: torch.device, world_size: int = 1) -> Training:
         model = cfg.network().build().to(device)
         if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            # the convolutions' weights only: a 1 x C x 1 x 1 scale (NAFNet's) in channels_last has strides its
+            # gradient does not have, which DDP warns of on every rank (and which gains nothing)
+            for module in model.modules():
+                if isinstance(module, nn.modules.conv._ConvNd):
+                    module.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.optim.ema else None
         compile_ = cfg.train.compile
         if compile_ and (problem := checks.compile_problem(device.type)):
@@ -131,6 +136,33 @@ class Training:
     def reset_window(self) -> None:
         self.loss_sum.zero_()
         self.target_sum.zero_()
+
+    def state_dict(self) -> dict:
+        """The checkpoint's training fields, as CPU copies (taken now: the device goes on training)."""
+        return {"model": _to_cpu(self.model.state_dict()),  # the bare model: no `module.` or `_orig_mod.` prefixes
+                "ema": _to_cpu(self.ema.state_dict()) if self.ema is not None else None,
+                "optimizer": _to_cpu(self.optimizer.state_dict()), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's weights, EMA, optimizer and scaler. The config the run is started with applies:
+        its lr, schedule and other settings replace the checkpoint's (the optimizer keeps its moments);
+        the network cannot change (prepare_run_dir refuses that)."""
+        source = "the checkpoint"
+        try:
+            load_weights(self.model, state["model"], source)
+            if self.ema is not None:
+                # EMA switched on at resume starts from the resumed weights, not the random initial ones
+                load_weights(self.ema, state.get("ema") if state.get("ema") is not None else state["model"], source)
+        except ValueError as e:  # weights that do not fit the network the file names
+            raise TrainingError(str(e)) from None
+        if state.get("optimizer") is not None:  # (a file of weights alone: a fresh optimizer)
+            base_lrs = [g["base_lr"] for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(state["optimizer"])
+            for group, base_lr in zip(self.optimizer.param_groups, base_lrs):
+                group["base_lr"] = base_lr  # from this run's config, not the checkpoint's
+                group.update({k: v for k, v in self.optimizer.defaults.items() if k != "lr"})
+        if self.scaler.is_enabled() and state.get("scaler"):  # fp16 now but not then: a fresh scaler
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def train_step(t: Training, batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
@@ -291,9 +323,12 @@ def validate(model: nn.Module, cfg: Config, info: dist.DistInfo, stop: StopReque
 @dataclass
 class RunState:
     """Where the run is: what a checkpoint records besides the weights (step, best PSNR, training
-    time), and what the ranks agreed after the last step (the time, a run of non-finite steps, a
-    stop signal, the budget spent)."""
+    time, the world it ran in and its global batch), and what the ranks agreed after the last step
+    (the time, a run of non-finite steps, a stop signal, the budget spent)."""
 
+    steps_per_epoch: int = 1
+    world_size: int = 1
+    global_batch: int = 0  # patches a step: world size x batch_size x grad_accum, kept across resumes
     step: int = 0
     best_psnr: float = -math.inf
     train_seconds: float = 0.0  # training time so far, resumed runs included: the slowest rank's clock
@@ -301,22 +336,29 @@ class RunState:
     stopped_by: Optional[str] = None  # the signal that stopped the run
     time_up: bool = False  # train.max_minutes spent
 
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.step // self.steps_per_epoch, "best_psnr": self.best_psnr,
+                "train_seconds": self.train_seconds, "world_size": self.world_size, "global_batch": self.global_batch}
 
-def take_checkpoint(t: Training, state: RunState, steps_epoch: int) -> Checkpoint:
-    """Everything a run needs to go on, as CPU copies (taken now: the device goes on training)."""
-    return Checkpoint(
-        network=t.cfg.network(),
-        weights=_to_cpu(t.model.state_dict()),  # the bare model: no `module.` or `_orig_mod.` prefixes
-        ema=_to_cpu(t.ema.state_dict()) if t.ema is not None else None,
-        optimizer=_to_cpu(t.optimizer.state_dict()),
-        scaler=t.scaler.state_dict(),
-        step=state.step,
-        epoch=state.step // steps_epoch,
-        best_psnr=state.best_psnr,
-        train_seconds=state.train_seconds,
-        config=t.cfg.to_dict(),
-        rng={"torch": torch.get_rng_state()},
-    )
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.best_psnr, self.train_seconds = state["step"], state["best_psnr"], state["train_seconds"]
+
+
+class Generators:
+    """The random generators a training step may draw from: torch's, and each CUDA device's (the
+    data stream draws from none: its randomness is a function of integers, restorer.data.stream)."""
+
+    def state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        return {"rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
+
+    def load_state_dict(self, state: dict) -> None:
+        rng = state.get("rng")
+        if rng is None:  # (a file of weights alone)
+            return
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _to_cpu(tree):
@@ -340,17 +382,27 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     except ConfigError:  # a checkpoint of another restorer version: compare what can be compared
         old = flatten(saved)
     new = flatten(cfg.to_dict())
-    return [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if k not in _NOT_SETTINGS and old.get(k) != new[k]]
+    return [mask_secrets(f"{k} {old.get(k)!r} -> {new[k]!r}")
+            for k in new if k not in _NOT_SETTINGS and old.get(k) != new[k]]
 
 
 def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[Checkpoint]:
     """Rank 0 decides whether the run resumes (and from which file) and everyone gets its decision:
-    the checkpoint, None to start fresh, or the same TrainingError on every rank. A rank that
-    cannot see the run folder (node-local disk, a stale NFS cache) still resumes with the rest."""
-    decision: tuple[Optional[Checkpoint], Optional[str]] = (None, None)  # checkpoint, error
+    the checkpoint, None to start fresh, or the same error on every rank. A rank that cannot see the
+    run folder (node-local disk, a stale NFS cache) still resumes with the rest.
+
+    Rank 0 then claims the folder before anything is written there (restorer.checkpoint.RunFolder):
+    the trainer deletes only names a run of it recorded as its own. A fresh start in a folder of a
+    run that never reached a checkpoint (a requeue, a crash) replaces that run's recorded files;
+    with train.resume=false it needs train.overwrite=true to delete a recorded run. A run's name
+    that no run recorded (a user's config.yaml, a val/ of photos, a run from before the record) is
+    refused in one line, train.overwrite or not: the user moves it or picks another train.out_dir.
+    Other files (a user's notes.txt) are no obstacle: a run only adds its own names."""
+    decision: tuple[Optional[Checkpoint], Optional[RestorerError]] = (None, None)  # checkpoint, error
     if info.is_main:
         out_dir = Path(cfg.train.out_dir)
         try:
+            folder = RunFolder.read(out_dir)
             found = load_latest(out_dir) if cfg.train.resume else None
             if found is not None:
                 if found.network != cfg.network():
@@ -360,45 +412,55 @@ def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[Checkpoint]:
                 if best is not None:
                     found.best_psnr = max(found.best_psnr, best)
                 decision = (found, None)
-            elif old := run_files(out_dir):
+            elif theirs := folder.theirs():
+                raise RunFolderError(f"{out_dir} holds {_some_names(theirs)}, which no run of this trainer recorded "
+                                     f"as its own ({RUN_MARKER}): it deletes or writes over none of them, "
+                                     "train.overwrite or not; use another train.out_dir, or move them away")
+            elif ours := folder.ours():
                 if cfg.train.resume:
                     # an attempt that died before its first checkpoint (a requeue, a crash): nothing to
                     # resume and nothing worth keeping; its start again replaces its files
                     print(f"{PROG}: no checkpoint in {out_dir} yet: starting at step 0 (replacing "
-                          f"{', '.join(p.name for p in old)})", file=sys.stderr, flush=True)
+                          f"{_some_names(ours)})", file=sys.stderr, flush=True)
                 elif not cfg.train.overwrite:
-                    what = ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
-                    raise TrainingError(f"{out_dir} holds another run ({what}) and train.resume=false: set "
-                                        "train.overwrite=true to delete it, or use another train.out_dir")
-                remove_run_files(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(out_dir)
+                    raise TrainingError(f"{out_dir} holds another run ({_some_names(ours)}) and train.resume=false: "
+                                        "set train.overwrite=true to delete it, or use another train.out_dir")
+                folder.remove_ours()
+            folder.claim()
+            folder.remove_stale_temp_files()
+        except RunFolderError as e:  # the user's folder: bad input
+            decision = (None, e)
         except (TrainingError, CheckpointError, OSError) as e:
-            decision = (None, str(e))
+            decision = (None, TrainingError(str(e)))
     checkpoint, error = dist.broadcast(decision)
-    if error:
-        raise TrainingError(error)
+    if error is not None:
+        raise error
     return checkpoint
 
 
-def resume(t: Training, checkpoint: Checkpoint) -> RunState:
-    """Load a checkpoint into the training. The config the run is started with applies: its lr,
-    schedule and other settings replace the checkpoint's (the optimizer keeps its moments); the
-    network cannot change (prepare_run_dir refuses that)."""
-    source = str(checkpoint.path)
-    load_weights(t.model, checkpoint.weights, source)
-    base_lrs = [g["base_lr"] for g in t.optimizer.param_groups]
-    t.optimizer.load_state_dict(checkpoint.optimizer)
-    for group, base_lr in zip(t.optimizer.param_groups, base_lrs):
-        group["base_lr"] = base_lr  # from this run's config, not the checkpoint's
-        group.update({k: v for k, v in t.optimizer.defaults.items() if k != "lr"})
-    if t.scaler.is_enabled() and checkpoint.scaler:  # fp16 now but not then: a fresh scaler
-        t.scaler.load_state_dict(checkpoint.scaler)
-    if t.ema is not None:
-        # EMA switched on at resume starts from the resumed weights, not the random initial ones
-        load_weights(t.ema, checkpoint.ema if checkpoint.ema is not None else checkpoint.weights, source)
-    torch.set_rng_state(checkpoint.rng["torch"])
-    return RunState(step=checkpoint.step, best_psnr=checkpoint.best_psnr, train_seconds=checkpoint.train_seconds)
+def _some_names(paths: list[Path], shown: int = 4) -> str:
+    """'config.yaml, val/, ...': a few of a folder's names, folders marked, for a one-line message."""
+    names = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in paths]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def kept_accumulation(checkpoint: Checkpoint, world_size: int, batch_size: int, grad_accum: int) -> int:
+    """The grad_accum that keeps the run's global batch (world size x batch_size x grad_accum, what the
+    checkpoint recorded) in a world of `world_size` ranks: the data stream, the epoch, the schedule and
+    the gradient's scale all follow it. ConfigError (one line, with values that work) where none can."""
+    kept = checkpoint.global_batch
+    if not kept or world_size * batch_size * grad_accum == kept:  # (a checkpoint that did not record it)
+        return grad_accum
+    if kept % (world_size * batch_size) == 0:
+        return kept // (world_size * batch_size)
+    was = f"the run's global batch is {kept} patches a step ({checkpoint.world_size} rank(s) x batch_size x grad_accum)"
+    if kept % world_size:
+        ranks = [n for n in range(1, kept + 1) if kept % n == 0]
+        raise ConfigError(f"{was}: {world_size} ranks cannot share it; run it on {', '.join(map(str, ranks))} ranks")
+    share = kept // world_size
+    sizes = [b for b in range(1, share + 1) if share % b == 0][-4:]
+    raise ConfigError(f"{was}: on {world_size} rank(s) train.batch_size={batch_size} cannot make it; "
+                        + ", ".join(f"train.batch_size={b} train.grad_accum={share // b}" for b in sizes) + " can")
 
 
 class Checkpointer:
@@ -406,18 +468,23 @@ class Checkpointer:
     the next step's gradients are known to be finite: weights that a bad update blew up never
     reach last.pt (nor push a good step copy out of `checkpoint.keep`)."""
 
-    def __init__(self, t: Training, info: dist.DistInfo, stop: StopRequest, steps_epoch: int):
-        self.t, self.info, self.stop, self.steps_epoch = t, info, stop, steps_epoch
+    def __init__(self, t: Training, info: dist.DistInfo, stop: StopRequest, parts: Sequence):
+        self.t, self.info, self.stop, self.parts = t, info, stop, parts  # parts: what a checkpoint holds (Stateful)
         self.out_dir = Path(t.cfg.train.out_dir)
+        self.folder = RunFolder.read(self.out_dir) if info.is_main else None  # claimed by prepare_run_dir
         self.pending: list[Checkpoint] = []  # taken, not yet written
         self.written_step: Optional[int] = None
 
     def due(self, step: int) -> bool:
         return step % self.t.cfg.checkpoint.every == 0
 
-    def take(self, state: RunState) -> None:
+    def checkpoint(self) -> Checkpoint:
+        """Everything a run needs to go on, taken now (CPU copies: the device goes on training)."""
+        return Checkpoint.of(self.t.cfg.network(), self.t.cfg.to_dict(), self.parts)
+
+    def take(self) -> None:
         if self.info.is_main:
-            self.pending.append(take_checkpoint(self.t, state, self.steps_epoch))
+            self.pending.append(self.checkpoint())
 
     def settle(self, agreed: Agreed, write: bool = True) -> None:
         """Write the newest pending checkpoint a later finite step has vouched for (older ones are
@@ -431,9 +498,9 @@ class Checkpointer:
         if vouched and write:
             self._write(vouched[-1], LAST)
 
-    def save_now(self, state: RunState, name: str = LAST) -> None:
-        if self.info.is_main and not (name == LAST and self.written_step == state.step):
-            self._write(take_checkpoint(self.t, state, self.steps_epoch), name)
+    def save_now(self, step: int, name: str = LAST) -> None:
+        if self.info.is_main and not (name == LAST and self.written_step == step):
+            self._write(self.checkpoint(), name)
 
     def _write(self, checkpoint: Checkpoint, name: str) -> None:
         try:
@@ -442,7 +509,7 @@ class Checkpointer:
                 if name == LAST:
                     self.written_step = checkpoint.step
                     if self.t.cfg.checkpoint.keep:
-                        keep_step_copy(self.out_dir, checkpoint.step, self.t.cfg.checkpoint.keep)
+                        keep_step_copy(self.folder, checkpoint.step, self.t.cfg.checkpoint.keep)
         except OSError as e:
             raise TrainingError(f"cannot write a checkpoint in {self.out_dir}: {e.strerror or e} "
                                 f"({e.filename or name})") from None
@@ -475,14 +542,32 @@ class Trainer:
 
         self.t = Training.build(cfg, info.device, info.world_size)
         checkpoint = prepare_run_dir(cfg, info)
-        self.state = resume(self.t, checkpoint) if checkpoint is not None else RunState()
-        self.steps_epoch = steps_per_epoch(cfg.data, cfg.train.batch_size * cfg.train.grad_accum, info.world_size)
+        notes = []
+        if checkpoint is not None:
+            accum = kept_accumulation(checkpoint, info.world_size, cfg.train.batch_size, cfg.train.grad_accum)
+            if accum != cfg.train.grad_accum or checkpoint.world_size != info.world_size:
+                notes.append(f"world size {checkpoint.world_size} -> {info.world_size}: the global batch of "
+                             f"{checkpoint.global_batch} patches a step is kept (train.grad_accum "
+                             f"{cfg.train.grad_accum} -> {accum}): the same samples, the same schedule")
+                cfg.train.grad_accum = accum
+        global_batch = cfg.train.batch_size * cfg.train.grad_accum * info.world_size
+        self.steps_epoch = steps_per_epoch(cfg.data, cfg.train.batch_size, info.world_size, cfg.train.grad_accum)
+        self.state = RunState(self.steps_epoch, info.world_size, global_batch)
+        self.generators = Generators()
+        self.loader = train_loader(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
+                                   world_size=info.world_size, grad_accum=cfg.train.grad_accum,
+                                   step=checkpoint.step if checkpoint is not None else 0, steps=self.steps_epoch,
+                                   device=info.device, trace=cfg.data.trace)
+        parts = (self.t, self.state, self.generators, self.loader)
+        if checkpoint is not None:
+            checkpoint.load_into(parts)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_epoch
         self.budget_s = cfg.train.max_minutes * 60
         self.state.time_up = bool(self.budget_s) and self.state.train_seconds >= self.budget_s  # spent before a resume
         out_dir = Path(cfg.train.out_dir)
         if info.is_main:
-            (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+            with atomic_open(out_dir / "config.yaml", "w") as f:
+                f.write(dump_config(cfg))
         trackers = open_trackers(cfg.log, out_dir, cfg.to_dict(), {
             "name": cfg.model.name, "options": cfg.model.options(), "parameters": count_parameters(self.t.model),
             "macs_per_pixel": macs_per_pixel(self.t.model, self.t.model.in_channels)}) if info.is_main else []
@@ -490,25 +575,22 @@ class Trainer:
                                budget_s=self.budget_s, start_step=self.state.step,
                                start_seconds=self.state.train_seconds, steps_per_epoch=self.steps_epoch,
                                progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, pictures=cfg.log.pictures,
-                               trackers=trackers)
+                               trackers=trackers, val_every=cfg.log.val_every)
         self.report.say(f"network {describe(self.t.model, cfg.model.name)}")
         start = {"event": "resume" if checkpoint is not None else "start", "step": self.state.step,
-                 "world_size": info.world_size, "nodes": self.nodes, "steps_per_epoch": self.steps_epoch,
-                 "total_steps": self.total_steps}
+                 "world_size": info.world_size, "global_batch": global_batch, "nodes": self.nodes,
+                 "steps_per_epoch": self.steps_epoch, "total_steps": self.total_steps}
         if checkpoint is not None:
             changes = config_changes(checkpoint.config, cfg)
             self.report.say(f"resuming from {checkpoint.path} at step {self.state.step}"
+                            + "".join(f"; {note}" for note in notes)
                             + (f"; settings changed since, applied now: {'; '.join(changes)}" if changes else ""))
             start.update(checkpoint=str(checkpoint.path), changes=changes)
         self.report.write(start)
         del checkpoint  # its tensors: the model and optimizer hold their own now
-        self.saver = Checkpointer(self.t, info, self.stop, self.steps_epoch)
+        self.saver = Checkpointer(self.t, info, self.stop, parts)
         self.flags = StepFlags(info.device)
         self.clock = time.perf_counter() - self.state.train_seconds
-        self.loader = train_loader(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
-                                   world_size=info.world_size, epoch=self.state.step // self.steps_epoch,
-                                   step=self.state.step, steps=self.steps_epoch * cfg.train.grad_accum,
-                                   device=info.device)
 
     def peers(self) -> str:
         """The other ranks, by node: what a lost connection may be."""
@@ -547,7 +629,7 @@ class Trainer:
                 if self.validation_due() and not self.validate():
                     break  # a stop signal cut the validation short
                 if self.saver.due(self.state.step):
-                    self.saver.take(self.state)
+                    self.saver.take()
         return self.finish()
 
     def step(self, batches: list) -> None:
@@ -557,6 +639,8 @@ class Trainer:
         train_step(self.t, batches)
         self.agree()  # the previous step's flags, read now that this step is queued on the device
         s.step += 1
+        if cfg.data.trace:
+            self.report.trace(s.step, self.traced())
         self.flags.post(s.step, self.stop.requested, time.perf_counter() - self.clock, self.t.nonfinite_streak)
         if self.report.due(s.step, last=not self.running()):
             if self.info.is_main:  # the one read of the device's counters, every log.every steps
@@ -567,6 +651,13 @@ class Trainer:
                                      cfg.train.batch_size * cfg.train.grad_accum * self.info.world_size)
             self.t.reset_window()
         self.report.advance(s.step, s.train_seconds)
+
+    def traced(self) -> list[list[int]]:
+        """The step's (image, patch) of every slot of the global batch, in slot order: every rank's
+        numbers, gathered (data.trace: a collective a step)."""
+        mine = np.concatenate(self.loader.take_traced())
+        rows = sorted(row for part in dist.gather(mine.tolist()) for row in part)
+        return [row[1:] for row in rows]
 
     def agree(self, write: bool = True) -> None:
         """Act on the last step's agreed flags: settle checkpoints, stop on divergence or a signal."""
@@ -589,7 +680,7 @@ class Trainer:
     def validate(self) -> bool:
         """Validate (all ranks), report, save best.pt; False if a stop signal cut it short."""
         s = self.state
-        self.report.say(f"step {s.step}: validating")
+        self.report.validating(s.step)
         result = validate(self.t.ema if self.t.ema is not None else self.t.model, self.cfg, self.info, self.stop)
         if result is None:
             s.stopped_by = self.stop.signal or "a signal on another rank"
@@ -602,7 +693,7 @@ class Trainer:
         if result.sample is not None:
             self.report.picture(s.step, *result.sample)
         if better:
-            self.saver.save_now(s, BEST)
+            self.saver.save_now(s.step, BEST)
         return True
 
     def finish(self) -> dict:
@@ -613,7 +704,7 @@ class Trainer:
         if not s.stopped_by:
             self.validate()
         if s.streak == 0:
-            self.saver.save_now(s)
+            self.saver.save_now(s.step)
         else:  # the last steps were not finite: last.pt keeps the last checkpoint one vouched for
             self.report.say(f"the last {s.streak} steps were not finite: {self.saver.out_dir / LAST} keeps step "
                             f"{self.saver.written_step}")

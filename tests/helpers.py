@@ -16,6 +16,21 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
+def require(module: str, extra: str):
+    """`module`, imported; a test without it is skipped on a developer's machine, but fails under CI
+    (CI=1, .ci/run): there `make install` installs every extra, and a broken one must not hide a file."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run these tests: {module} (the {extra} extra) does not import: {e}", pytrace=False)
+        pytest.skip(f"{module} is not installed (the {extra} extra)", allow_module_level=True)
+
+
 def photo_like(width: int, height: int, seed: int, channels: int = 3) -> np.ndarray:
     """Smooth gradients plus some noise: compresses like a photo, not like flat colour or pure noise."""
     rng = np.random.default_rng(seed)

@@ -103,8 +103,9 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
             time.sleep(0.5)  # polling the controller's state, not guessing
         return self
 
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, capture_output=True, text=True, env=self.env, check=check, timeout=60)
+    def run(self, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        """A SLURM command; `env` is added to its environment (sbatch --export=ALL passes it to the job)."""
+        return subprocess.run(cmd, capture_output=True, text=True, env=self.env | (env or {}), check=check, timeout=60)
 
     def job_state(self, job_id: str) -> dict:
         """scontrol's fields for a job (JobState, Restarts, ExitCode, ...)."""

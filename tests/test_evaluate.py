@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, encode, load_state, photo_like, save_network, save_state, write
+from helpers import REPO, encode, load_state, photo_like, require, save_network, save_state, write
 from restorer.data import jpeg
 from restorer.evaluate import KEYS, SWEEP, double_shift, evaluate, main, matlab_y_u8
 from restorer.inference import load_network, restore_array
@@ -117,7 +117,7 @@ def test_jpeg_figures_are_whole_images_recomputed_independently(ckpt, images):
 def test_opencv_encodes_the_same_jpeg_input(ckpt, images):
     """An independent encoder (OpenCV, libjpeg-turbo with its own wrapper): the JPEG-input PSNR of
     Pillow's path is reproduced to within 0.01 dB, colour (4:2:0) and grayscale."""
-    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (the dev extra) checks the encoder")
+    cv2 = require("cv2", "dev")  # opencv-python-headless checks the encoder
     for gray in (False, True):
         res = evaluate(ckpt, images, [10, 30], device="cpu", gray=gray)
         for q in (10, 30):
@@ -194,7 +194,7 @@ def test_existing_jpeg_files_are_scored_as_they_are(ckpt, images, tmp_path, caps
 
 @pytest.mark.slow
 def test_plots_of_quality_and_of_a_run(ckpt, images, tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="the plot extra draws the pictures")
+    require("matplotlib", "plot")  # draws the pictures
     png = tmp_path / "q.png"
     rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", images, "--quality", 10, 40, "--plot", png)
     assert rc == 0, err
@@ -339,7 +339,7 @@ def test_metrics_in_float32_agree_with_float64(images):
 
 
 def test_a_plot_of_the_gain_and_the_sweeps_mistakes(images, tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="the plot extra draws the pictures")
+    require("matplotlib", "plot")  # draws the pictures
     ckpt = _conditioned(tmp_path)
     png = tmp_path / "gain.png"
     rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", images, "--quality", 30, 90, "--double", 20, "--plot", png)
@@ -373,3 +373,53 @@ def test_outputs_are_scored_inside_their_files_bounds_as_restore_writes_them(ima
     assert rc == 0, err
     assert "network alone" in out
     assert parse_table(out)["90"][2] == pytest.approx(alone["qualities"]["90"]["mean"]["psnr_model"], abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- images too small to score
+
+
+def test_images_under_ssims_window_are_skipped_with_one_warning_that_counts_them(ckpt, images, tmp_path, capsys):
+    d = tmp_path / "imgs"
+    write(d / "good.png", encode(photo_like(64, 48, seed=5), "PNG"))
+    write(d / "seven_by_three.jpg", encode(photo_like(7, 3, seed=6), "JPEG", quality=95))
+    write(d / "one_row.png", encode(photo_like(40, 1, seed=7), "PNG"))
+    write(d / "eleven.png", encode(photo_like(11, 11, seed=8), "PNG"))  # the smallest that can be scored
+    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 30)
+    assert rc == 0 and parse_table(out)["30"][0] == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate: warning: 2 image(s) under 11 px a side"), err
+    assert "one_row.png (40x1)" in lines[0] and "seven_by_three.jpg (7x3)" in lines[0]
+    # --double cuts 1-7 px from the top and the left: 11 px becomes too few, and is said alike
+    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 30, "--double", 50)
+    assert rc == 0 and parse_table(out)["30"][0] == 1, err
+    assert "3 image(s) under 11 px a side" in err and "eleven.png" in err and "Traceback" not in err
+    # and when nothing is left, one line that says why
+    for name in ("good.png", "eleven.png"):
+        (d / name).unlink()
+    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 30)
+    assert rc == 2 and err.count("\n") == 1 and "2 under 11 px a side" in err, err
+
+
+def test_pairs_under_ssims_window_are_skipped_with_one_warning_that_counts_them(ckpt, tmp_path, capsys):
+    for name, (w, h) in {"good": (64, 48), "tiny": (7, 3)}.items():
+        clean = photo_like(w, h, seed=9)
+        write(tmp_path / "refs" / f"{name}.png", encode(clean, "PNG"))
+        write(tmp_path / "jpegs" / f"{name}.jpg", encode(clean, "JPEG", quality=30))
+    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--inputs", tmp_path / "jpegs", "--references", tmp_path / "refs")
+    assert rc == 0 and parse_table(out)["given"][0] == 1, err
+    assert err.strip().splitlines() == ["evaluate: warning: 1 image(s) under 11 px a side (SSIM's 11x11 window) "
+                                        "skipped: tiny (7x3)"]
+
+
+@pytest.mark.parametrize(("options", "smallest"), [(["--max-side", 8], 11), (["--max-side", -1], 11),
+                                                   (["--max-side", 17, "--double", 50], 18)])
+def test_a_max_side_under_ssims_window_is_one_line_before_any_work(ckpt, tmp_path, capsys, options, smallest):
+    # the images folder does not exist: the option is judged first
+    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", tmp_path / "nowhere", "--quality", 30, *options)
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"evaluate: error: --max-side must be >= {smallest} "), err
+
+
+def test_a_max_side_of_ssims_window_scores_every_image(ckpt, images, capsys):
+    rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", images, "--quality", 30, "--max-side", 11)
+    assert rc == 0 and err == "" and parse_table(out)["30"][0] == 3, err

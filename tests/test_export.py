@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import cli_here, encode, photo_like, save_network, write
+from helpers import cli_here, encode, photo_like, require, save_network, write
 from restorer.data import jpeg
 from restorer.export import main as export_main
 from restorer.inference import load_network, restore_array
 from restorer.restore import main as restore_main
 from restorer.models import build_model
 
-pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxscript, onnxruntime, safetensors)")
-pytest.importorskip("safetensors", reason="the export extra (onnx, onnxscript, onnxruntime, safetensors)")
+for _module in ("onnx", "onnxscript", "onnxruntime", "safetensors"):
+    require(_module, "export")
 
 TINY = {"seed": {"residual": True}, "dncnn": {"depth": 4, "channels": 8},
         "unet": {"widths": [4, 8, 8, 16], "blocks": 1},
@@ -146,3 +146,19 @@ def test_a_conditioned_network_exports_with_its_quality_input_in_every_format(tm
         assert p.returncode == 0 and "restored 1, unchanged 0" in p.stdout, p.stderr[-3000:]
         got = np.asarray(Image.open(target / "photo.png"))
         assert np.abs(got.astype(int) - expected).max() <= 1, out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_that_does_not_match_pytorch_is_not_written(tmp_path, monkeypatch, fmt):
+    """Each compiled format is run against PyTorch before it is kept (safetensors holds the weights
+    themselves): with a tolerance no difference can meet, the check fails, the export exits 1 and no
+    file is left."""
+    import restorer.export
+
+    ckpt, _ = _checkpoint(tmp_path / "net.pt", "dncnn")
+    monkeypatch.setattr(restorer.export, "TOLERANCE", -1.0)
+    out = tmp_path / "out" / f"net.{fmt}"
+    p = _export("--ckpt", ckpt, "--format", fmt, "--out", out)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stderr.count("\n") == 1 and "differs from PyTorch" in p.stderr and "not written" in p.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

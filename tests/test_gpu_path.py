@@ -85,8 +85,9 @@ def test_a_plan_with_few_loader_workers_a_gpu_says_so():
 def test_the_batch_rings_must_fit_in_shared_memory():
     cfg = load_config(str(REPO / "configs" / "gpu.yaml"), ["data.shards=x"])
     per_rank = ring_bytes(cfg.data, cfg.train.batch_size)
-    # workers x 7 slots x batch x (input and target pixels + the input's float32 quality)
-    assert per_rank == cfg.data.workers * 7 * cfg.train.batch_size * (2 * 3 * 128 * 128 + 4)
+    # 7 slots a worker, each of its share of the rank's patches of a step: 7 x batch x (input and target
+    # pixels + the input's float32 quality + its lane, image and patch numbers)
+    assert per_rank == 7 * cfg.train.batch_size * (2 * 3 * 128 * 128 + 4 + 24)
     assert shm_problem(4 * per_rank, 64 * 2**20, cfg.data.workers).startswith(
         f"the DataLoader workers' batch rings need {4 * per_rank / 2**20:,.0f} MiB of shared memory")
     assert "--shm-size" in shm_problem(4 * per_rank, 64 * 2**20, 8) and shm_problem(per_rank, 2 * per_rank, 8) is None
@@ -107,5 +108,5 @@ def test_the_trainer_runs_eager_without_a_compiler_and_refuses_a_ring_too_big(tm
                                  "log.val_every=0"), capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "train: warning: train.compile: no C++ compiler" in p.stderr and "running eager" in p.stderr
-    p = run_cmd(train_cmd(0, shards, tmp_path / "big", "data.workers=256", "train.batch_size=8192"))
+    p = run_cmd(train_cmd(0, shards, tmp_path / "big", "data.workers=2", "train.batch_size=8192", "data.patch.size=512"))
     assert p.returncode == 2 and "of shared memory on this node" in p.stderr and "Traceback" not in p.stderr

@@ -198,3 +198,40 @@ def test_files_without_usable_bounds_have_none_and_a_wrong_size_is_one_line(phot
     bounds = jpeg.file_bounds(jpeg.encode(photo, 90, "444"))
     with pytest.raises(ValueError, match="not the size of the file"):
         bounds.project(photo[:128])
+
+
+def test_blocks_with_a_clipped_pixel_are_left_as_they_are():
+    """A block with a pixel at 0 or 255 had its coefficients moved by the clipping, out of their bins:
+    the projection leaves it alone (and would change it, were it bounded)."""
+    from PIL import ImageFilter
+    image = photo_like(128, 96, seed=7, channels=1)[..., 0].astype(np.int16)
+    image[8:40, 16:56] += 140  # a highlight burnt out to 255
+    image[56:88, 72:120] -= 140  # a shadow crushed to 0
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    data = jpeg.encode(image, 90)
+    decoded = jpeg.decode(data)[0]
+    decoded = decoded[..., 0] if decoded.ndim == 3 else decoded
+    restored = np.asarray(Image.fromarray(decoded).filter(ImageFilter.GaussianBlur(1.5)))
+    bounds = jpeg.file_bounds(data)
+    k, step, usable = bounds.planes[0]
+    saturated = ((decoded == 0) | (decoded == 255)).reshape(12, 8, 16, 8).any(axis=(1, 3))
+    np.testing.assert_array_equal(usable, ~saturated)
+    assert 10 < saturated.sum() < saturated.size - 10
+    pixels = np.repeat(np.repeat(saturated, 8, axis=0), 8, axis=1)
+    projected = bounds.project(restored)
+    np.testing.assert_array_equal(projected[pixels], restored[pixels])
+    assert (projected[~pixels] != restored[~pixels]).mean() > 0.05  # the other blocks are projected
+    every_block = jpeg.FileBounds({0: (k, step, np.ones_like(usable))}, gray=True)
+    assert (every_block.project(restored)[pixels] != restored[pixels]).mean() > 0.05  # what the rule prevents
+
+
+def test_an_rgb_coded_jpeg_has_no_bounds(photo):
+    """An Adobe file whose components are R, G, B (transform 0), not Y, Cb, Cr: its bins are not of the
+    planes project works in, so it has none (its quality tables still read)."""
+    rgb_coded = io.BytesIO()
+    Image.fromarray(photo).save(rgb_coded, format="JPEG", quality=90, subsampling=0, keep_rgb=True)
+    with Image.open(io.BytesIO(rgb_coded.getvalue())) as im:
+        assert im.info.get("adobe_transform") == 0 and im.mode == "RGB"
+    assert jpeg.file_quality(rgb_coded.getvalue()) == 90
+    assert jpeg.file_bounds(rgb_coded.getvalue()) is None
+    assert jpeg.file_bounds(jpeg.encode(photo, 90, "444")) is not None  # the same photo, YCbCr-coded, has them

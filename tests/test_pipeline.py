@@ -7,20 +7,23 @@ from __future__ import annotations
 import collections
 import itertools
 import io
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from helpers import encode, photo_like, write
+from helpers import REPO, TINY, assert_ok, cli_here, encode, metrics, photo_like, write
 from restorer.data import jpeg
 from restorer.data.jpeg import JpegSpec
 from restorer.data.patches import PatchSpec, center_crop, random_patch, training_pair
 from restorer.data.manifest import load_manifest, shard_paths
-from restorer.config import DataConfig
-from restorer.data.pipeline import steps_per_epoch, train_loader, val_loader
+from restorer.config import ConfigError, DataConfig
+from restorer.data.pipeline import SkipLog, read_images, steps_per_epoch, train_loader, val_loader
 from restorer.data.sharding import PackOptions, run
 
 
@@ -215,14 +218,14 @@ def test_batches_are_uint8_nchw_the_input_is_the_targets_jpeg_and_its_quality_ri
     assert len(qualities) > 8
 
 
-def test_same_seed_reproduces_and_workers_epochs_seeds_differ(photo_shards):
+def test_same_seed_reproduces_a_later_start_goes_on_and_seeds_differ(photo_shards):
     cfg = _cfg(photo_shards)
     a, b = _batches(cfg, steps=6), _batches(cfg, steps=6)
     assert all(torch.equal(x[1], y[1]) for x, y in zip(a, b))
-    # the DataLoader takes batches from its 2 workers in turn: 0 and 1 come from different workers
     flat = lambda batches: {t.numpy().tobytes() for _, ts, _ in batches for t in ts}  # noqa: E731
-    assert not flat(a[0:6:2]) & flat(a[1:6:2])
-    assert not flat(a) & flat(_batches(cfg, steps=6, epoch=1))  # a run resumed at epoch 1
+    assert len(flat(a)) == 6 * 4  # no patch twice
+    later = _batches(cfg, steps=3, step=3)  # a run resumed at step 3 goes on: it does not replay
+    assert all(torch.equal(x[1], y[1]) for x, y in zip(later, a[3:]))
     assert not flat(a) & flat(_batches(cfg, steps=6, seed=1))
 
 
@@ -255,28 +258,29 @@ def test_steps_per_epoch_follows_the_manifest(photo_shards):
     assert steps_per_epoch(cfg, batch_size=2, world_size=2) == 1
     assert len(train_loader(cfg, batch_size=1, seed=0, world_size=2)) == 3
     cfg = _cfg(photo_shards, patches_per_image=10)  # every image once, 10 patches each
-    assert steps_per_epoch(cfg, batch_size=4, world_size=2) == 60 // 8
+    assert steps_per_epoch(cfg, batch_size=3, world_size=1) == 6 // 3 * 10
+    # each slot of the global batch takes its own images: with 8 slots for 6 images, one image each (2 twice)
+    assert steps_per_epoch(cfg, batch_size=4, world_size=2) == 10
 
 
 @pytest.mark.parametrize("n_images, maxcount", [(9, 3), (9, 9)])  # 3 shards, and 1 shard, for 2 ranks x 2 workers
-def test_every_rank_gets_the_same_steps_and_streams_share_no_image(tmp_path, n_images, maxcount):
+def test_every_rank_gets_the_same_steps_and_an_epoch_takes_each_image_once(tmp_path, n_images, maxcount):
+    """One patch an image, a global batch of 2 (2 ranks x 1): an epoch is 9 // 2 = 4 steps, whose 8 slots
+    hold 8 different images (the ninth waits for another epoch's order); every image comes in time."""
     colours = _flat_images(tmp_path / "src", n_images)
     shards = _pack(tmp_path / "src", tmp_path / "shards", val_fraction=0.0, maxcount=maxcount)
     assert len(shard_paths(shards, "train")) == -(-n_images // maxcount)
     cfg = _cfg(shards, patches_per_image=1, shuffle_buffer=1)
-    seen = collections.defaultdict(set)  # stream -> image indices
+    seen = {}  # rank -> the images of its steps, in order
     for rank in (0, 1):
         batches = _batches(cfg, batch_size=1, rank=rank, world_size=2, steps=24)
         assert len(batches) == 24
-        for i, (inputs, targets, _) in enumerate(batches):
-            red = int(targets[0, 0].float().mean().round())
-            seen[(rank, i % 2)].add(next(k for k, v in colours.items() if abs(v - red) <= 1))
-    streams = list(seen.values())
-    assert len(streams) == 4 and all(streams)
-    for i in range(4):
-        for j in range(i + 1, 4):
-            assert not streams[i] & streams[j]
-    assert set().union(*streams) == set(colours)
+        seen[rank] = [next(k for k, v in colours.items() if abs(v - int(t[0, 0].float().mean().round())) <= 1)
+                      for _, t, _ in batches]
+    for epoch in range(6):
+        images = [seen[rank][step] for rank in (0, 1) for step in range(4 * epoch, 4 * epoch + 4)]
+        assert len(set(images)) == 8, (epoch, images)
+    assert set(seen[0]) | set(seen[1]) == set(colours)
 
 
 def test_val_split_is_covered_exactly_once_across_ranks_at_every_quality(photo_shards):
@@ -340,6 +344,90 @@ def test_url_patterns_and_pipe_commands(photo_shards):
         cfg.validate()
         batches = _batches(cfg)
         assert len(batches) == 2 and batches[0][0].shape == (4, 3, 128, 128)
+
+
+# ----------------------------------------------------------------------------- URLs that must not be opened
+
+# A config someone else wrote runs no command unasked: webdataset's brace expansion turns `{p,p}ipe:`
+# into `pipe:`, and its gopen reads `Pipe:` (any case, after blanks) as a pipe, guarded only by an
+# `assert` that `python -O` drops. Checked after expansion, in the config and where a URL is opened.
+
+
+def _train_config(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": data, "train": {"out_dir": str(tmp_path / "run")}}))
+    return path
+
+
+PIPE_NOT_ALLOWED = "a pipe: URL runs a shell command on every rank and worker: set data.allow_pipe=true if you mean it"
+
+
+@pytest.mark.parametrize("pattern, allow_pipe, message", [
+    ("{p,p}ipe:touch MARKER", False, PIPE_NOT_ALLOWED),
+    ("Pipe:touch MARKER", False, PIPE_NOT_ALLOWED),
+    ("Pipe:touch MARKER", True, "'Pipe:' is not a scheme the pipeline reads: plain paths, file:, http:, https: (and pipe: "
+                                "with data.allow_pipe=true), written in lower case"),
+], ids=["braces", "case", "case-allowed"])
+def test_a_config_file_runs_no_command_it_was_not_allowed_to(shards, tmp_path, pattern, allow_pipe, message):
+    """launch/train.py's main on a YAML config: one line, exit 2, before any work; the command never ran."""
+    from restorer.train import main
+
+    marker = tmp_path / "MARKER"
+    config = _train_config(tmp_path, {"shards": str(shards), "train_urls": pattern.replace("MARKER", str(marker)),
+                                      "allow_pipe": allow_pipe})
+    p = cli_here(main, "--config", config, *TINY, "train.max_steps=2")
+    shown = repr(pattern.replace("{p,p}", "p").replace("MARKER", str(marker)))
+    assert (p.returncode, p.stderr) == (2, f"train: error: data.train_urls: {shown}: {message}\n")
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_an_allowed_pipe_trains(shards, tmp_path):
+    from restorer.train import main
+
+    pattern = f"pipe:cat {shards}/train-{{000000..000002}}.tar"  # three shards: braces expand inside a pipe too
+    config = _train_config(tmp_path, {"shards": str(shards), "train_urls": pattern, "allow_pipe": True})
+    p = cli_here(main, "--config", config, *TINY, "train.max_steps=2", "log.val_every=0")
+    assert_ok(p)
+    assert [m["step"] for m in metrics(tmp_path / "run") if "loss" in m] == [2] and "warning" not in p.stderr
+
+
+REFUSED = ["pipe:touch {m}0", "Pipe:touch {m}1", " pipe:touch {m}2", "pi\tpe:touch {m}3", "PIPE:touch {m}4", "ftp://h/x.tar",
+           "s3://bucket/x.tar", "hf://x/y.tar"]
+
+
+def test_urls_are_refused_where_they_are_opened_too(tmp_path, capfd):
+    """read_images (what a loader's workers call) refuses what the config would have: a pipe without
+    allow_pipe, a pipe's scheme not written `pipe:`, schemes it does not read. Each costs a warning."""
+    marker = tmp_path / "MARKER"
+    urls = [u.format(m=marker) for u in REFUSED]
+    skips = SkipLog("the test"), SkipLog("the test, allow_pipe")
+    assert list(read_images(urls, skips[0])) == [] and list(read_images(urls[1:], skips[1], allow_pipe=True)) == []
+    assert [skip.count for skip in skips] == [len(urls), len(urls) - 1]
+    err = capfd.readouterr().err.splitlines()
+    assert err and all("RefusedURL: " in line for line in err), err  # (the first 3 of each are printed)
+    assert not list(tmp_path.iterdir())  # no command ran
+
+
+def test_the_loaders_refuse_a_config_never_validated(tmp_path):
+    """A DataConfig built in code (no validate()): the loaders list its URLs, and refuse them, in one line."""
+    marker = tmp_path / "MARKER"
+    cfg = DataConfig(train_urls=f"{{p,p}}ipe:touch {marker}", val_urls=f"Pipe:touch {marker}", epoch_samples=8, workers=0)
+    with pytest.raises(ConfigError, match=f"^data.train_urls: 'pipe:touch {marker}': a pipe: URL runs a shell command"):
+        train_loader(cfg, batch_size=4, seed=0)
+    with pytest.raises(ConfigError, match=f"^data.val_urls: 'Pipe:touch {marker}': a pipe: URL runs a shell command"):
+        list(val_loader(cfg))
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_urls_are_refused_where_they_are_opened_under_python_O(tmp_path):
+    """`python -O` drops webdataset's assert on `pipe:`: gopen would run `Pipe:touch M` as `touch M`."""
+    code = ("import sys; from restorer.data.pipeline import SkipLog, read_images; skip = SkipLog('the test'); "
+            "print(len(list(read_images(sys.argv[1:], skip, allow_pipe=True))), skip.count)")
+    urls = [u.format(m=tmp_path / "MARKER") for u in REFUSED[1:5]]
+    p = subprocess.run([sys.executable, "-O", "-c", code, *urls], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert (p.returncode, p.stdout) == (0, f"0 {len(urls)}\n") and "RefusedURL: " in p.stderr, p.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_config_errors_name_the_field():

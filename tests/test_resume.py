@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (REPO, assert_ok, events, load_state, metrics, pack_photos, run_cmd, save_state, train_cmd,
-                     train_env, train_here, train_lines)
+from helpers import (REPO, assert_ok, cli_here, encode, events, load_state, metrics, pack_photos, photo_like, run_cmd,
+                     save_state, train_cmd, train_env, train_here, train_lines, write)
+from restorer.checkpoint import Checkpoint, CheckpointError, card_qualities, read_checkpoint
 from restorer.config import load_config
+from restorer.models import NetworkSpec
+from restorer.restore import main as restore_main
 from restorer.train import Training, train_step
 
 
@@ -129,12 +132,78 @@ def test_precision_switched_to_fp16_on_resume_works(base_run, shards):
 
 
 @pytest.mark.slow
-def test_a_failed_save_is_one_line_and_leaves_no_temp_file(tmp_path, shards):
-    out = tmp_path / "run"
-    (out / "last.pt" / "x").mkdir(parents=True)  # the final rename cannot replace a folder
-    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=2", "log.val_every=0"))
+def test_a_failed_save_is_one_line_and_leaves_no_temp_file(base_run, shards):
+    out = base_run
+    (out / "last.pt").unlink()
+    (out / "last.pt" / "x").mkdir(parents=True)  # the final rename cannot replace a folder (it resumes from a step copy)
+    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "log.val_every=0"))
     _one_error_line(p, 1, "cannot write a checkpoint")
     assert not [f for f in out.iterdir() if ".tmp" in f.name]
+
+
+# ----------------------------------------------------------------------------- checkpoint fields of the wrong type
+
+
+def _tiny_state() -> dict:
+    """A checkpoint's state as the trainer writes one (a tiny network, an optimizer, the rng)."""
+    spec = NetworkSpec("dncnn", {"depth": 3, "channels": 8})
+    model = spec.build()
+    optimizer = torch.optim.Adam(model.parameters())
+    return Checkpoint(spec, model.state_dict(), optimizer=optimizer.state_dict(), scaler={}, step=4, epoch=0,
+                      best_psnr=30.5, train_seconds=1.5, config={"data": {"patch": {"size": 32}}},
+                      rng={"torch": torch.get_rng_state()}).to_state()
+
+
+WRONG_FIELDS = {  # field: a value of the wrong type (or shape), as a damaged or hand-made file may hold
+    "step": "4", "epoch": 1.5, "best_psnr": "high", "train_seconds": [1.0], "config": [1, 2],
+    "model": [torch.zeros(2)], "ema": {"w": "weights"}, "optimizer": {"state": 5, "param_groups": []},
+    "scaler": "on", "rng": {"torch": torch.zeros(3, dtype=torch.uint8)},
+    "network": {"name": "dncnn", "options": {"depth": torch.tensor(3)}, "in_channels": 3, "grayscale": False},
+}
+
+
+@pytest.mark.parametrize("field", sorted(WRONG_FIELDS))
+def test_a_checkpoint_field_of_the_wrong_type_is_one_line_naming_it(tmp_path, field):
+    path = save_state(tmp_path / "bad.pt", {**_tiny_state(), field: WRONG_FIELDS[field]})
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    assert str(e.value).startswith(f"{path}: its {field} is ") and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("config", [{"data": "x"}, {"data": {"jpeg": [10, 90], "patch": "big", "val_qualities": "all"}},
+                                    {"data": {"jpeg": {"quality": ["low", "high"], "chroma": 420}}},
+                                    {"data": {"jpeg": {"quality": torch.tensor([10, 90])}, "patch": {"size": "32"}}}])
+def test_a_card_says_what_it_can_of_any_config(tmp_path, config):
+    path = save_state(tmp_path / "odd.pt", {**_tiny_state(), "config": config})
+    checkpoint = read_checkpoint(path)
+    card = json.loads(json.dumps(checkpoint.card()))  # plain JSON whatever the config held
+    assert checkpoint.training_jpeg() is None and card_qualities(card) is None
+    assert card["training"]["patch_size"] is None and card["network"] == "dncnn"
+    photo = write(tmp_path / "in" / "a.jpg", encode(photo_like(64, 48, 1), "JPEG", quality=20))
+    p = cli_here(restore_main, "--ckpt", path, photo, "--out", tmp_path / "out")
+    assert p.returncode == 0 and (tmp_path / "out" / "a.png").is_file(), p.stderr
+
+
+def test_restore_of_a_checkpoint_with_a_string_step_is_one_line(tmp_path):
+    bad = save_state(tmp_path / "BAD.pt", {**_tiny_state(), "step": "4"})
+    photo = write(tmp_path / "in" / "a.jpg", encode(photo_like(64, 48, 1), "JPEG", quality=20))
+    p = cli_here(restore_main, "--ckpt", bad, photo, "--out", tmp_path / "out")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and ": error: " in p.stderr, p.stderr
+    assert "its step is str '4', not a whole number" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out" / "a.png").exists()
+
+
+def test_resume_falls_back_past_fields_of_the_wrong_type_to_best_pt(base_run, shards):
+    out = base_run
+    best_step = load_state(out / "best.pt")["step"]
+    for name, field, value in (("last.pt", "step", "4"), ("step-00000004.pt", "optimizer", [1, 2]),
+                               ("step-00000002.pt", "config", "unet")):
+        save_state(out / name, {**load_state(out / name), field: value})
+    p = train_here(shards, out, "train.max_steps=6", "log.val_every=0")
+    assert_ok(p)
+    assert "last.pt: " in p.stderr and "its step is str '4'" in p.stderr and "its optimizer is list" in p.stderr
+    assert f"resuming from best.pt (step {best_step}) instead" in p.stderr and "Traceback" not in p.stderr
+    assert [m["step"] for m in metrics(out) if m.get("event") == "resume"] == [best_step]
 
 
 # ----------------------------------------------------------------------------- bad data: one line, or warn and go on

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, metrics, train_cmd, train_env, train_lines
+from helpers import REPO, metrics, require, train_cmd, train_env, train_lines
 from restorer import plot, runs
 from restorer.config import flatten
 from restorer.runs import differing_keys, run_labels
@@ -144,14 +144,16 @@ def test_a_run_without_its_end_reads_running_and_a_cut_line_is_counted(sweep, tm
     out, err = capsys.readouterr()
     row = next(r for r in parse(out) if r[0] == str(run))
     assert row[2:5] == ["running?", "4", "-"]
-    assert err == f"runs: warning: {run / 'metrics.jsonl'}: 1 line is not JSON (a write cut short?): skipped\n"
+    assert err == (f"runs: warning: {run / 'metrics.jsonl'}: 1 line is not a record (cut short, not JSON, or a field "
+                   "of the wrong type): skipped\n")
     # the plot reads it the same way; a JSON line that is not an object is counted, not a traceback
     if importlib.util.find_spec("matplotlib") is not None:
         with open(run / "metrics.jsonl", "a") as f:
             f.write("3\n")
         assert plot.main([str(run), "--out", str(tmp_path / "killed.png")]) == 0
         out, err = capsys.readouterr()
-        assert err == f"plot: warning: {run / 'metrics.jsonl'}: 2 lines are not JSON (a write cut short?): skipped\n"
+        assert err == (f"plot: warning: {run / 'metrics.jsonl'}: 2 lines are not a record (cut short, not JSON, or a "
+                       "field of the wrong type): skipped\n")
         assert (tmp_path / "killed.png").stat().st_size > 0
 
 
@@ -171,7 +173,7 @@ def test_labels_and_differences(sweep):
 
 @pytest.mark.slow
 def test_plot_draws_several_runs_in_one_picture(sweep, tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="the plot extra draws the pictures")
+    require("matplotlib", "plot")  # draws the pictures
     from PIL import Image
 
     png = tmp_path / "sweep.png"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from helpers import encode, make_shards_cmd, messy_photo_folder, photo_like, run_make_shards, write
+from helpers import cli_here, encode, make_shards_cmd, messy_photo_folder, photo_like, run_make_shards, write
 from restorer.data import decode_image
 from restorer.data.manifest import ManifestError, load_manifest, shard_paths
 from restorer.data.sharding import (
@@ -28,6 +28,7 @@ from restorer.data.sharding import (
     sample_key,
     tile_boxes,
 )
+from restorer.make_shards import main as make_shards_main
 
 # ----------------------------------------------------------------------------- units
 
@@ -439,3 +440,182 @@ def test_two_runs_on_one_folder_are_refused(tmp_path):
     assert "is being written by another make_shards (pid 12345)" in p.stderr
     assert not list((tmp_path / "out").glob("*.tar"))
     run_make_shards(src, "--out", tmp_path / "out", "--val-count", "1", "--min-side", "64")  # free again: fine
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+
+
+def _make_special_files(src: Path) -> dict[str, str]:
+    """Files named like photos that are not photos to read: {shown path: reason the tool must give}."""
+    import socket
+
+    os.mkfifo(src / "fifo.jpg")  # an open() of it waits for a writer
+    (src / "zero.jpg").symlink_to("/dev/zero")  # never ends
+    (src / "loop.jpg").symlink_to("loop.jpg")
+    (src / "album.jpg").symlink_to(src / "sub")  # a folder, not followed
+    sock = socket.socket(socket.AF_UNIX)
+    cwd = os.getcwd()
+    os.chdir(src)  # a socket's path is limited to ~100 bytes: bind by its short relative name
+    try:
+        sock.bind("sock.png")
+    finally:
+        os.chdir(cwd)
+        sock.close()  # the socket file stays
+    write(src / "huge.png", encode(photo_like(400, 400, 99), "PNG"))  # over the --max-bytes below
+    return {"src/fifo.jpg": "not a regular file: a FIFO", "src/zero.jpg": "not a regular file: a character device",
+            "src/loop.jpg": "unreadable: Too many levels of symbolic links",
+            "src/album.jpg": "not a regular file: a folder", "src/sock.png": "not a regular file: a socket",
+            "src/huge.png": "too large: "}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_special_and_huge_files_are_rejected_with_a_reason(tmp_path, workers):
+    src = tmp_path / "src"
+    for i in range(3):
+        write(src / "sub" / f"p{i}.jpg", encode(photo_like(140, 130, 60 + i), "JPEG"))
+    expected = _make_special_files(src)
+    assert (src / "huge.png").stat().st_size > 100_000
+    listing = tmp_path / "list.txt"  # named in a list, they are rejected the same way
+    listing.write_text("src/fifo.jpg\nsrc/zero.jpg\n")
+    args = [src, listing, "--out", tmp_path / "out", "--val-count", "1", "--min-side", "64", "--max-bytes", "100K",
+            "--workers", workers]
+    # a process with a time limit: without the fix, this run hangs on the FIFO or fills the memory
+    p = subprocess.run(make_shards_cmd(*args), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    m = load_manifest(tmp_path / "out")
+    reasons = {r["path"]: r["reason"] for r in m["rejected"]}
+    assert set(reasons) == set(expected)
+    for path, reason in expected.items():
+        assert reasons[path].startswith(reason), (path, reasons[path])
+    assert m["images"]["kept"] == 3
+    # a rerun checks the special files again (their kind is not in their size and mtime) and agrees
+    again = subprocess.run(make_shards_cmd(*args), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and load_manifest(tmp_path / "out") == m
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_a_special_file_given_as_a_list_is_one_line(tmp_path, kind):
+    source = tmp_path / "paths"
+    os.mkfifo(source) if kind == "fifo" else source.symlink_to("/dev/zero")
+    p = subprocess.run(make_shards_cmd(source, "--out", tmp_path / "out"), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    what = "a FIFO" if kind == "fifo" else "a character device"
+    assert p.stderr == (f"make_shards: error: {source} is neither an image (by extension) nor a text list of paths: "
+                        f"it is {what}\n")
+
+
+def test_a_source_swapped_for_a_fifo_after_its_check_is_not_waited_for(tmp_path):
+    import threading
+
+    from restorer.data.sharding import FileChangedError, Sample, read_checked
+
+    path = tmp_path / "p.jpg"
+    write(path, encode(photo_like(140, 130, 70), "JPEG"))
+    st = path.stat()
+    sample = Sample(key="p", path=str(path), rel="p.jpg", sha256="0" * 64, ext="jpg", width=140, height=130,
+                    mode="RGB", size=st.st_size, mtime_ns=st.st_mtime_ns)
+    path.unlink()
+    os.mkfifo(path)
+    outcome = []
+
+    def read():
+        try:
+            read_checked(sample)
+        except FileChangedError as e:
+            outcome.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(20)  # a bound on a hang: the read itself takes microseconds
+    blocked = reader.is_alive()
+    if blocked:  # waiting in open() for a writer: one releases it, so the test ends
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+    assert not blocked, "the FIFO was opened and waited on"
+    assert outcome == ["p.jpg changed or vanished since it was checked; run the same command again"]
+
+
+@pytest.fixture
+def packed(tmp_path):
+    """A finished shard folder and the arguments that made it."""
+    src = tmp_path / "src"
+    for i in range(4):
+        write(src / f"p{i}.jpg", encode(photo_like(140, 130, 80 + i), "JPEG"))
+    args = [src, "--out", tmp_path / "out", "--val-count", "1", "--min-side", "64", "--maxcount", "2", "--workers", "1"]
+    assert cli_here(make_shards_main, *args).returncode == 0
+    return tmp_path / "out", args
+
+
+def _damage(m: dict, how: str):
+    shard = m["splits"]["train"]["shards"][0]
+    if how == "a list":
+        return [m]
+    if how == "an entry of the wrong type":
+        m["splits"]["train"]["shards"][0] = shard["name"]
+    elif how == "a missing key":
+        del shard["sha256"]
+    elif how == "a name that is a number":
+        shard["name"] = 123
+    elif how == "a name outside the folder":
+        shard["name"] = "../x.tar"
+    return m
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("truncated", "is not valid JSON"),
+    ("a list", "is not a restorer shard manifest"),
+    ("an entry of the wrong type", "has a shard without name, bytes or sha256 in splits.train.shards[0]"),
+    ("a missing key", "has a shard without name, bytes or sha256 in splits.train.shards[0]"),
+    ("a name that is a number", "has a name that is not a string in splits.train.shards[0]"),
+    ("a name outside the folder", "names a shard outside its folder in splits.train.shards[0]: '../x.tar'"),
+])
+def test_a_rerun_over_a_damaged_manifest_refuses_in_one_line_and_deletes_nothing(packed, how, problem):
+    out, args = packed
+    manifest = out / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text[:len(text) // 2] if how == "truncated" else json.dumps(_damage(json.loads(text), how)))
+    before = _tree_bytes(out)
+    p = cli_here(make_shards_main, *args)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"make_shards: error: {manifest} {problem}")
+    assert p.stderr.endswith("; use --force to start over\n")
+    assert _tree_bytes(out) == before
+    assert cli_here(make_shards_main, *args, "--force").returncode == 0  # the way out it names
+    load_manifest(out)
+
+
+def test_damaged_state_files_are_checked_again_or_refused(packed):
+    out, args = packed
+    before = _tree_bytes(out)
+    state = out / ".make_shards"
+    src = Path(args[0])
+    st = (src / "p0.jpg").stat()
+    # lines no run of the tool writes: each is no record, so its file is checked, its shard written again
+    with open(state / "checks.jsonl", "a") as f:
+        for rec in ([1], {"path": 5}, {"path": str(src / "p0.jpg"), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                        "sha256": "0" * 64}, {"path": str(src / "p1.jpg"), "reason": 7}):
+            f.write(json.dumps(rec) + "\n")
+    with open(state / "progress.jsonl", "a") as f:
+        for rec in (["x"], {"name": "../../elsewhere.tar", "bytes": 0}, {"name": "train-000000.tar"}):
+            f.write(json.dumps(rec) + "\n")
+    p = cli_here(make_shards_main, *args)
+    assert p.returncode == 0, p.stderr
+    assert _tree_bytes(out) == before
+
+    (state / "options.json").write_text("[1, 2]")
+    p = cli_here(make_shards_main, *args)
+    assert p.returncode == 2
+    assert p.stderr == f"make_shards: error: {state / 'options.json'} is unreadable; use --force to start over\n"
+
+
+def test_a_folder_written_before_max_bytes_existed_is_taken_as_it_is(packed):
+    out, args = packed
+    before = _files(out)
+    for path in (out / ".make_shards" / "options.json", out / "manifest.json"):
+        recorded = json.loads(path.read_text())
+        del (recorded["args"] if path.name == "manifest.json" else recorded)["max_bytes"]
+        path.write_text(json.dumps(recorded))
+    p = cli_here(make_shards_main, *args)
+    assert p.returncode == 0, p.stderr
+    assert {name: ids for name, ids in _files(out).items() if name.endswith(".tar")} == \
+        {name: ids for name, ids in before.items() if name.endswith(".tar")}  # not one shard written again

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import slurm_cluster
-from helpers import REPO, TINY, load_state, metrics, train_lines
+from helpers import REPO, TINY, load_state, metrics, train_env, train_lines
 
 _metrics, _train_lines = metrics, train_lines
 
@@ -38,12 +38,13 @@ def _args(shards: Path, out: Path, *overrides: str) -> list[str]:
             *TINY, "log.val_every=0", *overrides]
 
 
-def _sbatch(cluster, out: Path, *args: str, nodes: int = 1, nproc: int = 2) -> str:
-    """launch/slurm/train.sbatch on `nodes` nodes, `nproc` ranks a node."""
+def _sbatch(cluster, out: Path, *args: str, nodes: int = 1, nproc: int = 2, fault: dict | None = None) -> str:
+    """launch/slurm/train.sbatch on `nodes` nodes, `nproc` ranks a node (with a test fault: helpers.train_env)."""
     out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in train_env(fault).items() if k in ("RESTORER_TEST_FAULT", "PYTHONPATH")} if fault else None
     p = cluster.run("sbatch", "--parsable", f"--nodes={nodes}", "--cpus-per-task=2", f"--output={out}/slurm-%j.out",
                     f"--export=ALL,NPROC_PER_NODE={nproc},PYTHON={sys.executable},RESTORER_DIR={REPO}",
-                    str(REPO / "launch" / "slurm" / "train.sbatch"), *args)
+                    str(REPO / "launch" / "slurm" / "train.sbatch"), *args, env=env)
     return p.stdout.strip().split(";")[0]
 
 
@@ -55,19 +56,22 @@ def _logged_step(out: Path) -> int:
     return lines[-1]["step"] if lines else 0
 
 
-def _wait(cluster, job: str, until, what: str, limit: float = 240) -> dict:
+def _log(out: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(out.glob("slurm-*.out")))
+
+
+def _wait(cluster, job: str, until, what: str, limit: float = 240, out: Path | None = None) -> dict:
+    """Poll the controller until `until(state)`; a job that fails first fails the test with its log.
+    `limit` only ends a wait that would hang: what the tests wait for are events, not durations."""
     deadline = time.monotonic() + limit
     while True:
         state = cluster.job_state(job)
         if until(state):
             return state
-        assert state.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), state
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {state}"
+        log = f"\n{_log(out)[-6000:]}" if out is not None else ""
+        assert state.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), f"{state}{log}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {state}{log}"
         time.sleep(0.5)  # polling the controller, not guessing a duration
-
-
-def _log(out: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in out.glob("slurm-*.out"))
 
 
 def test_an_array_job_gives_each_task_its_own_run_folder(cluster, shards, tmp_path):
@@ -79,7 +83,8 @@ def test_an_array_job_gives_each_task_its_own_run_folder(cluster, shards, tmp_pa
                     *_args(shards, out / "run-%a", "train.max_steps=2", "train.seed=1%a"))
     job = p.stdout.strip().split(";")[0]
     for task in (0, 1):
-        state = _wait(cluster, f"{job}_{task}", lambda s: s.get("JobState") == "COMPLETED", f"array task {task}")
+        state = _wait(cluster, f"{job}_{task}", lambda s: s.get("JobState") == "COMPLETED", f"array task {task}",
+                      out=out)
         assert state["ExitCode"] == "0:0", _log(out)
     for task in (0, 1):  # %a became the task id in every argument: its own folder, its own settings
         run = out / f"run-{task}"
@@ -122,7 +127,7 @@ def test_sbatch_trains_on_one_node_and_on_two_nodes_alike(cluster, shards, tmp_p
     for nodes, nproc in ((1, 2), (2, 1)):
         out = tmp_path / f"{nodes}x{nproc}"
         job = _sbatch(cluster, out, *_args(shards, out, *common), nodes=nodes, nproc=nproc)
-        state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED", f"the {nodes}-node job")
+        state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED", f"the {nodes}-node job", out=out)
         assert state["ExitCode"] == "0:0", _log(out)
         log = _log(out)
         assert f"restorer: job {job} start" in log and f"restart 0: {nodes} node(s) x {nproc} process(es)" in log
@@ -144,12 +149,14 @@ def test_sbatch_trains_on_one_node_and_on_two_nodes_alike(cluster, shards, tmp_p
 
 def test_usr1_before_the_time_limit_or_a_preemption_requeues_a_two_node_job_and_it_resumes(cluster, shards, tmp_path):
     out = tmp_path / "run"
-    job = _sbatch(cluster, out, *_args(shards, out, "train.max_steps=60", "checkpoint.every=1000"), nodes=2, nproc=1)
-    _wait(cluster, job, lambda s: _logged_step(out) >= 6, "training to reach step 6")
+    # rank 0 holds after step 6 until the stop reaches it: the job cannot end before it is signalled
+    job = _sbatch(cluster, out, *_args(shards, out, "train.max_steps=60", "checkpoint.every=1000"), nodes=2, nproc=1,
+                  fault={"rank": 0, "hold_after_step": 6})
+    _wait(cluster, job, lambda s: "holding after step 6" in _log(out), "training to reach step 6", out=out)
     # what --signal=B:USR1@N does before the time limit, and a preemption: USR1 to the batch shell only
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1",
-                  "the requeued job to complete")
+                  "the requeued job to complete", out=out)
     assert state["ExitCode"] == "0:0", _log(out)
     log = _log(out)
     assert f"requeueing job {job}" in log and "restart 1: 2 node(s)" in log
@@ -168,7 +175,7 @@ def test_a_lost_node_ends_the_other_in_one_line_and_the_next_job_resumes(cluster
     out = tmp_path / "run"
     args = _args(shards, out, "train.max_steps=400", "checkpoint.every=2", "train.stop_grace_s=10")
     job = _sbatch(cluster, out, *args, nodes=2, nproc=1)
-    _wait(cluster, job, lambda s: _logged_step(out) >= 6, "training to reach step 6")
+    _wait(cluster, job, lambda s: _logged_step(out) >= 6, "training to reach step 6", out=out)
     pids = cluster.job_pids(job, "n2")
     assert pids, "no process of the job on n2"
     for pid in pids:  # the node is lost: every process of the job on it dies at once
@@ -184,7 +191,7 @@ def test_a_lost_node_ends_the_other_in_one_line_and_the_next_job_resumes(cluster
     saved = load_state(out / "last.pt")["step"]
     assert saved >= 2  # the last periodic checkpoint a later step vouched for
     job = _sbatch(cluster, out, *_args(shards, out, f"train.max_steps={saved + 4}", "checkpoint.every=2"), nodes=2, nproc=1)
-    state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED", "the next job")
+    state = _wait(cluster, job, lambda s: s.get("JobState") == "COMPLETED", "the next job", out=out)
     assert state["ExitCode"] == "0:0", _log(out)
     resumed = [m for m in _metrics(out) if m.get("event") == "resume"]
     assert resumed and resumed[-1]["step"] == saved

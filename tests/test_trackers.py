@@ -1,23 +1,28 @@
 """Experiment trackers and validation pictures, with the real libraries: wandb offline, MLflow on a
-real sqlite store, TensorBoard's event files; a resumed run continues the same tracker runs; a
-tracker that fails mid-run costs one warning; one that is not installed is one line, exit 2."""
+real sqlite store and a folder store, TensorBoard's event files; a resumed run continues the same
+tracker runs (a new one when the store lost it); a tracker that fails mid-run costs one warning line,
+one that never answers stalls no rank, and no password of a URL reaches one; a tracker that is not
+installed is one line, exit 2."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from helpers import assert_ok, metrics, run_cmd, train_cmd, train_env, train_lines
+from helpers import REPO, assert_ok, metrics, require, run_cmd, train_cmd, train_env, train_here, train_lines
 
-wandb = pytest.importorskip("wandb", reason="the wandb extra")
-mlflow = pytest.importorskip("mlflow", reason="the mlflow extra")
+wandb = require("wandb", "wandb")
+mlflow = require("mlflow", "mlflow")
 pytestmark = pytest.mark.slow
 
 
@@ -105,21 +110,124 @@ def test_the_same_scalars_reach_metrics_tensorboard_wandb_and_mlflow_and_a_resum
     assert Image.open(pictures[-1]).size == compare_size(64, 64, with_reference=True)  # the 64 px validation crop
 
 
-def test_a_tracker_that_fails_mid_run_is_one_warning_and_the_run_finishes(shards, tmp_path):
-    out, db = tmp_path / "run", tmp_path / "mlflow.db"
-    proc = subprocess.Popen(train_cmd(0, shards, out, "train.max_steps=60", "log.val_every=0", f"log.mlflow=sqlite:///{db}"),
+def test_a_tracker_that_fails_mid_run_is_one_warning_line_and_the_run_finishes(shards, tmp_path):
+    out, store = tmp_path / "run", tmp_path / "mlruns"
+    for broken in ("111", "222"):  # two experiments of the store without their meta.yaml: MLflow logs a traceback each
+        (store / broken).mkdir(parents=True)
+    proc = subprocess.Popen(train_cmd(0, shards, out, "train.max_steps=40", "log.val_every=0", f"log.mlflow={store}"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env())
     deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").exists() or not train_lines(out):
+    while not (out / "trackers.json").exists() or not train_lines(out):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)  # polling the run's own file, not guessing a duration
-    with open(db, "r+b") as f:  # the store is gone bad under the run (a disk failing, a server replaced)
-        f.write(b"not a database" * 4096)
+        time.sleep(0.05)  # polling the run's own files, not guessing a duration
+    run_id = json.loads((out / "trackers.json").read_text())["mlflow"]
+    next(store.glob(f"*/{run_id}")).rename(tmp_path / "gone")  # the run's records gone under it (a store cleaned up)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
-    warnings = [line for line in err.splitlines() if "mlflow failed" in line]
-    assert len(warnings) == 1 and "training goes on" in warnings[0], err[-3000:]
-    assert metrics(out)[-1]["event"] == "finished" and metrics(out)[-1]["step"] == 60
+    assert metrics(out)[-1]["event"] == "finished" and metrics(out)[-1]["step"] == 40
+    # the one line of ours, and nothing of MLflow's own (its logging, its tracebacks, its warnings)
+    assert "Traceback" not in err and all(line.startswith("train: ") for line in err.splitlines()), err[-3000:]
+    warnings = [line for line in err.splitlines() if "mlflow" in line]
+    assert len(warnings) == 1 and "mlflow failed" in warnings[0] and "training goes on" in warnings[0], err[-3000:]
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers (a tracking server
+    hung), as http://127.0.0.1:PORT; it stops when the block ends."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # shut down: the block ended
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(10)
+        for connection in held:
+            connection.close()
+
+
+def test_a_tracking_server_that_never_answers_stalls_no_rank_of_a_two_rank_run(shards, tmp_path):
+    out = tmp_path / "run"
+    # a collective timeout of 30 s: a rank 0 held up by MLflow's calls (minutes of timeouts and retries) fails the run
+    with silent_server() as uri:
+        p = run_cmd(train_cmd(2, shards, out, "train.max_steps=12", "log.val_every=6", "train.collective_timeout_s=30",
+                              f"log.mlflow={uri}"), timeout=200)
+    assert_ok(p)
+    assert metrics(out)[-1]["event"] == "finished" and metrics(out)[-1]["step"] == 12
+    assert [m["step"] for m in train_lines(out)] == [2, 4, 6, 8, 10, 12]
+    warnings = [line for line in p.stderr.splitlines() if "mlflow" in line]
+    assert len(warnings) == 1 and "gave up waiting for it after 7.5 s to start" in warnings[0], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_a_folder_store_records_the_run_and_a_deleted_store_resumes_tracked(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")  # as a user has it (restored after the test)
+    out, store = tmp_path / "run", tmp_path / "mlruns"
+    common = ("log.val_every=2", f"log.mlflow={store}")
+    p = train_here(shards, out, "train.max_steps=4", *common)
+    assert_ok(p)
+    assert "mlflow" not in p.stderr
+    first = json.loads((out / "trackers.json").read_text())["mlflow"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=str(store))
+    assert sorted(m.step for m in client.get_metric_history(first, "loss")) == [2, 4]
+    assert sorted(m.step for m in client.get_metric_history(first, "val_psnr")) == [2, 4]
+
+    shutil.rmtree(store)  # the store deleted: trackers.json names a run it no longer has
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")  # (the run above set it for this process)
+    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=8", *common))  # a new process resumes at step 4
+    assert_ok(p)
+    warnings = [line for line in p.stderr.splitlines() if "mlflow" in line]
+    assert len(warnings) == 1 and first in warnings[0] and "a new run takes its place" in warnings[0], p.stderr
+    second = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert second != first
+    assert sorted(m.step for m in client.get_metric_history(second, "loss")) == [6, 8]  # tracked again
+    assert client.get_run(second).data.params["log.mlflow"] == str(store)
+
+
+def test_a_tracker_that_cannot_start_is_one_line_that_keeps_the_remedy(tmp_path, monkeypatch, capsys):
+    from restorer.config import load_config
+    from restorer.trackers import close_trackers, open_trackers
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "false")  # the user's own choice: a folder store is refused
+    cfg = load_config(str(REPO / "configs" / "cpu.yaml"), [f"log.mlflow={tmp_path / 'mlruns'}"])
+    trackers = open_trackers(cfg.log, tmp_path, cfg.to_dict(), {})
+    close_trackers(trackers)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("train: warning: mlflow could not start"), err
+    assert "MlflowException: The filesystem tracking backend" in err  # the cause, cut in its middle
+    assert "set `MLFLOW_ALLOW_FILE_STORE=true` to opt out of this exception." in err  # and MLflow's remedy, whole
+
+
+def test_no_password_of_a_shard_url_reaches_the_trackers(tmp_path):
+    from restorer.config import load_config
+    from restorer.trackers import close_trackers, open_trackers
+
+    url = "http://user:s3cret@example.org/train-{000..009}.tar"
+    cfg = load_config(str(REPO / "configs" / "cpu.yaml"), [f"data.train_urls={url}", "data.epoch_samples=100",
+                                                          "log.wandb=true", f"log.mlflow={tmp_path / 'mlruns'}"])
+    run = tmp_path / "run"
+    run.mkdir()
+    trackers = open_trackers(cfg.log, run, cfg.to_dict(), {"name": "unet", "parameters": 1})
+    for tracker in trackers:
+        tracker.log({"step": 1, "loss": 0.5}, 1)
+    close_trackers(trackers)
+    ids = json.loads((run / "trackers.json").read_text())
+    params = mlflow.tracking.MlflowClient(tracking_uri=str(tmp_path / "mlruns")).get_run(ids["mlflow"]).data.params
+    assert params["data.train_urls"] == "http://user:***@example.org/train-{000..009}.tar"
+    assert list(run.glob(f"wandb/offline-run-*-{ids['wandb']}/run-*.wandb"))  # wandb's files are there
+    assert [f for f in tmp_path.rglob("*") if f.is_file() and b"s3cret" in f.read_bytes()] == []  # in no file of either
 
 
 def test_a_tracker_asked_for_but_not_installed_is_one_line_and_exit_2(shards, tmp_path):

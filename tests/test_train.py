@@ -193,6 +193,30 @@ def test_the_output_layer_trains_at_last_lr_scale_for_every_network():
         assert g[1]["lr"] == pytest.approx(0.25 * g[0]["lr"])
 
 
+@pytest.mark.parametrize("name", ["nafnet", "unet", "dncnn"])
+def test_a_ddp_step_in_channels_last_has_nothing_to_warn_of(name):
+    """DDP's "Grad strides do not match bucket view strides" came once per rank: NAFNet's 1 x C x 1 x 1
+    scales in channels_last had strides their gradients do not have. (A gloo group of one rank, in this
+    process; world_size=2 puts the network inside DDP.)"""
+    import warnings
+
+    overrides = ["data.shards=unused", "data.patch.size=16", f"model.name={name}", *NETWORKS[name],
+                 "train.channels_last=true"]
+    cfg = load_config(str(REPO / "configs" / "cpu.yaml"), overrides)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        t = Training.build(cfg, torch.device("cpu"), world_size=2)
+        assert t.ddp is not None
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            train_step(t, [_batch(2, 3)])
+    finally:
+        torch.distributed.destroy_process_group()
+    assert not [str(w.message) for w in seen], [str(w.message) for w in seen]
+    assert all(p.is_contiguous(memory_format=torch.channels_last)  # the convolutions still run channels_last
+               for m in t.model.modules() if isinstance(m, torch.nn.Conv2d) for p in m.parameters() if p.dim() == 4)
+
+
 def test_charbonnier_is_a_smooth_l1():
     from restorer.optim import loss_fn
 

@@ -16,43 +16,57 @@ never lets a failed one pass as a short shard.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
+import math
 import multiprocessing
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
 import time
 import zlib
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from restorer.config import DataConfig
+from restorer.config import ConfigError, DataConfig, check_shard_urls, expand_shard_urls
 from restorer.data.patches import center_crop, training_pair
+from restorer.data.stream import (ImageReader, NoImage, SampleIndex, StreamPlan, index_shards, lane_patches,
+                                  rank_lanes, worker_lanes)
 from restorer.errors import RunError
 from restorer.data.manifest import load_manifest, shard_paths
-from restorer.stop import shutdown_event, worker_signals
+from restorer.stop import shutdown_event, stop_signals_held, worker_signals
+from restorer.urls import mask_secrets, shard_url_problem
 
 IMAGE_MEMBERS = tuple(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))  # webdataset member names: no dot
 
 
 def split_urls(cfg: DataConfig, split: str) -> list[str]:
-    """The shard URLs of a split: the explicit pattern if given, else the manifest's list."""
-    pattern = cfg.train_urls if split == "train" else cfg.val_urls
-    if pattern:
-        return list(expand_urls(pattern))
-    if not cfg.shards:
-        return []
-    return shard_paths(cfg.shards, split)
+    """The shard URLs of a split: the explicit pattern if given, else the manifest's list; each one
+    a URL the pipeline may open (ConfigError, one line, naming the first that is not)."""
+    key = "train_urls" if split == "train" else "val_urls"
+    try:
+        if getattr(cfg, key):
+            return expand_shard_urls(getattr(cfg, key), cfg.allow_pipe)
+        if not cfg.shards:
+            return []
+        key = "shards"
+        urls = shard_paths(cfg.shards, split)
+        check_shard_urls(urls, cfg.allow_pipe)
+        return urls
+    except ValueError as e:
+        raise ConfigError(f"data.{key}: {e}") from None
 
 
 class NoTrainingData(RunError):
@@ -67,24 +81,28 @@ class NoTrainingData(RunError):
         super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
 
 
-def epoch_samples(cfg: DataConfig) -> int:
-    """Patches per epoch (all ranks together): by default every training image is visited once and
-    gives `patches_per_image` patches. With patches_per_image 1 that is the seed's epoch."""
+def uses_lanes(cfg: DataConfig) -> bool:
+    """The training images come from a shard folder's manifest (local files read by random access:
+    restorer.data.stream's lanes, resumable to the patch), not from train_urls (streamed)."""
+    return not cfg.train_urls and bool(cfg.shards)
+
+
+def training_images(cfg: DataConfig) -> int:
+    """The training images the manifest lists (every rank numbers them alike)."""
+    return load_manifest(cfg.shards)["splits"]["train"]["samples"]
+
+
+def steps_per_epoch(cfg: DataConfig, batch_size: int, world_size: int, grad_accum: int = 1) -> int:
+    """Optimizer steps per epoch, identical on every rank, a function of the global batch (world size x
+    batch_size x grad_accum) alone. From a manifest: an epoch gives `patches_per_image` patches of
+    N // global batch images to every slot of the global batch (each slot takes its own images; the
+    rest wait for another epoch's order); data.epoch_samples (patches) sets another length."""
+    global_batch = batch_size * world_size * grad_accum
     if cfg.epoch_samples:
-        return cfg.epoch_samples
-    return load_manifest(cfg.shards)["splits"]["train"]["samples"] * cfg.patches_per_image
-
-
-def steps_per_epoch(cfg: DataConfig, batch_size: int, world_size: int) -> int:
-    """Optimizer steps per epoch, identical on every rank: the last partial global batch is dropped."""
-    return max(1, epoch_samples(cfg) // (batch_size * world_size))
-
-
-def _stream_id(rank: int, world_size: int) -> tuple[int, int, int, int]:
-    """(worker id, workers per rank, stream id, stream count) of the calling process."""
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    return worker, workers, rank * workers + worker, world_size * workers
+        return max(1, cfg.epoch_samples // global_batch)
+    if uses_lanes(cfg):
+        return max(1, training_images(cfg) // global_batch) * cfg.patches_per_image
+    return max(1, training_images(cfg) * cfg.patches_per_image // global_batch)
 
 
 def _owner(key: str, streams: int) -> int:
@@ -106,8 +124,8 @@ class SkipLog:
         new_kind = kind not in self.kinds
         self.kinds.add(kind)
         if new_kind or self.count <= 3 or self.count in (10, 100, 1000) or self.count % 10000 == 0:
-            print(f"restorer: warning: skipped {what}: {reason} ({self.count} skipped so far by {self.where})",
-                  file=sys.stderr, flush=True)
+            line = f"restorer: warning: skipped {what}: {reason} ({self.count} skipped so far by {self.where})"
+            print(mask_secrets(line), file=sys.stderr, flush=True)
 
     def handler(self, exn: Exception) -> bool:
         """webdataset error handler: a broken tar or member is logged and the stream goes on.
@@ -125,28 +143,38 @@ class SkipLog:
         return True
 
 
-HTTP_STALL_S = 60  # default of RESTORER_HTTP_STALL_S: an http(s) transfer with no byte for this long is abandoned
+HTTP_STALL_S = 60  # default of RESTORER_HTTP_STALL_S: the window over which a transfer is judged too slow
+HTTP_MIN_RATE = 1024  # default of RESTORER_HTTP_MIN_RATE: bytes/s, at least, while the reader waits on the transfer
 HTTP_RETRIES = 2  # default of RESTORER_HTTP_RETRIES: new tries of a shard that failed before its first byte
 HTTP_RETRY_DELAY_S = 1.0  # before the first new try; doubled before each next one
 HTTP_CONNECT_TIMEOUT_S = 30
-_TRANSIENT_CURL_EXITS = {7, 35, 52, 55, 56}  # refused, TLS handshake, empty reply, send/recv failure (not 28: a timeout
-# or a stall has already cost its full time once)
+_TRANSIENT_CURL_EXITS = {7, 35, 52, 55, 56}  # refused, TLS handshake, empty reply, send/recv failure (not a
+# stall: it has already cost its full time once)
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+_CURL_REMEDIES = {60: "trust its certificate with CURL_CA_BUNDLE=/path/to/ca.pem"}  # curl's exit status: what to do
 
 
 class HttpShardError(OSError):
     """An http(s) shard could not be read to its end: curl's own words (the HTTP status, a dropped
-    connection, a stall), and how many tries it took."""
+    connection), a transfer too slow, and how many tries it took."""
 
 
-def http_settings() -> tuple[int, int]:
-    """(stall seconds, retries) for http(s) shards, from RESTORER_HTTP_STALL_S and RESTORER_HTTP_RETRIES.
+class HttpSettings(NamedTuple):
+    stall_s: int
+    retries: int
+    min_rate: int
+
+
+def http_settings() -> HttpSettings:
+    """The settings of http(s) shards, from RESTORER_HTTP_STALL_S, RESTORER_HTTP_RETRIES and
+    RESTORER_HTTP_MIN_RATE.
 
     Environment variables, not config keys: they describe the network a run reads from, not the
     experiment, and the same run config should work from any cluster's store."""
     out = []
-    for name, default, least in (("RESTORER_HTTP_STALL_S", HTTP_STALL_S, 1),
-                                 ("RESTORER_HTTP_RETRIES", HTTP_RETRIES, 0)):
+    for name, default, least, unit in (("RESTORER_HTTP_STALL_S", HTTP_STALL_S, 1, "seconds"),
+                                       ("RESTORER_HTTP_RETRIES", HTTP_RETRIES, 0, "tries"),
+                                       ("RESTORER_HTTP_MIN_RATE", HTTP_MIN_RATE, 0, "bytes/s")):
         text = os.environ.get(name, "").strip()
         if not text:
             out.append(default)
@@ -156,10 +184,31 @@ def http_settings() -> tuple[int, int]:
         except ValueError:
             value = least - 1
         if value < least:
-            unit = "seconds" if least else "tries"
             raise ValueError(f"{name}: must be a whole number of {unit} >= {least}, got {text!r}")
         out.append(value)
-    return out[0], out[1]
+    return HttpSettings(*out)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """In a process just made (a preexec_fn, a worker_init_fn): be killed when `parent` ends, so a
+    killed trainer leaves no loader worker and no curl behind (Linux; elsewhere nothing). The kernel
+    sends the signal when the *thread* that made the process ends: the loaders and the shards are
+    read in the thread that iterates them, the trainer's main thread or a worker's."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before the prctl
+        os._exit(1)
+
+
+def _curl_config(url: str) -> bytes:
+    """curl's config (`-K -`) naming `url`: a URL with a password never appears on a command line,
+    which every user of the machine can read in `ps`."""
+    quoted = url.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'url = "{quoted}"\n'.encode()
 
 
 class HttpShard:
@@ -170,24 +219,29 @@ class HttpShard:
     reports curl's failure only if curl happens to have exited by the time the tar reader sees the
     end of its output: otherwise a 404 reads as an "empty file" and a connection dropped between
     two members as a shorter, valid shard. Here:
-    - curl runs with -f (an HTTP error is a failure) and -sS (quiet, but its error is kept), and
-      abandons a transfer that moves no byte for `stall_s` seconds (--speed-limit 1 --speed-time),
-      from a server that never answers as from one that stops mid-shard (curl judges the speed
-      over its last few seconds: a stall after a burst of bytes is noticed up to ~5 s later); a
-      reader that pauses (validation, a checkpoint) and leaves curl waiting on a full pipe does
-      not trip it;
+    - curl runs with -f (an HTTP error is a failure) and -sS (quiet, but its error is kept); it gets
+      the URL on its stdin (`-K -`), not on its command line (a password in it stays private), and
+      is killed with the process that reads it (die_with_parent), or when the reader closes it;
+    - a transfer too slow is abandoned: the reader measures the rate at which bytes arrive while it
+      waits for them, and once it has waited `stall_s` seconds (in all, since the last judgement)
+      for fewer than `min_rate` bytes a second, the shard fails. That catches a server that never
+      answers, one that stops mid-shard and one that trickles a few bytes a second. The time the
+      reader spends elsewhere (training, validation, a checkpoint: curl then waits on a full pipe)
+      is not counted: a slow reader is not a slow server. curl's own speed limit could not tell them
+      apart;
     - at the end of curl's output its exit status is always awaited: a failure raises
-      HttpShardError with curl's message, naming the shard, and so does every later read (the
-      same exception, which SkipLog counts once);
+      HttpShardError with curl's message (the line that says the cause), naming the shard, and so
+      does every later read (the same exception, which SkipLog counts once);
     - a shard that failed before its first byte in a way that may pass at once (refused, reset,
-      408, 429, 5xx) is asked again up to `retries` times, 1 s, 2 s, ... apart; a timeout or a
-      stall is not (it has cost its full time once: a read of a shard is bounded by about one
-      stall limit or connect timeout). Never after a byte: curl's own --retry would then write a
-      second copy of the shard after the first's partial bytes.
+      408, 429, 5xx) is asked again up to `retries` times, 1 s, 2 s, ... apart; a stall is not (it
+      has cost its full time once: a read of a shard waits at most about one stall window, or the
+      connect timeout, per try). Never after a byte: curl's own --retry would then write a second
+      copy of the shard after the first's partial bytes.
     """
 
-    def __init__(self, url: str, stall_s: int = HTTP_STALL_S, retries: int = HTTP_RETRIES):
-        self.url, self.stall_s, self.retries = url, stall_s, retries
+    def __init__(self, url: str, stall_s: int = HTTP_STALL_S, retries: int = HTTP_RETRIES,
+                 min_rate: int = HTTP_MIN_RATE):
+        self.url, self.stall_s, self.retries, self.min_rate = url, stall_s, retries, min_rate
         self.tries = self.received = 0
         self.ended = False
         self.error: Optional[HttpShardError] = None
@@ -195,21 +249,33 @@ class HttpShard:
         self._start()
 
     def __repr__(self) -> str:  # webdataset appends it to a member's error: SkipLog.handler finds the name
-        return f"<HttpShard name='{self.url}'>"
+        return f"<HttpShard name='{mask_secrets(self.url)}'>"
 
     def _start(self) -> None:
         self.tries += 1
-        cmd = ["curl", "-f", "-sS", "-L", "--connect-timeout", str(HTTP_CONNECT_TIMEOUT_S),
-               "--speed-limit", "1", "--speed-time", str(self.stall_s), self.url]
+        self.waited, self.waited_bytes, self._after_wait = 0.0, 0, False  # the rate's window (see _wait)
+        # -N: each byte reaches the reader as it arrives (stdio would hold it back by 4 KiB), so the rate is the server's;
+        # -g: webdataset has expanded the braces, curl must not read [] or {} again (nor an IPv6 host's brackets)
+        cmd = ["curl", "-f", "-sS", "-L", "-N", "-g", "--connect-timeout", str(HTTP_CONNECT_TIMEOUT_S), "-K", "-"]
         # its own session: a Ctrl-C or job signal meant for the trainer does not fail the shard being read
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     bufsize=0, start_new_session=True,
+                                     preexec_fn=functools.partial(die_with_parent, os.getpid()))
+        try:
+            self.proc.stdin.write(_curl_config(self.url))  # a few hundred bytes: the pipe takes them at once
+        except BrokenPipeError:
+            pass  # curl is gone already: its exit status says why
+        finally:
+            self.proc.stdin.close()
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self._poll = select.poll()  # (not select.select: a trainer may hold more than its 1024 descriptors)
+        self._poll.register(self.proc.stdout.fileno(), select.POLLIN)
 
     def read(self, size: int = -1) -> bytes:
         if self.error is not None:
             raise self.error
         while not self.ended:
-            data = self.proc.stdout.read(size)  # blocks until `size` bytes or the end of curl's output
+            data = self._read(size)  # `size` bytes, or fewer at the end of curl's output
             if data or size == 0:
                 self.received += len(data)
                 return data
@@ -223,18 +289,55 @@ class HttpShard:
                 time.sleep(HTTP_RETRY_DELAY_S * 2 ** (self.tries - 1))
                 self._start()
                 continue
-            self.close()
-            self.error = HttpShardError(error + (f" (after {self.tries} tries)" if self.tries > 1 else ""))
-            raise self.error
+            self._fail(error + (f" (after {self.tries} tries)" if self.tries > 1 else ""))
         return b""
 
+    def _read(self, size: int) -> bytes:
+        chunks, n = [], 0
+        fd = self.proc.stdout.fileno()
+        while size < 0 or n < size:
+            try:
+                chunk = os.read(fd, min(size - n, 1 << 20) if size >= 0 else 1 << 20)
+            except BlockingIOError:  # nothing there: the reader waits for the server
+                self._wait()
+                continue
+            if not chunk:
+                break
+            if self._after_wait:
+                self.waited_bytes += len(chunk)
+                self._after_wait = False
+            chunks.append(chunk)
+            n += len(chunk)
+        return b"".join(chunks)
+
+    def _wait(self) -> None:
+        """Wait for curl's next bytes, and judge the transfer each time the reader has waited
+        `stall_s` seconds in all: fewer than `min_rate` bytes a second arrived meanwhile (or none)
+        fails the shard."""
+        if self.waited >= self.stall_s:
+            if self.waited_bytes < max(self.min_rate * self.waited, 1):
+                self._fail(f"too slow: {self.waited_bytes} bytes in the {self.waited:.0f} s the reader waited, under "
+                           f"{self.min_rate} bytes/s (RESTORER_HTTP_STALL_S={self.stall_s}, "
+                           f"RESTORER_HTTP_MIN_RATE={self.min_rate})")
+            self.waited, self.waited_bytes = 0.0, 0
+        start = time.monotonic()
+        self._poll.poll(math.ceil((self.stall_s - self.waited) * 1000))
+        self.waited += time.monotonic() - start
+        self._after_wait = True
+
+    def _fail(self, error: str) -> None:
+        self.close()
+        self.error = HttpShardError(error)
+        raise self.error
+
     def _error(self, status: int) -> str:
-        text = self.proc.stderr.read().decode(errors="replace").strip()
-        line = text.splitlines()[-1] if text else (f"curl killed by signal {-status}" if status < 0
-                                                    else f"curl exited with status {status}")
-        if "too slow" in line:
-            line += f" (a stalled transfer: RESTORER_HTTP_STALL_S={self.stall_s})"
-        return line
+        """curl's message: the line that says the cause ("curl: (60) SSL certificate problem: ..."),
+        not the advice under it, and what to do where there is something to do."""
+        lines = [line for line in self.proc.stderr.read().decode(errors="replace").splitlines() if line.strip()]
+        causes = [line for line in lines if line.startswith("curl: (")]
+        line = (causes or lines or [f"curl killed by signal {-status}" if status < 0
+                                    else f"curl exited with status {status}"])[-1].strip()
+        return f"{line} ({_CURL_REMEDIES[status]})" if status in _CURL_REMEDIES else line
 
     @staticmethod
     def _transient(status: int, error: str) -> bool:
@@ -265,16 +368,25 @@ class HttpShard:
             pass
 
 
-def open_shards(urls: list[str], handler) -> Iterator[dict]:
+class RefusedURL(ValueError):
+    """A URL the pipeline must not open (restorer.urls.shard_url_problem)."""
+
+
+def open_shards(urls: list[str], handler, allow_pipe: bool = False) -> Iterator[dict]:
     """{"url", "stream"} for webdataset's tar reader, as its url_opener makes them: http(s) shards
-    through HttpShard (each closed once the reader moves on), any other URL through webdataset's
-    gopen (files, pipe:). A shard that cannot be opened goes to `handler`."""
+    through HttpShard (each closed once the reader moves on), plain paths, file: and (`allow_pipe`)
+    pipe: through webdataset's gopen; any other URL is refused here too, whatever the config's
+    validation saw. A shard that cannot be opened goes to `handler`."""
     settings = None
     for url in urls:
-        if settings is None and url.startswith(("http://", "https://")):
+        problem = shard_url_problem(url, allow_pipe)
+        http = not problem and urlsplit(url).scheme in ("http", "https")
+        if http and settings is None:
             settings = http_settings()  # a bad setting ends the run rather than skip every shard
         try:
-            stream = HttpShard(url, *settings) if url.startswith(("http://", "https://")) else gopen(url)
+            if problem:
+                raise RefusedURL(problem)
+            stream = HttpShard(url, *settings) if http else gopen(url)
         except Exception as exn:
             exn.args = exn.args + (url,)
             if handler(exn):
@@ -287,11 +399,12 @@ def open_shards(urls: list[str], handler) -> Iterator[dict]:
                 stream.close()
 
 
-def read_images(urls: list[str], skip: SkipLog, keep=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, decoded image) for every usable sample of the shards, in order; `keep(key)` filters.
-    A shard that fails (not found, a broken tar, a dropped or stalled transfer) costs a warning and
-    a count, and the stream goes on with the next one."""
-    members = tar_file_expander(open_shards(urls, skip.handler), handler=skip.handler)
+def read_images(urls: list[str], skip: SkipLog, keep=None, allow_pipe: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, decoded image) for every usable sample of the shards, in order; `keep(key)` filters;
+    pipe: URLs are opened only with `allow_pipe`. A shard that fails (not found, a broken tar, a
+    dropped or stalled transfer, a URL refused) costs a warning and a count, and the stream goes
+    on with the next one."""
+    members = tar_file_expander(open_shards(urls, skip.handler, allow_pipe), handler=skip.handler)
     for sample in group_by_keys(members, handler=skip.handler):
         key = sample.get("__key__", "?")
         if keep is not None and not keep(key):
@@ -334,11 +447,13 @@ PREFETCH = 4  # batches in flight per worker
 RING = PREFETCH + 3  # batch slots per worker: those in flight, one being copied out, spares
 
 
-def ring_bytes(cfg: DataConfig, batch_size: int) -> int:
-    """Shared memory one rank's training loader takes: workers x slots x batch x ((input, target) x C x P x P
-    bytes + a float32 quality)."""
-    p = cfg.patch.size
-    return cfg.workers * RING * batch_size * (2 * cfg.patch.channels * p * p + 4)
+def ring_bytes(cfg: DataConfig, batch_size: int, grad_accum: int = 1) -> int:
+    """Shared memory one rank's training loader takes: workers x RING slots x the patches of a slot
+    ((input, target) x C x P x P bytes, a float32 quality, three int64 numbers). A slot holds a
+    worker's share of the rank's lanes of a step (from a shard folder) or a micro-batch (train_urls)."""
+    p, workers = cfg.patch.size, min(cfg.workers, batch_size * grad_accum)
+    per_slot = -(-batch_size * grad_accum // max(workers, 1)) if uses_lanes(cfg) else batch_size
+    return workers * RING * per_slot * (2 * cfg.patch.channels * p * p + 4 + 24)
 
 
 def shm_problem(need: int, free: int, workers: int) -> Optional[str]:
@@ -352,54 +467,126 @@ def shm_problem(need: int, free: int, workers: int) -> Optional[str]:
             f"data.workers (now {workers}) or train.batch_size")
 
 
-class TrainPatches(IterableDataset):
-    """An endless stream of training batches for one rank; the DataLoader takes as many as it needs.
+class Ring:
+    """Slots of patches in shared memory, RING a worker, made before the workers fork: a worker writes a
+    slot's pixels, qualities and (lane, image, patch) numbers, and hands over only (worker, slot).
+    Pickling 1.5 MB batches through a pipe, or torch's fresh shared-memory segment per tensor, cost
+    15-25% of the workers' time (bench/loader.py). The main process copies a slot out (into pinned
+    memory on CUDA) before the worker can reuse it: a worker has at most PREFETCH items in flight,
+    and the ring has more slots than that."""
 
-    DataLoader workers write each batch into a slot of a shared-memory ring made once per epoch
-    (the pixels, and beside them each input's quality) and hand over only (worker, slot). Pickling 1.5 MB batches through a pipe, or torch's fresh
-    shared-memory segment per tensor, cost 15-25% of the workers' time (bench/loader.py). The
-    main process copies a slot out (into pinned memory on CUDA) before the worker can reuse it:
-    a worker has at most PREFETCH batches in flight, and the ring has more slots than that.
-    Without workers (workers=0) the batches are plain arrays.
+    def __init__(self, workers: int, patches: int, size: int, channels: int):
+        self.pairs = torch.empty((workers, RING, 2, patches, size, size, channels), dtype=torch.uint8).share_memory_()
+        self.qualities = torch.empty((workers, RING, patches), dtype=torch.float32).share_memory_()
+        self.ids = torch.zeros((workers, RING, patches, 3), dtype=torch.int64).share_memory_()
+
+    def write(self, worker: int, slot: int, pairs: list, ids: Optional[np.ndarray]) -> None:
+        n = len(pairs)
+        _batch(pairs, out=self.pairs[worker, slot, :, :n].numpy(), qualities=self.qualities[worker, slot, :n].numpy())
+        if ids is not None:
+            self.ids[worker, slot, :n] = torch.from_numpy(ids)
+
+    def read(self, worker: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of a slot's first n patches: (2 x n x P x P x C pairs, n qualities, n x 3 numbers)."""
+        return (self.pairs[worker, slot, :, :n].numpy().copy(), self.qualities[worker, slot, :n].numpy().copy(),
+                self.ids[worker, slot, :n].numpy().copy())
+
+
+def _worker() -> tuple[int, int]:
+    """(this DataLoader worker's id, the workers) in a worker; (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class LanePatches(IterableDataset):
+    """One rank's lanes of the global batch (restorer.data.stream), step after step from `step`: each
+    DataLoader worker makes its share of the lanes (contiguous), one item a step; the main process
+    puts a step's items together in worker order and cuts them into grad_accum micro-batches.
+    Without workers (workers=0) the items are plain arrays."""
+
+    def __init__(self, index: SampleIndex, plan: StreamPlan, cfg: DataConfig, *, lanes: range, step: int,
+                 workers: int, rank: int):
+        self.index, self.plan, self.cfg, self.lanes, self.step = index, plan, cfg, lanes, step
+        self.workers, self.rank = workers, rank
+        widest = max(len(worker_lanes(lanes, w, max(workers, 1))) for w in range(max(workers, 1)))
+        self.ring = Ring(workers, widest, cfg.patch.size, cfg.patch.channels) if workers else None
+        self._stream: Optional[Iterator] = None
+
+    def __iter__(self) -> Iterator:
+        if self._stream is None:  # (a DataLoader iterator made again goes on where the last one stopped)
+            self._stream = self._generate()
+        return self._stream
+
+    def _generate(self) -> Iterator:
+        worker, workers = _worker()
+        reader = ImageReader(self.index)
+        skip = SkipLog(f"rank {self.rank} worker {worker}")
+        cfg = self.cfg
+        try:
+            patches = lane_patches(self.plan, worker_lanes(self.lanes, worker, workers), self.step, reader,
+                                   cfg.patch, cfg.jpeg, skip)
+            for made, (pairs, ids) in enumerate(patches):
+                if self.ring is None:
+                    inputs, targets, qualities = _batch(pairs)
+                    yield np.stack([inputs, targets]), qualities, ids
+                else:
+                    self.ring.write(worker, made % RING, pairs, ids)
+                    yield worker, made % RING
+        except NoImage as e:
+            raise NoTrainingData(str(e)) from None
+        finally:
+            reader.close()
+
+    def micro_batches(self, items: Iterator, steps: int, grad_accum: int) -> Iterator[tuple]:
+        """`steps` steps of grad_accum micro-batches: (2 x b x P x P x C pairs, b qualities, b x 3 numbers)."""
+        workers = max(self.workers, 1)
+        b = len(self.lanes) // grad_accum
+        for _ in range(steps):
+            parts = []
+            for w in range(workers):  # item n comes from worker n % workers
+                item = next(items)
+                parts.append(item if self.ring is None else self.ring.read(*item, len(worker_lanes(self.lanes, w, workers))))
+            pairs, qualities, ids = (np.concatenate([p[k] for p in parts], axis=1 if k == 0 else 0) for k in range(3))
+            for m in range(grad_accum):
+                yield pairs[:, m * b:(m + 1) * b], qualities[m * b:(m + 1) * b], ids[m * b:(m + 1) * b]
+
+
+class StreamPatches(IterableDataset):
+    """An endless stream of training micro-batches for one rank from shards named by URLs (train_urls:
+    http, pipe:, brace patterns), read in order; the DataLoader takes as many as it needs.
+
+    Every (rank, DataLoader worker) pair is one stream. A stream reads its own shards (or, when there
+    are fewer shards than streams, every shard but only the samples whose key hashes to it: a
+    warning says so), decodes each image once, cuts `patches_per_image` pairs from it, mixes them in
+    a shuffle buffer and batches them. Streams never run dry: they cycle over their shards, reshuffled
+    on every pass. Seeded with (seed, rank, worker, step): a resumed run does not replay patches, but
+    it does not continue the stream it stopped either (that takes a shard folder: LanePatches).
     """
 
     def __init__(self, urls: list[str], cfg: DataConfig, *, batch_size: int, seed: int, rank: int,
-                 world_size: int, epoch: int = 0, step: int = 0):
+                 world_size: int, step: int = 0):
         if not urls:
             raise ValueError("no training shards")
         self.urls, self.cfg, self.batch_size = list(urls), cfg, batch_size
-        self.seed, self.rank, self.world_size, self.epoch, self.step = seed, rank, world_size, epoch, step
+        self.seed, self.rank, self.world_size, self.step = seed, rank, world_size, step
         self._stream: Optional[Iterator] = None
-        p, c = cfg.patch.size, cfg.patch.channels
-        self.ring = (torch.empty((cfg.workers, RING, 2, batch_size, p, p, c), dtype=torch.uint8).share_memory_()
-                     if cfg.workers else None)
-        self.quality_ring = (torch.empty((cfg.workers, RING, batch_size), dtype=torch.float32).share_memory_()
-                             if cfg.workers else None)
+        self.ring = Ring(cfg.workers, batch_size, cfg.patch.size, cfg.patch.channels) if cfg.workers else None
 
-    def batch(self, item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The (inputs, targets, qualities) an item of this dataset stands for; a ring slot is copied out."""
-        pair, qualities = self.view(item)
-        return (pair[0], pair[1], qualities) if self.ring is None else (pair[0].copy(), pair[1].copy(), qualities.copy())
-
-    def view(self, item) -> tuple[np.ndarray, np.ndarray]:
-        """The 2 x N x P x P x C uint8 pair and the N qualities an item stands for, not copied (a
-        ring slot stays the worker's to reuse: copy it before asking the loader for more)."""
-        if self.ring is None:
-            return np.stack(item[:2]), item[2]
-        worker, slot = item
-        return self.ring[worker, slot].numpy(), self.quality_ring[worker, slot].numpy()
+    def micro_batches(self, items: Iterator, steps: int, grad_accum: int) -> Iterator[tuple]:
+        for item in itertools.islice(items, steps * grad_accum):
+            yield (np.stack(item[:2]), item[2], None) if self.ring is None else (*self.ring.read(*item, self.batch_size)[:2], None)
 
     def __iter__(self) -> Iterator:
-        """The stream goes on where the last epoch left it (the DataLoader keeps its workers, and
-        each worker its copy of this object), so the shards are read through in turn over a run
-        rather than from the start of a fresh shuffle every epoch."""
+        """The stream goes on where the last epoch left it (each worker keeps its copy of this object),
+        so the shards are read through in turn over a run rather than from the start every epoch."""
         if self._stream is None:
             self._stream = self._generate()
         return self._stream
 
     def _generate(self) -> Iterator:
-        worker, workers, stream, streams = _stream_id(self.rank, self.world_size)
-        rng = np.random.default_rng([self.seed, self.rank, worker, self.epoch, self.step])
+        worker, workers = _worker()
+        stream, streams = self.rank * workers + worker, self.world_size * workers
+        rng = np.random.default_rng([self.seed, self.rank, worker, self.step])
         skip = SkipLog(f"rank {self.rank} worker {worker}")
         if len(self.urls) >= streams:
             mine, keep = self.urls[stream::streams], None
@@ -412,7 +599,7 @@ class TrainPatches(IterableDataset):
             while True:  # one pass over this stream's shards in a fresh order each time
                 order = [mine[i] for i in rng.permutation(len(mine))]
                 n = 0
-                for _, image in read_images(order, skip, keep):
+                for _, image in read_images(order, skip, keep, cfg.allow_pipe):
                     n += 1
                     yield image
                 if n:
@@ -428,8 +615,6 @@ class TrainPatches(IterableDataset):
                     raise NoTrainingData(f"no usable training image in any of the {len(self.urls)} shards "
                                          f"({skip.count} samples or shards skipped)")
 
-        ring = self.ring[worker].numpy() if self.ring is not None else None
-        quality_ring = self.quality_ring[worker].numpy() if self.ring is not None else None
         buffer: list[tuple[bytes, np.ndarray]] = []
         batch: list[tuple[bytes, np.ndarray]] = []
         made = 0
@@ -443,10 +628,10 @@ class TrainPatches(IterableDataset):
                 buffer[i], pair = pair, buffer[i]
                 batch.append(pair)
                 if len(batch) == self.batch_size:
-                    if ring is None:
+                    if self.ring is None:
                         yield _batch(batch)
                     else:
-                        _batch(batch, out=ring[made % RING], qualities=quality_ring[made % RING])
+                        self.ring.write(worker, made % RING, batch, None)
                         yield worker, made % RING
                     made += 1
                     batch = []
@@ -461,10 +646,11 @@ class ValPairs(IterableDataset):
         self.urls, self.cfg, self.rank, self.world_size = list(urls), cfg, rank, world_size
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
-        worker, _, stream, streams = _stream_id(self.rank, self.world_size)
+        worker, workers = _worker()
+        stream, streams = self.rank * workers + worker, self.world_size * workers
         skip = SkipLog(f"rank {self.rank} val worker {worker}")
         cfg = self.cfg
-        for key, image in read_images(self.urls, skip, keep=lambda key: _owner(key, streams) == stream):
+        for key, image in read_images(self.urls, skip, lambda key: _owner(key, streams) == stream, cfg.allow_pipe):
             target = center_crop(image, cfg.val_crop, cfg.patch.grayscale)
             for quality in cfg.val_qualities:
                 yield *_batch([jpeg.compress(target, quality, jpeg.val_chroma(cfg.jpeg, key))]), key
@@ -477,8 +663,14 @@ def _mp_context(workers: int):
 
 def _worker_init():
     """worker_init_fn: torchrun and SLURM signal every process of a job; the trainer decides when to
-    stop (after saving), so its workers outlive that signal, and end with the trainer (restorer.stop)."""
-    return functools.partial(worker_signals, shutdown_event())
+    stop (after saving), so its workers outlive that signal, and end with the trainer (restorer.stop);
+    a trainer killed outright takes them with it (a worker waiting on a shard would never notice)."""
+    return functools.partial(_init_worker, shutdown_event(), os.getpid())
+
+
+def _init_worker(shutdown, trainer: int, worker_id: int) -> None:
+    die_with_parent(trainer)
+    worker_signals(shutdown, worker_id)
 
 
 def _as_is(batch):
@@ -487,29 +679,69 @@ def _as_is(batch):
 
 
 class EpochLoader:
-    """Exactly `steps` batches of one epoch: `len()` is the step count, iteration ends there.
+    """Exactly `steps` steps of grad_accum micro-batches an epoch: `len()` is the step count, an
+    iteration ends there and the next one goes on with the same stream (one DataLoader iterator
+    for the whole run: a new one would drop the items its workers had made ahead).
 
-    Batches arrive on `device`. On CUDA each one is copied once, out of the workers' shared-memory
-    ring into a preallocated pinned buffer, then uploaded on a side stream while the step before it
-    runs: the training step never waits for a copy (it waits on the upload's event on the device).
+    Micro-batches arrive on `device` as (input, target) uint8 N x C x P x P and the N qualities. On
+    CUDA each one is copied once, out of the workers' shared-memory ring into a preallocated pinned
+    buffer, then uploaded on a side stream while the step before it runs: the training step never
+    waits for a copy (it waits on the upload's event on the device). With `trace`, the (lane, image,
+    patch) numbers of the micro-batches given out wait in `traced` (lanes only) until taken.
     """
 
-    def __init__(self, loader: DataLoader, steps: int, device: torch.device = torch.device("cpu")):
-        self.loader, self.steps, self.device = loader, steps, device
+    def __init__(self, loader: DataLoader, steps: int, grad_accum: int = 1, device: torch.device = torch.device("cpu"),
+                 trace: bool = False, stream: Optional[dict] = None, step: int = 0):
+        self.loader, self.steps, self.grad_accum, self.device = loader, steps, grad_accum, device
+        self.trace = trace
+        self.traced: list[np.ndarray] = []
+        self.stream = stream or {}  # what the stream is a function of (train_loader says)
+        self.position = step  # the steps whose micro-batches were all given out
+        self._items: Optional[Iterator] = None
         self._uploader: Optional[Uploader] = None
 
     def __len__(self) -> int:
         return self.steps
 
+    def state_dict(self) -> dict:
+        """The checkpoint's data field: where the stream is (a step), and what it is made of."""
+        return {"data": {**self.stream, "step": self.position}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The stream was made at the checkpoint's step (train_loader's `step`); a warning when it is not
+        the stream the run had (another shard set, another seed, another kind): the run goes on, on
+        the data it has now."""
+        saved = state.get("data") or {}
+        changed = [f"{k} {saved[k]} -> {v}" for k, v in self.stream.items() if k in saved and saved[k] != v]
+        if changed:
+            print(f"restorer: warning: the training stream is not the one the run stopped in ({'; '.join(changed)}): "
+                  "it goes on from its step on the data there is now", file=sys.stderr, flush=True)
+
+    def take_traced(self) -> list[np.ndarray]:
+        """The (lane, image, patch) numbers of the micro-batches given out since the last call."""
+        traced, self.traced = self.traced, []
+        return traced
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        items = itertools.islice(iter(self.loader), self.steps)
+        if self._items is None:
+            with stop_signals_held():  # (its workers start here)
+                self._items = iter(self.loader)
+        batches = self._counted(self.loader.dataset.micro_batches(self._items, self.steps, self.grad_accum))
         if self.device.type != "cuda":
-            for item in items:
-                yield to_tensors(*self.loader.dataset.batch(item))
+            for pairs, qualities, _ in batches:
+                yield to_tensors(pairs[0], pairs[1], qualities)
             return
         if self._uploader is None:
             self._uploader = Uploader(self.device)
-        yield from self._uploader.run(self.loader.dataset, items)
+        yield from self._uploader.run(batches)
+
+    def _counted(self, batches: Iterator[tuple]) -> Iterator[tuple]:
+        for n, (pairs, qualities, ids) in enumerate(batches, 1):
+            if self.trace and ids is not None:
+                self.traced.append(ids)
+            if n % self.grad_accum == 0:  # (counted before it is given: the step that takes it is then done)
+                self.position += 1
+            yield pairs, qualities, ids
 
 
 class Uploader:
@@ -526,17 +758,17 @@ class Uploader:
         self.events: list[Optional[torch.cuda.Event]] = [None] * self.DEPTH
         self.n = 0
 
-    def _upload(self, dataset, item) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.Event]:
+    def _upload(self, view: np.ndarray, qualities: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.Event]:
+        """`view`: (2, N, P, P, C) uint8, `qualities`: (N,) float32."""
         i = self.n % self.DEPTH
         self.n += 1
         if self.events[i] is not None:
             self.events[i].synchronize()  # its last upload has finished: the buffer is free (long since)
-        view, qualities = dataset.view(item)  # (2, N, P, P, C) uint8 and (N,) float32: the worker's ring slot
         if self.buffers[i] is None or self.buffers[i].shape != view.shape:
             self.buffers[i] = torch.empty(view.shape, dtype=torch.uint8, pin_memory=True)
             self.quality_buffers[i] = torch.empty(qualities.shape, dtype=torch.float32, pin_memory=True)
         pinned, pinned_q = self.buffers[i], self.quality_buffers[i]
-        np.copyto(pinned.numpy(), view)  # the one host copy; the ring slot is free after it
+        np.copyto(pinned.numpy(), view)
         np.copyto(pinned_q.numpy(), qualities)
         with torch.cuda.stream(self.stream):
             on_device = pinned.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)  # 2 x N x C x P x P
@@ -546,10 +778,10 @@ class Uploader:
         self.events[i] = event
         return on_device[0], on_device[1], q_on_device, event
 
-    def run(self, dataset, items) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def run(self, batches: Iterator[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         ahead = None
-        for item in items:
-            nxt = self._upload(dataset, item)
+        for pairs, qualities, _ in batches:
+            nxt = self._upload(pairs, qualities)
             if ahead is not None:
                 yield self._hand_over(*ahead)
             ahead = nxt
@@ -565,22 +797,46 @@ class Uploader:
 
 
 def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0, step: int = 0, steps: Optional[int] = None, device="cpu") -> EpochLoader:
-    """Training batches for this rank, epoch after epoch: each `iter()` yields one epoch of
-    (input, target) uint8 N x C x P x P and the inputs' N qualities (float32, from their JPEG's
-    tables), and the next one continues the same streams.
+                 grad_accum: int = 1, step: int = 0, steps: Optional[int] = None, device="cpu",
+                 trace: bool = False) -> EpochLoader:
+    """Training batches for this rank, epoch after epoch: each `iter()` yields one epoch's steps, each of
+    grad_accum micro-batches of (input, target) uint8 N x C x P x P and the inputs' N qualities
+    (float32, from their JPEG's tables), and the next one goes on with the same stream.
 
-    `steps` (per epoch) defaults to `steps_per_epoch`; it is the same on every rank whatever the
-    shards. `epoch` and `step` say where the run starts (a resumed run starts later); with the
-    seed, the rank and the worker they seed the streams, so a resumed run does not replay patches.
-    """
-    dataset = TrainPatches(split_urls(cfg, "train"), cfg, batch_size=batch_size, seed=seed, rank=rank,
-                           world_size=world_size, epoch=epoch, step=step)
-    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_worker_init(), num_workers=cfg.workers,
-                        prefetch_factor=PREFETCH if cfg.workers else None, persistent_workers=cfg.workers > 0,
-                        multiprocessing_context=_mp_context(cfg.workers))
-    return EpochLoader(loader, steps if steps is not None else steps_per_epoch(cfg, batch_size, world_size),
-                       torch.device(device))
+    From a shard folder (data.shards) the stream is a function of integers (restorer.data.stream):
+    started at `step`, it gives what an uninterrupted run gives from that step on, whatever the world
+    size, the worker count and the split of the global batch into batch_size x grad_accum. From
+    train_urls it is streamed (StreamPatches). `steps` (per epoch) defaults to `steps_per_epoch`; it
+    is the same on every rank whatever the shards."""
+    workers = cfg.workers
+    global_batch = batch_size * grad_accum * world_size
+    if uses_lanes(cfg):
+        manifest = load_manifest(cfg.shards)
+        urls = split_urls(cfg, "train")
+        counts = [sh["samples"] for sh in manifest["splits"]["train"]["shards"]]
+        index = index_shards(urls, counts, warn=lambda text: print(f"restorer: warning: {text}", file=sys.stderr, flush=True))
+        plan = StreamPlan(seed=seed, images=len(index), lanes=global_batch, patches_per_image=cfg.patches_per_image,
+                          window_images=max(1, cfg.shuffle_buffer // cfg.patches_per_image))
+        lanes = rank_lanes(global_batch, rank, world_size)
+        workers = min(workers, len(lanes))  # a worker without lanes would have nothing to make
+        dataset = LanePatches(index, plan, cfg, lanes=lanes, step=step, workers=workers, rank=rank)
+        stream = {"kind": "lanes", "images": len(index), "global_batch": global_batch, "seed": seed}
+    else:
+        urls = split_urls(cfg, "train")
+        streams = world_size * max(workers, 1)
+        if len(urls) < streams:
+            print(f"restorer: warning: {len(urls)} training shard(s) for {streams} streams (ranks x data.workers): "
+                  f"every stream reads every shard and keeps its share, so each shard is read {streams} times an "
+                  f"epoch; give at least {streams} shards (make_shards.py --maxcount) or train from a shard folder "
+                  "(data.shards)", file=sys.stderr, flush=True)
+        dataset = StreamPatches(urls, cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, step=step)
+        stream = {"kind": "urls", "global_batch": global_batch, "seed": seed}
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_worker_init(), num_workers=workers,
+                        prefetch_factor=PREFETCH if workers else None, persistent_workers=workers > 0,
+                        multiprocessing_context=_mp_context(workers))
+    if steps is None:
+        steps = steps_per_epoch(cfg, batch_size, world_size, grad_accum)
+    return EpochLoader(loader, steps, grad_accum, torch.device(device), trace, stream, step)
 
 
 def val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
@@ -589,7 +845,9 @@ def val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
     quality, key), batch 1, deterministic."""
     dataset = ValPairs(split_urls(cfg, "val"), cfg, rank=rank, world_size=world_size)
     workers = min(cfg.workers, 2)
-    for inputs, targets, qualities, key in DataLoader(dataset, batch_size=None, collate_fn=_as_is,
-                                                      worker_init_fn=_worker_init(), num_workers=workers,
-                                                      multiprocessing_context=_mp_context(workers)):
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_worker_init(), num_workers=workers,
+                        multiprocessing_context=_mp_context(workers))
+    with stop_signals_held():  # (its workers start here)
+        items = iter(loader)
+    for inputs, targets, qualities, key in items:
         yield *to_tensors(inputs, targets, qualities, pin_memory), key

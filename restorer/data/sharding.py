@@ -3,7 +3,8 @@
 
 Phases, each with a progress bar:
   1. find   walk the sources (folders, image files, text files listing paths)
-  2. check  decode every image fully in worker processes; reject broken, fake, tiny or
+  2. check  decode every image fully in worker processes; reject what is not a regular file
+            (a FIFO, a device: never opened) and broken, fake, tiny, too large (never read) or
             bomb-sized files with a one-line reason; results are cached in DIR/.make_shards/
             so a re-run does not decode again
   3. plan   drop byte-identical duplicates, shuffle with --seed, split off validation,
@@ -32,12 +33,13 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
@@ -50,7 +52,16 @@ from restorer.data.decode import (
     oriented_size,
     to_rgb_array,
 )
-from restorer.data.manifest import MANIFEST_NAME, SPLITS, build_manifest, shard_name, write_manifest
+from restorer.data.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    ManifestError,
+    build_manifest,
+    load_manifest,
+    read_json_file,
+    shard_name,
+    write_manifest,
+)
 from restorer.errors import RunError, UsageError
 from restorer.fileio import atomic_open, atomic_write_json, commit, temp_path
 
@@ -59,6 +70,8 @@ TAR_MTIME = 946684800  # fixed member time (2000-01-01): identical inputs give i
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to a multiple of this
 PROG = "make_shards"
+DEFAULT_MAX_BYTES = 512 * 1024**2  # an uncompressed 8-bit RGBA image of --max-pixels' default fits (458 MiB)
+MAX_LIST_LINE = 64 * 1024  # bytes of one line of a list of paths: far longer than any path
 
 
 # ----------------------------------------------------------------------------- what decides the output
@@ -77,6 +90,7 @@ class PackOptions:
     seed: int = 0
     tile: Optional[int] = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def recorded(self) -> dict:
         return asdict(self) | {"sources": list(self.sources)}
@@ -106,7 +120,9 @@ def find_images(sources: Iterable[str]) -> tuple[list[SourceFile], list[dict]]:
 
         for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
             dirnames.sort()
-            for name in sorted(filenames):
+            # a symlink to a folder is not walked (it could loop); named like an image, the check says why
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            for name in sorted(filenames + links):
                 if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                     full = os.path.join(dirpath, name)
                     found.setdefault(full, SourceFile(full, _shown(root, shown, full)))
@@ -114,7 +130,8 @@ def find_images(sources: Iterable[str]) -> tuple[list[SourceFile], list[dict]]:
     def add(path: str, shown: str, listed: bool) -> None:
         if os.path.isdir(path):
             walk(path, shown)
-        elif os.path.isfile(path) and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+        elif os.path.exists(path) and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+            # an image by its name, whatever it is: the check reads it or rejects it with a reason
             found.setdefault(path, SourceFile(path, printable(shown)))
         elif not listed:
             read_list(path)
@@ -123,11 +140,18 @@ def find_images(sources: Iterable[str]) -> tuple[list[SourceFile], list[dict]]:
         # a listed file that is not an image is ignored, like one in a folder
 
     def read_list(list_path: str) -> None:
+        not_a_list = f"{list_path} is neither an image (by extension) nor a text list of paths"
+        lines = []
         try:
-            with open(list_path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with open_regular(list_path) as (f, _):
+                while line := f.readline(MAX_LIST_LINE):  # by lines: a binary file fails at its first
+                    if len(line) == MAX_LIST_LINE and not line.endswith(b"\n"):
+                        raise UsageError(f"{not_a_list} (a line of {MAX_LIST_LINE:,} bytes)")
+                    lines.append(line.decode("utf-8").rstrip("\r\n"))
         except UnicodeDecodeError:
-            raise UsageError(f"{list_path} is neither an image (by extension) nor a text list of paths") from None
+            raise UsageError(not_a_list) from None
+        except NotARegularFile as e:
+            raise UsageError(f"{not_a_list}: it is {e}") from None
         except OSError as e:
             raise UsageError(f"cannot read {list_path}: {e.strerror}") from None
         base = os.path.dirname(list_path)
@@ -156,16 +180,54 @@ def printable(path: str) -> str:
 # ----------------------------------------------------------------------------- 2. check
 
 
-def check_image_file(path: str, min_side: int, max_pixels: int) -> dict:
+class NotARegularFile(Exception):
+    """A path that is a FIFO, a device, a socket or a folder (after symlinks): its message says which."""
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+@contextlib.contextmanager
+def open_regular(path: str) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """`path` open for reading, and its stat, if it is a regular file (a symlink to one is).
+
+    Anything else raises NotARegularFile before it is opened: opening a FIFO waits for a writer, a
+    device can be endless (/dev/zero). O_NONBLOCK and a second look at the open file keep one
+    swapped in between from blocking or being read.
+    """
+    def refuse(st: os.stat_result) -> NotARegularFile:
+        return NotARegularFile(next((kind for is_kind, kind in _FILE_KINDS if is_kind(st.st_mode)), "a special file"))
+
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise refuse(st)
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(st)
+        yield f, st
+
+
+# reasons that depend on more than the file's size and mtime (its permissions, its kind): never cached
+RECHECKED = ("unreadable", "not a regular file")
+
+
+def check_image_file(path: str, min_side: int, max_pixels: int, max_bytes: int) -> dict:
     """Fully decode one file; runs in a worker process. Returns its record (ok or with a reason)."""
     record: dict = {"path": path}
     try:
-        st = os.stat(path)
-        record.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-        with open(path, "rb") as f:
-            data = f.read()
+        with open_regular(path) as (f, st):
+            record.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+            if st.st_size > max_bytes:
+                return record | {"reason": f"too large: {st.st_size:,} bytes (--max-bytes {max_bytes:,})"}
+            data = f.read(st.st_size + 1)  # bounded: one byte more shows a file that grew
+    except NotARegularFile as e:
+        return record | {"reason": f"not a regular file: {e}"}
     except OSError as e:
         return record | {"reason": f"unreadable: {e.strerror}"}
+    if len(data) != st.st_size:
+        return record | {"reason": "unreadable: changed while it was read"}
     record["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         im = load_image(data, max_pixels=max_pixels)
@@ -189,22 +251,20 @@ class CheckCache:
 
     Appended line by line as results arrive, so a killed run keeps what it had checked. A file that
     could not be read is not cached: fixing its permissions changes neither its size nor its mtime.
-    Paths are stored with JSON escapes (a file name need not be UTF-8).
+    Paths are stored with JSON escapes (a file name need not be UTF-8). A line that is not a whole
+    record (cut by a kill, or edited) is no record: its file is checked again.
     """
 
     def __init__(self, path: Path):
         self.path = path
         self.records: dict[str, dict] = {}
-        if path.exists():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
-                        rec = json.loads(line)
-                        self.records[rec["path"]] = rec
+        for rec in _json_lines(path):
+            if _is_check_record(rec):
+                self.records[rec["path"]] = rec
 
     def lookup(self, path: str) -> Optional[dict]:
         rec = self.records.get(path)
-        if rec is None or "size" not in rec or rec.get("reason", "").startswith("unreadable"):
+        if rec is None or rec.get("reason", "").startswith(RECHECKED):
             return None  # (an unreadable file is checked again: its permissions may have been fixed)
         try:
             st = os.stat(path)
@@ -216,9 +276,27 @@ class CheckCache:
     def appender(self) -> Iterator:
         with open(self.path, "a", encoding="utf-8") as f:
             def append(rec: dict) -> None:
-                if not rec.get("reason", "").startswith("unreadable"):
+                if not rec.get("reason", "").startswith(RECHECKED):
                     f.write(json.dumps(rec) + "\n")
             yield append
+
+
+def _json_lines(path: Path) -> Iterator:
+    """The JSON values of a file of one a line; lines that are not JSON (cut by a kill) are skipped."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError, RecursionError):
+                yield json.loads(line)
+
+
+def _is_check_record(rec) -> bool:
+    """A check result as check_image_file writes it: with a reason, or with all a sample needs."""
+    fields = {"path": str, "size": int, "mtime_ns": int}
+    fields |= {"reason": str} if isinstance(rec, dict) and "reason" in rec else \
+        {"sha256": str, "ext": str, "width": int, "height": int, "mode": str}
+    return isinstance(rec, dict) and all(isinstance(rec.get(k), t) for k, t in fields.items())
 
 
 def check_images(files: list[SourceFile], opts: PackOptions, workers: int, cache: CheckCache) -> list[dict]:
@@ -230,7 +308,7 @@ def check_images(files: list[SourceFile], opts: PackOptions, workers: int, cache
         if rec is not None:
             records[sf.path] = rec
         else:
-            todo.append((sf.path, opts.min_side, opts.max_pixels))
+            todo.append((sf.path, opts.min_side, opts.max_pixels, opts.max_bytes))
     bar = tqdm(total=len(files), initial=len(records), desc="check", unit="img", disable=None, dynamic_ncols=True)
     with bar, cache.appender() as append, _pool(workers) as pool:
         results = pool.imap_unordered(_check_star, todo, chunksize=4) if pool else map(_check_star, todo)
@@ -386,11 +464,12 @@ def read_checked(s: Sample) -> bytes:
     all hashing for a case that a re-run handles anyway.
     """
     try:
-        with open(s.path, "rb") as f:
-            st = os.fstat(f.fileno())
+        with open_regular(s.path) as (f, st):
             if (st.st_size, st.st_mtime_ns) == (s.size, s.mtime_ns):
-                return f.read()
-    except OSError:
+                data = f.read(s.size + 1)
+                if len(data) == s.size:
+                    return data
+    except (OSError, NotARegularFile):
         pass
     raise FileChangedError(f"{s.rel} changed or vanished since it was checked; run the same command again")
 
@@ -515,14 +594,11 @@ class Progress:
     def __init__(self, state_dir: Path, fingerprint: str, out: Path):
         self.path = state_dir / "progress.jsonl"
         self.shards: dict[str, dict] = {}  # shard name -> record
-        lines = []
-        if self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
-                        lines.append(json.loads(line))
-        if lines and lines[0].get("plan") == fingerprint:
+        lines = list(_json_lines(self.path))
+        if lines and isinstance(lines[0], dict) and lines[0].get("plan") == fingerprint:
             for rec in lines[1:]:
+                if not _is_shard_record(rec):
+                    continue  # not written by this tool: the shard is written again
                 path = out / rec["name"]
                 if path.is_file() and path.stat().st_size == rec["bytes"]:
                     self.shards[rec["name"]] = rec
@@ -537,6 +613,12 @@ class Progress:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _is_shard_record(rec) -> bool:
+    fields = {"name": str, "samples": int, "bytes": int, "sha256": str}
+    return isinstance(rec, dict) and all(isinstance(rec.get(k), t) for k, t in fields.items()) \
+        and bool(_SHARD_FILE.match(rec["name"]))
 
 
 def write_shards(out: Path, todo: list[tuple[str, list[Sample]]], workers: int, progress: Progress) -> None:
@@ -598,8 +680,10 @@ def lock_out_dir(out: Path):
     return f
 
 
-def prepare_out_dir(out: Path, opts: PackOptions, force: bool) -> Path:
-    """Check DIR can take this run (or wipe it with --force); returns the state folder."""
+def prepare_out_dir(out: Path, opts: PackOptions, force: bool) -> tuple[Path, Optional[dict]]:
+    """Check DIR can take this run (or wipe it with --force); returns the state folder and the
+    manifest of an earlier run. A manifest that cannot be read is refused, not replaced: nothing in
+    DIR is deleted unless --force says so."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -611,14 +695,19 @@ def prepare_out_dir(out: Path, opts: PackOptions, force: bool) -> Path:
             if p.name != "lock":  # ours, held
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     state_dir.mkdir(exist_ok=True)
+    manifest = None
+    if (out / MANIFEST_NAME).exists():
+        manifest = load_manifest(out, remedy="use --force to start over")  # ManifestError: one line, exit 2
     recorded = None
     for source in (state_dir / "options.json", out / MANIFEST_NAME):
         if source.exists():
             try:
-                data = json.loads(source.read_text(encoding="utf-8"))
-                recorded = data["args"] if source.name == MANIFEST_NAME else data
-            except (json.JSONDecodeError, OSError, KeyError, TypeError):
-                raise UsageError(f"{source} is unreadable; use --force to start over") from None
+                recorded = manifest.get("args") if source.name == MANIFEST_NAME else read_json_file(source)
+            except (OSError, ManifestError):
+                recorded = None
+            if not isinstance(recorded, dict):
+                raise UsageError(f"{source} is unreadable; use --force to start over")
+            recorded = PackOptions(sources=()).recorded() | recorded  # options added since: their defaults
             break
     if recorded is not None and recorded != opts.recorded():
         diff = sorted(k for k in set(recorded) | set(opts.recorded()) if recorded.get(k) != opts.recorded().get(k))
@@ -627,7 +716,7 @@ def prepare_out_dir(out: Path, opts: PackOptions, force: bool) -> Path:
     if recorded is None and any(_SHARD_FILE.match(p.name) for p in out.iterdir()):
         raise UsageError(f"{out} holds shards this tool did not record; use --force to start over")
     atomic_write_json(state_dir / "options.json", opts.recorded())
-    return state_dir
+    return state_dir, manifest
 
 
 def run(opts: PackOptions, out: Path, workers: int, force: bool, log=print) -> dict:
@@ -643,18 +732,17 @@ def run(opts: PackOptions, out: Path, workers: int, force: bool, log=print) -> d
 
 
 def _run(opts: PackOptions, out: Path, workers: int, force: bool, log, files, problems, t0) -> dict:
-    state_dir = prepare_out_dir(out, opts, force)
+    state_dir, manifest = prepare_out_dir(out, opts, force)
 
     records = check_images(files, opts, workers, CheckCache(state_dir / "checks.jsonl"))
     t_check = time.perf_counter()
     plan = make_plan(files, records, problems, opts)
     fingerprint = plan.fingerprint()
     progress = Progress(state_dir, fingerprint, out)
-    manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists():
-        if json.loads(manifest_path.read_text(encoding="utf-8")).get("plan") != fingerprint:
+    if manifest is not None:
+        if manifest.get("plan") != fingerprint:
             log(f"{PROG}: the images changed since {out} was written: rewriting its shards")
-            manifest_path.unlink()  # a manifest must never name a shard that is being rewritten
+            (out / MANIFEST_NAME).unlink()  # a manifest must never name a shard that is being rewritten
     elif progress.shards:
         log(f"{PROG}: resuming: {len(progress.shards)} shards already written")
     todo = [(name, plan.splits[split][first:end]) for split in SPLITS

@@ -8,6 +8,11 @@ is changed.
     {"rank": 1, "set": {"train.out_dir": "/x"}}      that rank's config differs (it sees another disk)
     {"rank": 0, "slow_hash_s": 4}                    that rank's disk is slow: each shard's sha256 takes 4 s more
     {"hide": "wandb"}                                the package is not installed (its import fails)
+    {"rank": 0, "hold_after_step": 6}                that rank stops after step 6 until a stop signal reaches
+                                                     it (SIGTERM, SIGUSR1, Ctrl-C): a run that cannot end
+                                                     before the test has signalled it, however slow the machine
+    {"rank": 0, "signal_after_steps": [3, 7]}        that rank sends itself SIGTERM after each of those steps
+                                                     that it trains (not one a resumed run starts past)
 """
 
 import json
@@ -38,6 +43,34 @@ if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
             return sha256_file(path)
 
         manifest.sha256_file = slow
+    if fault.get("hold_after_step"):
+        import time
+
+        import restorer.train as train
+
+        step = train.Trainer.step
+
+        def held(self, batches):
+            step(self, batches)
+            if self.state.step == fault["hold_after_step"]:
+                print(f"test fault: holding after step {self.state.step} until a stop signal", flush=True)
+                while not self.stop.requested:
+                    time.sleep(0.05)  # woken by the signal: its handler runs between two sleeps
+
+        train.Trainer.step = held
+    if fault.get("signal_after_steps"):
+        import signal
+
+        import restorer.train as train
+
+        step_once = train.Trainer.step
+
+        def signalling(self, batches):
+            step_once(self, batches)
+            if self.state.step in fault["signal_after_steps"]:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        train.Trainer.step = signalling
     if fault.get("set"):
         import restorer.config as config
 
