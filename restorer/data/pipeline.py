@@ -1,17 +1,21 @@
-"""The streaming pipeline: shards -> per-worker patches -> uint8 batches, the same length on every rank.
+"""The training and validation pipelines: shards -> per-worker patches -> uint8 batches, the same
+number of steps on every rank.
 
-Every (rank, DataLoader worker) pair is one *stream*. A stream reads its own shards (or, when there
-are fewer shards than streams, every shard but only the samples whose key hashes to it), decodes
-each image ONCE, cuts `patches_per_image` pairs from it, mixes them in a shuffle buffer and batches
-them. Streams never run dry: they cycle over their shards, reshuffled on every pass, so each rank
-yields exactly `steps` batches per epoch however the shards are sized or counted. DDP would hang
-otherwise. All randomness comes from numpy generators seeded with (seed, rank, worker, epoch).
+From a shard folder (data.shards) the training stream is a function of integers (restorer.data.stream):
+the slots of the global batch, each image read by random access, each patch seeded by (seed, epoch,
+image, patch). A rank owns its slots, its DataLoader workers share them (LanePatches), and a step's
+parts are put together in the main process: the same samples whatever the world size, the worker
+count and grad_accum, and a resumed run seeks to its step.
+
+From URLs (train_urls: http, pipe:, brace patterns) the shards are streamed (StreamPatches): every
+(rank, worker) pair reads its own shards in order, decodes each image once, cuts patches_per_image
+pairs from it and mixes them in a shuffle buffer. Streams never run dry: they cycle over their shards,
+reshuffled on every pass. webdataset does what it is best at there: URL expansion, opening files and
+`pipe:` commands, and tar reading. http(s) shards are streamed by curl through HttpShard, which bounds
+a stalled or trickling transfer and never lets a failed one pass as a short shard.
 
 Why not webdataset's own `shardshuffle`, `shuffle` and `with_epoch`: they seed from the pid and the
-clock (not reproducible), reuse one shard order every epoch, and count per worker. webdataset still
-does what it is best at: URL expansion (brace patterns), opening files and `pipe:` commands, and tar
-reading. http(s) shards are streamed by curl through HttpShard, which bounds a stalled transfer and
-never lets a failed one pass as a short shard.
+clock (not reproducible), reuse one shard order every epoch, and count per worker.
 """
 
 from __future__ import annotations
@@ -486,10 +490,12 @@ class Ring:
         if ids is not None:
             self.ids[worker, slot, :n] = torch.from_numpy(ids)
 
-    def read(self, worker: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of a slot's first n patches: (2 x n x P x P x C pairs, n qualities, n x 3 numbers)."""
-        return (self.pairs[worker, slot, :, :n].numpy().copy(), self.qualities[worker, slot, :n].numpy().copy(),
-                self.ids[worker, slot, :n].numpy().copy())
+    def read_into(self, worker: int, slot: int, out: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Copy a slot's first len(out[1]) patches into `out`: (2 x n x P x P x C pairs, n qualities, n x 3 numbers)."""
+        n = len(out[1])
+        for target, source in zip(out, (self.pairs[worker, slot, :, :n], self.qualities[worker, slot, :n],
+                                        self.ids[worker, slot, :n])):
+            np.copyto(target, source.numpy())
 
 
 def _worker() -> tuple[int, int]:
@@ -538,15 +544,21 @@ class LanePatches(IterableDataset):
             reader.close()
 
     def micro_batches(self, items: Iterator, steps: int, grad_accum: int) -> Iterator[tuple]:
-        """`steps` steps of grad_accum micro-batches: (2 x b x P x P x C pairs, b qualities, b x 3 numbers)."""
+        """`steps` steps of grad_accum micro-batches: (2 x b x P x P x C pairs, b qualities, b x 3 numbers),
+        each worker's part of a step copied once, out of its ring slot into the step's arrays."""
         workers = max(self.workers, 1)
-        b = len(self.lanes) // grad_accum
+        parts = [worker_lanes(self.lanes, w, workers) for w in range(workers)]
+        n, b, p, c = len(self.lanes), len(self.lanes) // grad_accum, self.cfg.patch.size, self.cfg.patch.channels
         for _ in range(steps):
-            parts = []
-            for w in range(workers):  # item n comes from worker n % workers
+            pairs, qualities = np.empty((2, n, p, p, c), np.uint8), np.empty(n, np.float32)
+            ids = np.empty((n, 3), np.int64)
+            for w, mine in enumerate(parts):  # item k comes from worker k % workers
+                at = slice(mine.start - self.lanes.start, mine.stop - self.lanes.start)
                 item = next(items)
-                parts.append(item if self.ring is None else self.ring.read(*item, len(worker_lanes(self.lanes, w, workers))))
-            pairs, qualities, ids = (np.concatenate([p[k] for p in parts], axis=1 if k == 0 else 0) for k in range(3))
+                if self.ring is None:
+                    pairs[:, at], qualities[at], ids[at] = item
+                else:
+                    self.ring.read_into(*item, (pairs[:, at], qualities[at], ids[at]))
             for m in range(grad_accum):
                 yield pairs[:, m * b:(m + 1) * b], qualities[m * b:(m + 1) * b], ids[m * b:(m + 1) * b]
 
@@ -573,8 +585,14 @@ class StreamPatches(IterableDataset):
         self.ring = Ring(cfg.workers, batch_size, cfg.patch.size, cfg.patch.channels) if cfg.workers else None
 
     def micro_batches(self, items: Iterator, steps: int, grad_accum: int) -> Iterator[tuple]:
+        p, c = self.cfg.patch.size, self.cfg.patch.channels
         for item in itertools.islice(items, steps * grad_accum):
-            yield (np.stack(item[:2]), item[2], None) if self.ring is None else (*self.ring.read(*item, self.batch_size)[:2], None)
+            if self.ring is None:
+                yield np.stack(item[:2]), item[2], None
+                continue
+            pairs, qualities = np.empty((2, self.batch_size, p, p, c), np.uint8), np.empty(self.batch_size, np.float32)
+            self.ring.read_into(*item, (pairs, qualities, np.empty((self.batch_size, 3), np.int64)))
+            yield pairs, qualities, None
 
     def __iter__(self) -> Iterator:
         """The stream goes on where the last epoch left it (each worker keeps its copy of this object),

@@ -31,7 +31,6 @@ read once an image epoch across the whole job, whatever the world size and worke
 from __future__ import annotations
 
 import os
-import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,20 +272,18 @@ class NoImage(RuntimeError):
     """Not one training image of the index can be decoded."""
 
 
+AHEAD = 8  # steps a lane makes in a row: its patches come from one image, whose pixels stay in the CPU's caches
+
+
 def lane_patches(plan: StreamPlan, lanes: range, step: int, reader: ImageReader, patch_spec, jpeg_spec,
                  skip) -> Iterator[tuple[list[tuple[bytes, np.ndarray]], np.ndarray]]:
     """Step after step from `step`: the lanes' pairs (in lane order) and their (lane, image, patch)
-    numbers (int64, len(lanes) x 3)."""
+    numbers (int64, len(lanes) x 3). Made AHEAD steps at a time, lane by lane (what comes out is the
+    same, in the same order: each lane's patches are a function of its step alone)."""
     make = lambda image, rng: training_pair(image, patch_spec, jpeg_spec, rng)  # noqa: E731
     live = [Lane(plan, j, step, reader, make, skip) for j in lanes]
     while True:
-        pairs, ids = [], np.empty((len(live), 3), np.int64)
-        for n, lane in enumerate(live):
-            pair, image, patch = lane.next()
-            pairs.append(pair)
-            ids[n] = (lane.lane, image, patch)
-        yield pairs, ids
-
-
-def warn(text: str) -> None:
-    print(f"restorer: warning: {text}", file=sys.stderr, flush=True)
+        made = [[lane.next() for _ in range(AHEAD)] for lane in live]  # [lane][step]
+        for k in range(AHEAD):
+            ids = np.array([(lane.lane, *made[n][k][1:]) for n, lane in enumerate(live)], np.int64).reshape(-1, 3)
+            yield [made[n][k][0] for n in range(len(live))], ids
