@@ -346,6 +346,18 @@ def test_url_patterns_and_pipe_commands(photo_shards):
         assert len(batches) == 2 and batches[0][0].shape == (4, 3, 128, 128)
 
 
+def test_streams_that_must_share_shards_say_how_often_each_is_read(photo_shards, capfd):
+    """From URLs, 3 shards for 2 ranks x 2 workers: every stream reads every shard (keeping its share),
+    and one warning says so with the numbers; a shard folder's slots never do (no warning)."""
+    urls = "::".join(shard_paths(photo_shards, "train"))
+    cfg = DataConfig(train_urls=urls, epoch_samples=8, workers=2, shuffle_buffer=8, patches_per_image=2)
+    train_loader(cfg, batch_size=2, seed=0, rank=0, world_size=2)
+    err = capfd.readouterr().err
+    assert "3 training shard(s) for 4 streams" in err and "each shard is read 4 times an epoch" in err
+    train_loader(_cfg(photo_shards), batch_size=2, seed=0, rank=0, world_size=2)
+    assert "training shard(s) for" not in capfd.readouterr().err
+
+
 # ----------------------------------------------------------------------------- URLs that must not be opened
 
 # A config someone else wrote runs no command unasked: webdataset's brace expansion turns `{p,p}ipe:`
