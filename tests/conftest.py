@@ -36,9 +36,10 @@ def base_run(_base_run, tmp_path) -> Path:
 
 
 # `make test` hands whole files to its workers in collection order: the longest go first (measured on 2
-# cores, two workers: from about 1 minute for test_export to about 4 for test_train), so that no worker
-# is left running one of them alone at the end.
-LONGEST_FIRST = ("test_train.py", "test_slurm.py", "test_resume.py", "test_trackers.py", "test_export.py")
+# cores, two workers: from about 1 minute for test_export to about 4 for test_train; test_exact_resume about
+# 2.5 on the AVX-512 kind), so that no worker is left running one of them alone at the end.
+LONGEST_FIRST = ("test_train.py", "test_slurm.py", "test_exact_resume.py", "test_resume.py", "test_trackers.py",
+                 "test_export.py", "test_http.py")
 
 
 def pytest_collection_modifyitems(items) -> None:

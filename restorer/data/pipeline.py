@@ -506,7 +506,7 @@ def _worker() -> tuple[int, int]:
 
 class LanePatches(IterableDataset):
     """One rank's lanes of the global batch (restorer.data.stream), step after step from `step`: each
-    DataLoader worker makes its share of the lanes (contiguous), one item a step; the main process
+    DataLoader worker makes its share of the lanes (every workers-th), one item a step; the main process
     puts a step's items together in worker order and cuts them into grad_accum micro-batches.
     Without workers (workers=0) the items are plain arrays."""
 
@@ -553,7 +553,7 @@ class LanePatches(IterableDataset):
             pairs, qualities = np.empty((2, n, p, p, c), np.uint8), np.empty(n, np.float32)
             ids = np.empty((n, 3), np.int64)
             for w, mine in enumerate(parts):  # item k comes from worker k % workers
-                at = slice(mine.start - self.lanes.start, mine.stop - self.lanes.start)
+                at = slice(w, n, workers)  # its lanes: every workers-th of the rank's
                 item = next(items)
                 if self.ring is None:
                     pairs[:, at], qualities[at], ids[at] = item

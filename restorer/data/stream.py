@@ -202,10 +202,9 @@ def rank_lanes(lanes: int, rank: int, world_size: int) -> range:
 
 
 def worker_lanes(lanes: range, worker: int, workers: int) -> range:
-    """A DataLoader worker's part of its rank's lanes (contiguous: the workers' items concatenated
-    in worker order are the rank's lanes in order)."""
-    edges = np.linspace(lanes.start, lanes.stop, workers + 1).round().astype(int)
-    return range(int(edges[worker]), int(edges[worker + 1]))
+    """A DataLoader worker's share of its rank's lanes: every workers-th one, so each worker's lanes
+    change images at steps spread evenly (the slots' phases), and no worker decodes while another idles."""
+    return lanes[worker::workers]
 
 
 # ----------------------------------------------------------------------------- one lane
