@@ -150,8 +150,9 @@ def double_shift(name: str) -> tuple[int, int]:
 def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, y_channel: bool = False,
              chroma: str = "420", double: Optional[int] = None, device: str = "auto", precision: str = "fp32",
              tile: Optional[int] = None, max_side: int = 0, progress: bool = False, file_bounds: bool = True) -> dict:
-    """Encode every image under `images_dir` at each quality, restore it, score both (module
-    docstring). Returns {"checkpoint", "channel", "chroma", "double", "qualities": {q: {"images":
+    """Encode every image under `images_dir` at each quality, restore it with the network `ckpt_path`
+    names (or a Network), score both (module docstring). Returns {"checkpoint", "channel", "chroma",
+    "double", "qualities": {q: {"images":
     {name: figures}, "mean"}}}."""
     qualities = list(dict.fromkeys(int(q) for q in qualities))
     if not qualities or not all(1 <= q <= 100 for q in qualities):
@@ -309,7 +310,8 @@ def _image_files(root: Path, option: str) -> list[Path]:
 
 
 def _load(ckpt_path, device: str, precision: str) -> Network:
-    return load_network(ckpt_path, device, precision)
+    """The network a path names, or a Network given as it is (bench/field.py scores the JPEG alone so)."""
+    return ckpt_path if isinstance(ckpt_path, Network) else load_network(ckpt_path, device, precision)
 
 
 def _tiling(tile: Optional[int]) -> dict:
