@@ -5,11 +5,11 @@ image and patch every slot of every step held) and ends within float tolerance o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (REPO, assert_ok, events, load_state, metrics, run_cmd, train_cmd, train_env, train_here)
+from helpers import assert_ok, events, load_state, metrics, run_cmd, train_cmd, train_env, train_here
 from restorer.config import DataConfig
 from restorer.data.patches import PatchSpec
 from restorer.data.pipeline import train_loader
@@ -282,10 +282,11 @@ def test_elastic_torchrun_survives_a_lost_node_and_goes_on_sample_exact_on_fewer
         for pid in [second.pid, *_descendants(second.pid)]:  # the node is lost: its agent, rank and workers at
             os.kill(pid, signal.SIGKILL)  # once (torchrun starts its ranks in sessions of their own)
         assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-4000:]
-    finally:
+    finally:  # whatever happened: no agent, rank or worker is left (ranks run in sessions of their own)
         for proc in (first, second):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
     log = (tmp_path / "first.log").read_text()
     assert "lost the other ranks" in log and "world size 2 -> 1" in log, log[-4000:]
