@@ -112,7 +112,7 @@ def index_shards(paths: list[str], counts: list[int], warn: Callable[[str], None
 
 class ImageReader:
     """Reads and decodes images by their index number: a seek and one read each, the shard files
-    kept open. Counts the bytes read (bench/loader.py checks that an epoch reads each image once)."""
+    kept open. Counts the bytes read (bench/stream.py checks that an epoch reads each image once)."""
 
     def __init__(self, index: SampleIndex):
         self.index = index
