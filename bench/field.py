@@ -38,12 +38,13 @@ SETS = {"LIVE1_color": False, "LIVE1_gray": True, "Classic5": True}  # set -> ev
 SKIPPED = ("Real",)  # real-world JPEGs without originals: nothing to score against
 JPEG_ROW = "JPEG (measured here)"
 
+FBCNN_GRAY_TABLE = ("FBCNN paper's gray table (Jiang et al., ICCV 2021; jiaxi-jiang/FBCNN) for JPEG, ARCNN, DnCNN, "
+                    "QGAC, FBCNN; SwinIR and MambaIRv2 (per-quality models) q10 from their papers")
 # The published figures, copied from ../shared/benchmarks/README.md (never recomputed here):
 # set -> quality -> method -> (PSNR dB, SSIM, PSNR-B dB), None where the README gives no figure.
 PUBLISHED = {
     "LIVE1_gray": {
-        "source": "FBCNN paper's gray table (Jiang et al., ICCV 2021; jiaxi-jiang/FBCNN) for JPEG, ARCNN, DnCNN, "
-                  "QGAC, FBCNN; SwinIR and MambaIRv2 (per-quality models) q10 from their papers",
+        "source": FBCNN_GRAY_TABLE,
         10: {"JPEG": (27.77, 0.773, 25.33), "ARCNN": (28.96, None, None), "DnCNN": (29.19, None, None),
              "QGAC": (29.51, None, None), "FBCNN": (29.75, 0.827, 29.40), "SwinIR": (29.86, None, None),
              "MambaIRv2": (29.91, None, None)},
@@ -55,8 +56,7 @@ PUBLISHED = {
              "QGAC": (34.16, None, None), "FBCNN": (34.53, 0.931, 33.74)},
     },
     "Classic5": {
-        "source": "FBCNN paper's gray table (Jiang et al., ICCV 2021; jiaxi-jiang/FBCNN) for JPEG, ARCNN, DnCNN, "
-                  "QGAC, FBCNN; SwinIR and MambaIRv2 (per-quality models) q10 from their papers",
+        "source": FBCNN_GRAY_TABLE,
         10: {"JPEG": (27.82, 0.760, 25.21), "ARCNN": (29.03, None, None), "DnCNN": (29.40, None, None),
              "QGAC": (29.84, None, None), "FBCNN": (30.12, 0.822, 29.80), "SwinIR": (30.27, None, None),
              "MambaIRv2": (30.37, None, None)},

@@ -43,18 +43,15 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from restorer.data import jpeg
-from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from restorer.data.decode import ImageDecodeError, decode_image
 from restorer.config import ConfigError, DataConfig, check_shard_urls, expand_shard_urls
 from restorer.data.patches import center_crop, training_pair
-from restorer.data.stream import (ImageReader, NoImage, SampleIndex, StreamPlan, index_shards, lane_patches,
-                                  rank_lanes, worker_lanes)
+from restorer.data.stream import (IMAGE_MEMBERS, ImageReader, NoImage, SampleIndex, StreamPlan, index_shards,
+                                  lane_patches, rank_lanes, worker_lanes)
 from restorer.errors import RunError
 from restorer.data.manifest import load_manifest, shard_paths
 from restorer.stop import shutdown_event, stop_signals_held, worker_signals
 from restorer.urls import mask_secrets, shard_url_problem
-
-IMAGE_MEMBERS = tuple(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))  # webdataset member names: no dot
-
 
 def split_urls(cfg: DataConfig, split: str) -> list[str]:
     """The shard URLs of a split: the explicit pattern if given, else the manifest's list; each one

@@ -30,7 +30,6 @@ read once an image epoch across the whole job, whatever the world size and worke
 
 from __future__ import annotations
 
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 from restorer.data.patches import training_pair
 
-IMAGE_MEMBERS = frozenset(ext[1:] for ext in IMAGE_EXTENSIONS)  # member extensions (webdataset's, no dot)
+IMAGE_MEMBERS = tuple(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))  # webdataset member names: no dot
 # the draws of each kind of randomness get their own stream (the first entropy word)
 _ORDER, _WINDOW, _PATCH = 1, 2, 3
 
@@ -63,7 +62,6 @@ class SampleIndex:
     offset: np.ndarray  # int64 (N,)
     size: np.ndarray  # int64 (N,)
     keys: tuple[str, ...]
-    bytes: int  # the shards' size on disk, all members and headers
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -86,7 +84,7 @@ def index_shards(paths: list[str], counts: list[int], warn: Callable[[str], None
     shard = np.repeat(np.arange(len(paths), dtype=np.int32), counts)
     offset, size = np.full(n, -1, np.int64), np.zeros(n, np.int64)
     keys = [""] * n
-    total, start = 0, 0
+    start = 0
     for s, (path, count) in enumerate(zip(paths, counts)):
         found = 0
         try:
@@ -99,7 +97,6 @@ def index_shards(paths: list[str], counts: list[int], warn: Callable[[str], None
                     seen.add(key)
                     offset[start + found], size[start + found], keys[start + found] = member.offset_data, member.size, key
                     found += 1
-                total += os.fstat(f.fileno()).st_size
         except (OSError, tarfile.TarError) as e:
             warn(f"shard {path} cannot be read to its end ({type(e).__name__}: {e})")
         if found < count:
@@ -107,7 +104,7 @@ def index_shards(paths: list[str], counts: list[int], warn: Callable[[str], None
             for i in range(start + found, start + count):
                 keys[i] = f"{Path(path).name}#{i - start}"
         start += count
-    return SampleIndex(tuple(paths), shard, offset, size, tuple(keys), total)
+    return SampleIndex(tuple(paths), shard, offset, size, tuple(keys))
 
 
 class ImageReader:
