@@ -351,11 +351,12 @@ def stage_shards(c: Check) -> None:
 
 
 def stage_shm(c: Check) -> None:
-    from restorer.data.pipeline import RING, ring_bytes, shm_problem
+    from restorer.data.pipeline import SPARE_SLOTS, item_patches, prefetch, ring_bytes, shm_problem
 
     cfg = c.config()
     workers = cfg.data.workers
     need = ring_bytes(cfg.data, cfg.train.batch_size)
+    per_item = item_patches(cfg.data, cfg.train.batch_size)
     try:
         st = os.statvfs("/dev/shm")
     except OSError:
@@ -367,7 +368,7 @@ def stage_shm(c: Check) -> None:
     problem = shm_problem(need, free, workers)
     if problem is None:
         c.row("/dev/shm", f"{mib(free)} free, the loader's rings need {mib(need)} a process "
-              f"(data.workers {workers} x {RING} batches of {cfg.train.batch_size}): ok")
+              f"(data.workers {workers} x {prefetch(per_item) + SPARE_SLOTS} items of {per_item} patches): ok")
         return
     per_worker = max(need // max(workers, 1), 1)
     c.workers = int(free * 0.9 // per_worker)

@@ -85,9 +85,11 @@ def test_a_plan_with_few_loader_workers_a_gpu_says_so():
 def test_the_batch_rings_must_fit_in_shared_memory():
     cfg = load_config(str(REPO / "configs" / "gpu.yaml"), ["data.shards=x"])
     per_rank = ring_bytes(cfg.data, cfg.train.batch_size)
-    # 7 slots a worker, each of its share of the rank's patches of a step: 7 x batch x (input and target
-    # pixels + the input's float32 quality + its lane, image and patch numbers)
-    assert per_rank == 7 * cfg.train.batch_size * (2 * 3 * 128 * 128 + 4 + 24)
+    # a worker's item is its share of the rank's patches of a step (64 / 8 workers = 8); 128 patches in
+    # flight a worker = 16 items, and 3 spare slots: 19 x batch x (input and target pixels + the input's
+    # float32 quality + its lane, image and patch numbers)
+    assert (cfg.train.batch_size, cfg.data.workers) == (64, 8)
+    assert per_rank == 19 * cfg.train.batch_size * (2 * 3 * 128 * 128 + 4 + 24)
     assert shm_problem(4 * per_rank, 64 * 2**20, cfg.data.workers).startswith(
         f"the DataLoader workers' batch rings need {4 * per_rank / 2**20:,.0f} MiB of shared memory")
     assert "--shm-size" in shm_problem(4 * per_rank, 64 * 2**20, 8) and shm_problem(per_rank, 2 * per_rank, 8) is None

@@ -444,17 +444,34 @@ def to_tensors(inputs: np.ndarray, targets: np.ndarray, qualities: np.ndarray,
     return tuple(t.pin_memory() for t in out) if pin_memory else out
 
 
-PREFETCH = 4  # batches in flight per worker
-RING = PREFETCH + 3  # batch slots per worker: those in flight, one being copied out, spares
+PREFETCH = 4  # items in flight per worker, at least
+# patches in flight per worker, at least: a worker that stops to decode an image (40-300 ms) still has
+# items made ahead, so the others are not kept waiting for it (bench/loader.py: with a step's lanes as
+# the item, 4 items in flight cost 15% of the throughput)
+LOOKAHEAD_PATCHES = 128
+SPARE_SLOTS = 3  # ring slots per worker beyond those in flight: one being copied out, spares
+
+
+def prefetch(patches_per_item: int) -> int:
+    """Items a worker has in flight (the DataLoader's prefetch_factor)."""
+    return max(PREFETCH, -(-LOOKAHEAD_PATCHES // patches_per_item))
+
+
+def item_patches(cfg: DataConfig, batch_size: int, grad_accum: int = 1) -> int:
+    """The patches of one worker's item: its share of the rank's lanes of a step (from a shard folder)
+    or a micro-batch (train_urls)."""
+    if not uses_lanes(cfg):
+        return batch_size
+    lanes = batch_size * grad_accum
+    return -(-lanes // max(min(cfg.workers, lanes), 1))
 
 
 def ring_bytes(cfg: DataConfig, batch_size: int, grad_accum: int = 1) -> int:
-    """Shared memory one rank's training loader takes: workers x RING slots x the patches of a slot
-    ((input, target) x C x P x P bytes, a float32 quality, three int64 numbers). A slot holds a
-    worker's share of the rank's lanes of a step (from a shard folder) or a micro-batch (train_urls)."""
+    """Shared memory one rank's training loader takes: workers x slots x the patches of a slot
+    ((input, target) x C x P x P bytes, a float32 quality, three int64 numbers)."""
     p, workers = cfg.patch.size, min(cfg.workers, batch_size * grad_accum)
-    per_slot = -(-batch_size * grad_accum // max(workers, 1)) if uses_lanes(cfg) else batch_size
-    return workers * RING * per_slot * (2 * cfg.patch.channels * p * p + 4 + 24)
+    per_slot = item_patches(cfg, batch_size, grad_accum)
+    return workers * (prefetch(per_slot) + SPARE_SLOTS) * per_slot * (2 * cfg.patch.channels * p * p + 4 + 24)
 
 
 def shm_problem(need: int, free: int, workers: int) -> Optional[str]:
@@ -469,17 +486,20 @@ def shm_problem(need: int, free: int, workers: int) -> Optional[str]:
 
 
 class Ring:
-    """Slots of patches in shared memory, RING a worker, made before the workers fork: a worker writes a
+    """Slots of patches in shared memory, made before the workers fork: a worker writes a
     slot's pixels, qualities and (lane, image, patch) numbers, and hands over only (worker, slot).
     Pickling 1.5 MB batches through a pipe, or torch's fresh shared-memory segment per tensor, cost
     15-25% of the workers' time (bench/loader.py). The main process copies a slot out (into pinned
-    memory on CUDA) before the worker can reuse it: a worker has at most PREFETCH items in flight,
-    and the ring has more slots than that."""
+    memory on CUDA) before the worker can reuse it: a worker has at most `prefetch` items in flight,
+    and the ring has SPARE_SLOTS more slots than that."""
 
     def __init__(self, workers: int, patches: int, size: int, channels: int):
-        self.pairs = torch.empty((workers, RING, 2, patches, size, size, channels), dtype=torch.uint8).share_memory_()
-        self.qualities = torch.empty((workers, RING, patches), dtype=torch.float32).share_memory_()
-        self.ids = torch.zeros((workers, RING, patches, 3), dtype=torch.int64).share_memory_()
+        self.prefetch = prefetch(patches)
+        self.slots = self.prefetch + SPARE_SLOTS
+        shape = (workers, self.slots, patches)
+        self.pairs = torch.empty((workers, self.slots, 2, patches, size, size, channels), dtype=torch.uint8).share_memory_()
+        self.qualities = torch.empty(shape, dtype=torch.float32).share_memory_()
+        self.ids = torch.zeros((*shape, 3), dtype=torch.int64).share_memory_()
 
     def write(self, worker: int, slot: int, pairs: list, ids: Optional[np.ndarray]) -> None:
         n = len(pairs)
@@ -533,8 +553,8 @@ class LanePatches(IterableDataset):
                     inputs, targets, qualities = _batch(pairs)
                     yield np.stack([inputs, targets]), qualities, ids
                 else:
-                    self.ring.write(worker, made % RING, pairs, ids)
-                    yield worker, made % RING
+                    self.ring.write(worker, made % self.ring.slots, pairs, ids)
+                    yield worker, made % self.ring.slots
         except NoImage as e:
             raise NoTrainingData(str(e)) from None
         finally:
@@ -646,8 +666,8 @@ class StreamPatches(IterableDataset):
                     if self.ring is None:
                         yield _batch(batch)
                     else:
-                        self.ring.write(worker, made % RING, batch, None)
-                        yield worker, made % RING
+                        self.ring.write(worker, made % self.ring.slots, batch, None)
+                        yield worker, made % self.ring.slots
                     made += 1
                     batch = []
 
@@ -847,7 +867,7 @@ def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
         dataset = StreamPatches(urls, cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, step=step)
         stream = {"kind": "urls", "global_batch": global_batch, "seed": seed}
     loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_worker_init(), num_workers=workers,
-                        prefetch_factor=PREFETCH if workers else None, persistent_workers=workers > 0,
+                        prefetch_factor=dataset.ring.prefetch if workers else None, persistent_workers=workers > 0,
                         multiprocessing_context=_mp_context(workers))
     if steps is None:
         steps = steps_per_epoch(cfg, batch_size, world_size, grad_accum)
