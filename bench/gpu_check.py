@@ -368,7 +368,7 @@ def stage_shm(c: Check) -> None:
     problem = shm_problem(need, free, workers)
     if problem is None:
         c.row("/dev/shm", f"{mib(free)} free, the loader's rings need {mib(need)} a process "
-              f"(data.workers {workers} x {prefetch(per_item) + SPARE_SLOTS} items of {per_item} patches): ok")
+              f"(data.workers {workers} x {prefetch(per_item) + SPARE_SLOTS} slots of {per_item} patches): ok")
         return
     per_worker = max(need // max(workers, 1), 1)
     c.workers = int(free * 0.9 // per_worker)
