@@ -152,44 +152,57 @@ def _stopped_at(out: Path) -> int:
     return [m for m in metrics(out) if m.get("event") == "stopped"][-1]["step"]
 
 
+# the uninterrupted run every test of another world or of two ranks compares with: 2 ranks x 2 patches
+# (tests/helpers TINY), 12 steps, a checkpoint every 2. The worker count is not part of the stream (a
+# test of 2 workers compares with it too), nor are the checkpoints.
+WHOLE = (*RUN, "train.max_steps=12", "data.workers=1", "checkpoint.every=2")
+
+
+@pytest.fixture(scope="module")
+def whole(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert_ok(run_cmd(train_cmd(2, shards, out, *WHOLE)))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_a_run_resumed_on_another_number_of_ranks_trains_on_the_same_samples(shards, tmp_path, before, after):
-    # the global batch of 8: 2 ranks x 4, or 1 rank x 4 x 2 accumulated
-    sized = {1: ("train.batch_size=4", "train.grad_accum=2"), 2: ("train.batch_size=4", "train.grad_accum=1")}
-    args = (*RUN, "train.max_steps=16", "data.workers=1")
-    assert_ok(run_cmd(train_cmd(before if before > 1 else 0, shards, tmp_path / "whole", *args, *sized[before])))
+def test_a_run_resumed_on_another_number_of_ranks_trains_on_the_same_samples(shards, tmp_path, whole, stop_after,
+                                                                             before, after):
+    """The global batch of 4: 2 ranks x 2, or 1 rank x 2 x 2 accumulated. The one-rank part of each run
+    is trained in this process (stopped by stop_after), the two-rank part by torchrun."""
+    sized = {1: ("train.grad_accum=2",), 2: ()}[before]  # (the first run's settings, a user's: kept or not)
     out = tmp_path / "moved"
-    p = run_cmd(train_cmd(before if before > 1 else 0, shards, out, *args, *sized[before]),
-                fault={"rank": 0, "signal_after_steps": [5]})
-    assert_ok(p)
+    if before == 2:
+        assert_ok(run_cmd(train_cmd(2, shards, out, *WHOLE), fault={"rank": 0, "signal_after_steps": [5]}))
+    else:
+        stop_after.append(5)
+        assert_ok(train_here(shards, out, *WHOLE, *sized))
     stopped = _stopped_at(out)
-    assert 5 <= stopped < 16
-    # the same command on the other world: its own batch settings are the first run's (a user's), kept or not
-    p = run_cmd(train_cmd(after if after > 1 else 0, shards, out, *args, *sized[before]))
+    assert 5 <= stopped < 12
+    # the same command on the other world
+    p = run_cmd(train_cmd(2, shards, out, *WHOLE, *sized)) if after == 2 else train_here(shards, out, *WHOLE)
     assert_ok(p)
-    kept = [line for line in p.stderr.splitlines() if "global batch of 8 patches a step is kept" in line]
+    kept = [line for line in p.stderr.splitlines() if "global batch of 4 patches a step is kept" in line]
     assert len(kept) == 1 and f"world size {before} -> {after}" in kept[0], p.stderr[-3000:]
     resumed = [m for m in metrics(out) if m.get("event") == "resume"][-1]
-    assert resumed["world_size"] == after and resumed["global_batch"] == 8 and resumed["step"] == stopped
-    assert resumed["steps_per_epoch"] == metrics(tmp_path / "whole")[0]["steps_per_epoch"]
-    assert trace(out) == trace(tmp_path / "whole")
-    assert_same_state(tmp_path / "whole", out, exact=False)
+    assert resumed["world_size"] == after and resumed["global_batch"] == 4 and resumed["step"] == stopped
+    assert resumed["steps_per_epoch"] == metrics(whole)[0]["steps_per_epoch"]
+    assert trace(out) == trace(whole)
+    assert_same_state(whole, out, exact=False)
 
 
 @pytest.mark.slow
-def test_two_ranks_stopped_twice_end_bit_identical(shards, tmp_path):
-    args = (*RUN, "train.max_steps=14", "data.workers=2")
-    assert_ok(run_cmd(train_cmd(2, shards, tmp_path / "whole", *args)))
+def test_two_ranks_stopped_twice_end_bit_identical(shards, tmp_path, whole):
     out = tmp_path / "stopped"
     for _ in range(3):
-        p = run_cmd(train_cmd(2, shards, out, *args), fault={"rank": 1, "signal_after_steps": [4, 9]})
+        p = run_cmd(train_cmd(2, shards, out, *WHOLE, "data.workers=2"), fault={"rank": 1, "signal_after_steps": [4, 8]})
         assert_ok(p)
         if "stopped by" not in p.stderr:
             break
     assert events(out).count("stopped") == 2
-    assert trace(out) == trace(tmp_path / "whole")
-    assert_same_state(tmp_path / "whole", out)
+    assert trace(out) == trace(whole)
+    assert_same_state(whole, out)
 
 
 def test_a_global_batch_the_new_world_cannot_keep_is_one_line_with_values_that_work(base_run, shards):
@@ -243,7 +256,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_elastic_torchrun_survives_a_lost_node_and_goes_on_sample_exact_on_fewer_ranks(shards, tmp_path):
+def test_elastic_torchrun_survives_a_lost_node_and_goes_on_sample_exact_on_fewer_ranks(shards, tmp_path, whole):
     """Two torchrun agents (two 'nodes' of one rank each, --nnodes=1:2) on one machine. The second
     agent and its rank are killed once a checkpoint is written; the first agent restarts its rank,
     which resumes from last.pt in a world of one: the same samples from there on, grad_accum 2."""
@@ -252,14 +265,12 @@ def test_elastic_torchrun_survives_a_lost_node_and_goes_on_sample_exact_on_fewer
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = (*RUN, "train.max_steps=12", "data.workers=1", "checkpoint.every=2")
-    assert_ok(run_cmd(train_cmd(2, shards, tmp_path / "whole", *args)))
     out = tmp_path / "elastic"
     elastic = ("--nnodes=1:2", "--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                "--rdzv-id=elastic-test", "--rdzv-conf=last_call_timeout=2")
 
     def agent(name: str, fault: dict | None) -> subprocess.Popen:
-        cmd = train_cmd(1, shards, out, *args)
+        cmd = train_cmd(1, shards, out, *WHOLE)
         cmd[cmd.index("--standalone")] = elastic[0]
         cmd[cmd.index(elastic[0]) + 1:cmd.index(elastic[0]) + 1] = list(elastic[1:])
         return subprocess.Popen(cmd, env=train_env(fault), stdout=open(tmp_path / f"{name}.log", "w"),
@@ -293,5 +304,5 @@ def test_elastic_torchrun_survives_a_lost_node_and_goes_on_sample_exact_on_fewer
     starts = [m for m in metrics(out) if m.get("event") in ("start", "resume")]
     assert [(m["world_size"], m["global_batch"]) for m in starts] == [(2, 4), (1, 4)]  # 2 ranks x 2, 1 x 2 x 2
     assert starts[-1]["step"] >= 4 and events(out)[-1] == "finished"
-    assert trace(out) == trace(tmp_path / "whole")
-    assert_same_state(tmp_path / "whole", out, exact=False)
+    assert trace(out) == trace(whole)
+    assert_same_state(whole, out, exact=False)
