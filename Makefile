@@ -43,4 +43,4 @@ clean:
 # The embedded demo, offline: scikit-image ships real photographs. Shards, 2-rank CPU training for a
 # few minutes, evaluation and a before/after picture of a held-out photo, all under demo/.
 demo: install
-	$(PY) -m restorer.demo --out demo
+	$(PY) -m restorer demo --out demo

@@ -1,4 +1,4 @@
-"""Benchmark `python -m restorer.evaluate` at the size of LIVE1: 29 images of 768 x 512, 4 qualities,
+"""Benchmark `python -m restorer evaluate` at the size of LIVE1: 29 images of 768 x 512, 4 qualities,
 the CPU network (configs/cpu.yaml's U-Net, conditioned on the quality).
 
     python bench/evaluate.py [--images 29] [--qualities 10 20 30 40] [--threads N]
@@ -25,9 +25,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from restorer import demo, evaluate, metrics  # noqa: E402
-from restorer.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
-from restorer.config import load_config  # noqa: E402
+from restorer.tools import demo, evaluate  # noqa: E402
+from restorer.infer import metrics  # noqa: E402
+from restorer.formats.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from restorer.formats.config import load_config  # noqa: E402
 from restorer.data import jpeg  # noqa: E402
 
 

@@ -6,8 +6,8 @@
 
 DIR is laid out like ../shared/benchmarks (the default, beside the repository; its README.md):
 LIVE1_color/ is scored in RGB, LIVE1_gray/ and Classic5/ with evaluate's --gray protocol, Real/ (no
-originals) is skipped; qualities 10 20 30 40. The scoring is restorer.evaluate.evaluate itself (the
-same code path as `python -m restorer.evaluate --images DIR --quality 10 20 30 40 [--gray]`). Each
+originals) is skipped; qualities 10 20 30 40. The scoring is restorer.tools.evaluate.evaluate itself (the
+same code path as `python -m restorer evaluate --images DIR --quality 10 20 30 40 [--gray]`). Each
 checkpoint (or .onnx / .safetensors network) is one row; "JPEG (measured here)" is evaluate's JPEG-input
 row, measured with a network that returns its input, so it does not depend on any checkpoint and checks
 that the published JPEG baseline reproduces. --jpeg-only prints only that check. --max-images N scores
@@ -28,9 +28,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from restorer import evaluate as ev  # noqa: E402
-from restorer.cli import Parser, UsageError, run  # noqa: E402
-from restorer.inference import Network, find_inputs  # noqa: E402
+from restorer.tools import evaluate as ev  # noqa: E402
+from restorer.base.cli import Parser, UsageError, run  # noqa: E402
+from restorer.infer.inference import Network, find_inputs  # noqa: E402
 
 DEFAULT_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
 QUALITIES = (10, 20, 30, 40)

@@ -229,7 +229,7 @@ class Check:
         return out
 
     def config(self, workers: Optional[int] = None):
-        from restorer.config import load_config
+        from restorer.formats.config import load_config
 
         return load_config(str(REPO / "configs" / "gpu.yaml"), self.model_overrides() + self.data_overrides(workers))
 
@@ -351,7 +351,7 @@ def stage_shards(c: Check) -> None:
 
 
 def stage_shm(c: Check) -> None:
-    from restorer.data.pipeline import SPARE_SLOTS, item_patches, prefetch, ring_bytes, shm_problem
+    from restorer.train.loader import SPARE_SLOTS, item_patches, prefetch, ring_bytes, shm_problem
 
     cfg = c.config()
     workers = cfg.data.workers
@@ -384,7 +384,7 @@ def stage_shm(c: Check) -> None:
 def stage_loader(c: Check) -> None:
     import torch
 
-    from restorer.data.pipeline import train_loader
+    from restorer.train.loader import train_loader
 
     if c.shards is None:
         raise Skip("no shards (stage 1 made none)")
@@ -581,7 +581,7 @@ def stage_ddp(c: Check) -> None:
         raise Skip(ONE_GPU)
     if c.shards is None:
         raise Skip("no shards (stage 1 made none)")
-    from restorer.data.pipeline import ring_bytes
+    from restorer.train.loader import ring_bytes
 
     limit = c.limit(240, 60, later=30)
     steps = 4 if c.dry else 30
@@ -619,7 +619,7 @@ def stage_restore(c: Check) -> None:
     import torch
     from PIL import Image
 
-    from restorer.inference import load_network, restore_array
+    from restorer.infer.inference import load_network, restore_array
 
     limit = c.limit(120, 20, later=0)
     device = torch.device("cpu" if c.dry else "cuda")

@@ -58,8 +58,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("BENCH_RESTORER_TREE") or str(REPO))
 from restorer.data import decode_image, jpeg  # noqa: E402
 from restorer.data.patches import training_pair  # noqa: E402
-from restorer.config import DataConfig, load_config  # noqa: E402
-from restorer.data.pipeline import train_loader  # noqa: E402
+from restorer.formats.config import DataConfig, load_config  # noqa: E402
+from restorer.train.loader import train_loader  # noqa: E402
 from restorer.data.sharding import PackOptions, run  # noqa: E402
 from shards import unique_variant  # noqa: E402  (bench/shards.py: this folder is on sys.path)
 

@@ -6,7 +6,7 @@ learns in the same wall-clock minutes, at every quality.
 
 1. speed: per network and preset (cpu and gpu): parameters, MACs per pixel (convolutions), and
    training-step patches/s at batch 8 of 64 x 64 on this machine, measured with the trainer's own
-   step (restorer.train.train_step): fp32, and bf16 autocast beside it (on a CPU without bf16
+   step (restorer.train.loop.train_step): fp32, and bf16 autocast beside it (on a CPU without bf16
    instructions bf16 is slower: the faster of the two is marked). On CUDA: batch 64 of 128 x 128,
    fp32 eager and bf16 + channels_last + compile. The variants are timed in turn, in rounds, and
    each figure is the fastest step (noise only ever slows a step down).
@@ -18,7 +18,7 @@ learns in the same wall-clock minutes, at every quality.
    no double JPEG, no conditioning) for the same wall-clock --minutes (or --steps).
 
 Every recipe trains through the project's own loop (`torchrun launch/train.py --config
-configs/cpu.yaml` on the demo's photos) and is scored by restorer.evaluate on real photos no
+configs/cpu.yaml` on the demo's photos) and is scored by restorer.tools.evaluate on real photos no
 training saw (the demo's held-out astronaut.png and those the installed packages ship; a photo that
 is a JPEG itself is used at half size, which takes its own JPEG artifacts away: clean_references):
 columns q10 ... q95 (4:2:0), 4:4:4 at q50 and q90, double JPEG 20->50 and 60->90 (the grid shifted
@@ -44,11 +44,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from restorer import demo  # noqa: E402
-from restorer.config import load_config  # noqa: E402
-from restorer.checkpoint import read_checkpoint  # noqa: E402
+from restorer.tools import demo  # noqa: E402
+from restorer.formats.config import load_config  # noqa: E402
+from restorer.formats.checkpoint import read_checkpoint  # noqa: E402
 from restorer.models import CONDITIONING, MODELS, build_model, count_parameters, macs_per_pixel  # noqa: E402
-from restorer.train import Training, train_step  # noqa: E402
+from restorer.train.loop import Training, train_step  # noqa: E402
 
 # ----------------------------------------------------------------------------- 1. cost
 
@@ -190,7 +190,7 @@ def score(ckpt: Path, held_out: Path, file_bounds: bool = True) -> dict:
     """Every column's mean PSNR gain, and per photo, over the columns (evaluate, in this process); with
     `file_bounds` (restore's way) the outputs are moved inside their JPEG files' bins, without it the
     network is scored alone."""
-    from restorer.evaluate import evaluate
+    from restorer.tools.evaluate import evaluate
 
     own = reference_qualities(held_out)
 

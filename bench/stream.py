@@ -36,12 +36,12 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from restorer.config import DataConfig  # noqa: E402
+from restorer.formats.config import DataConfig  # noqa: E402
 from restorer.data.jpeg import JpegSpec  # noqa: E402
 from restorer.data.manifest import build_manifest, shard_paths, write_manifest  # noqa: E402
 from restorer.data.patches import PatchSpec  # noqa: E402
 from restorer.data.stream import ImageReader, StreamPlan, index_shards, lane_patches, worker_lanes  # noqa: E402
-from restorer.data.pipeline import train_loader  # noqa: E402
+from restorer.train.loader import train_loader  # noqa: E402
 
 SHARDS = 8
 PATCHES_PER_IMAGE = 64

@@ -6,7 +6,7 @@ channels_last memory and torch.compile, alone and combined.
                                [--warmup N] [--rounds N] [--variants a,b,...]
                                [--compile-timeout S] [--threads N]
 
-A step is the trainer's own (restorer.train.train_step on a restorer.train.Training built from the
+A step is the trainer's own (restorer.train.loop.train_step on a restorer.train.loop.Training built from the
 config, as the trainer builds it): uint8 input and target batches already on the device are
 converted there (x.float() / 255), then forward, the loss, backward, the non-finite check, the
 optimizer step and the EMA update when the config has one. The recipe is the config's: on CUDA
@@ -25,7 +25,7 @@ train); --config picks another. Every variant starts from the same weights with 
 A variant that cannot run (no bf16 on the GPU, a compile error, a compile slower than
 --compile-timeout) is printed as a row 'failed: reason' and the others go on. A compiled variant
 that Training.build left eager, as the trainer would (no C/C++ compiler or no Python headers here:
-restorer.checks.compile_problem), is the row 'fell back to eager: reason', not timed. Every variant is
+restorer.train.checks.compile_problem), is the row 'fell back to eager: reason', not timed. Every variant is
 set up and warmed up first (compiling included: that time is shown for the compiled variants);
 then the timed steps run in turn, --rounds passes over the variants, so a drift in the machine's
 speed touches all of them alike. Each step is timed alone (synchronised on CUDA); the figures are
@@ -54,10 +54,10 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from restorer import checks  # noqa: E402
-from restorer.config import load_config  # noqa: E402
+from restorer.train import checks  # noqa: E402
+from restorer.formats.config import load_config  # noqa: E402
 from restorer.models import MODELS, macs_per_pixel  # noqa: E402
-from restorer.train import Training, train_step  # noqa: E402
+from restorer.train.loop import Training, train_step  # noqa: E402
 
 VARIANTS = {  # name: (autocast bf16, channels_last, compile)
     "fp32_eager": (False, False, False),

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Entry point for torchrun (and plain python): the loop lives in restorer/train.py.
+"""Entry point for torchrun (and plain python): the loop lives in restorer/train/loop.py.
 
     torchrun --nproc_per_node=4 launch/train.py --config configs/gpu.yaml data.shards=/data/shards
     python launch/train.py --config configs/cpu.yaml
@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from restorer.train import main  # noqa: E402
+from restorer.train.loop import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pack photos into WebDataset tar shards. Usage: python shard_tools/make_shards.py SRC [SRC ...] --out DIR
 
-The command line lives in restorer.make_shards, the logic in restorer.data.sharding (tested there).
+The command line lives in restorer.tools.make_shards, the logic in restorer.data.sharding (tested there).
 """
 
 import os
@@ -10,7 +10,7 @@ import sys
 # Run from a checkout without installing: make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from restorer.make_shards import main  # noqa: E402
+from restorer.tools.make_shards import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

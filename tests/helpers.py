@@ -175,7 +175,7 @@ def train_here(shards: Path, out: Path, *overrides: str) -> subprocess.Completed
     also import torch._dynamo, most of a small run's time). For one-process runs that succeed and whose
     process is not what is tested: its signals, its exit status on a failure, faults injected into it
     and its loader workers' output need run_cmd."""
-    from restorer.train import main
+    from restorer.train.loop import main
 
     return cli_here(main, *train_cmd(0, shards, out, *overrides)[2:])  # (less python and launch/train.py)
 
@@ -221,7 +221,7 @@ def save_state(path: Path, state: dict) -> Path:
 def save_network(path: Path, model, name: str, options: dict, *, channels: int = 3, grayscale: bool = False,
                  ema: dict | None = None, config: dict | None = None, step: int = 0, best_psnr: float = float("-inf")) -> Path:
     """A checkpoint of `model` (built as build_model(name, in_channels=channels, **options)), as the trainer writes one."""
-    from restorer.checkpoint import Checkpoint, save_checkpoint
+    from restorer.formats.checkpoint import Checkpoint, save_checkpoint
     from restorer.models import NetworkSpec
 
     save_checkpoint(path, Checkpoint(NetworkSpec(name, dict(options), channels, grayscale), model.state_dict(), ema=ema,

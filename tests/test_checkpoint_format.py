@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import cli_here, encode, load_state, photo_like, save_network, save_state, write
-from restorer import restore
-from restorer.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, read_checkpoint
+from restorer.tools import restore
+from restorer.formats.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, read_checkpoint
 from restorer.models import build_model
 
 

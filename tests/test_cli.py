@@ -9,19 +9,19 @@ import importlib
 import pytest
 
 from helpers import REPO
-from restorer.cli import run
-from restorer.errors import RestorerError, RunError, UsageError, one_line
+from restorer.base.cli import run
+from restorer.base.errors import RestorerError, RunError, UsageError, one_line
 
 TOOLS = {  # console script -> (module, the name its errors carry)
-    "restorer-make-shards": ("restorer.make_shards", "make_shards"),
-    "restorer-train": ("restorer.train", "train"),
-    "restorer-restore": ("restorer.restore", "restore"),
-    "restorer-evaluate": ("restorer.evaluate", "evaluate"),
-    "restorer-export": ("restorer.export", "export"),
-    "restorer-plot": ("restorer.plot", "plot"),
-    "restorer-runs": ("restorer.runs", "runs"),
-    "restorer-slurm": ("restorer.slurm", "slurm"),
-    "restorer-demo": ("restorer.demo", "demo"),
+    "restorer-make-shards": ("restorer.tools.make_shards", "make_shards"),
+    "restorer-train": ("restorer.train.loop", "train"),
+    "restorer-restore": ("restorer.tools.restore", "restore"),
+    "restorer-evaluate": ("restorer.tools.evaluate", "evaluate"),
+    "restorer-export": ("restorer.tools.export", "export"),
+    "restorer-plot": ("restorer.tools.plot", "plot"),
+    "restorer-runs": ("restorer.tools.runs", "runs"),
+    "restorer-slurm": ("restorer.tools.slurm", "slurm"),
+    "restorer-demo": ("restorer.tools.demo", "demo"),
 }
 
 
@@ -29,7 +29,21 @@ def test_every_tool_has_a_console_script():
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     scripts = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
-    assert scripts == {name: f"{module}:main" for name, (module, _) in TOOLS.items()}
+    assert scripts == {"restorer": "restorer.__main__:main", **{name: f"{module}:main" for name, (module, _) in TOOLS.items()}}
+
+
+def test_restorer_help_lists_every_command_and_each_runs_its_tool(capsys):
+    from restorer.__main__ import COMMANDS, main
+
+    assert {f"restorer-{name}": module for name, (module, _) in COMMANDS.items()} == {
+        name: module for name, (module, _) in TOOLS.items()}
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in COMMANDS)
+    assert main(["plot", "--no-such-option"]) == 2 and capsys.readouterr().err.startswith("plot: error: ")
+    assert main(["no-such-command"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("restorer: error: no command 'no-such-command'") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("script", sorted(TOOLS))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from restorer.config import Config, ConfigError, DataConfig, config_from_dict, dump_config, load_config
+from restorer.formats.config import Config, ConfigError, DataConfig, config_from_dict, dump_config, load_config
 from restorer.data.jpeg import JpegSpec
 from restorer.data.patches import PatchSpec
 
@@ -146,7 +146,7 @@ def test_numbers_at_their_bounds_pass():
 def test_the_trainer_says_a_number_out_of_range_in_one_line(tmp_path, override, shown):
     """launch/train.py's main: the line and exit 2, before any work (the run folder is never made)."""
     from helpers import cli_here
-    from restorer.train import main
+    from restorer.train.loop import main
 
     p = cli_here(main, "--config", REPO / "configs" / "cpu.yaml", f"train.out_dir={tmp_path / 'run'}", override)
     assert (p.returncode, p.stderr) == (2, f"train: error: {shown}\n")

@@ -18,7 +18,7 @@ require("skimage", "demo")
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "restorer.demo", "--out", str(tmp_path), "--steps", "4"],
+    p = subprocess.run([sys.executable, "-m", "restorer", "demo", "--out", str(tmp_path), "--steps", "4"],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "demo finished: one network for every JPEG quality, on astronaut.png" in p.stdout

@@ -1,4 +1,4 @@
-"""restorer.evaluate: the papers' protocol (full images, qualities 10-40, RGB and the grayscale Y
+"""restorer.tools.evaluate: the papers' protocol (full images, qualities 10-40, RGB and the grayscale Y
 benchmarks), independent checks of the JPEG-input figures (numpy, OpenCV), scoring existing JPEG
 files, the table, the JSON, the plots and the error convention."""
 
@@ -17,8 +17,8 @@ from PIL import Image
 
 from helpers import REPO, encode, load_state, photo_like, require, save_network, save_state, write
 from restorer.data import jpeg
-from restorer.evaluate import KEYS, SWEEP, double_shift, evaluate, main, matlab_y_u8
-from restorer.inference import load_network, restore_array
+from restorer.tools.evaluate import KEYS, SWEEP, double_shift, evaluate, main, matlab_y_u8
+from restorer.infer.inference import load_network, restore_array
 from restorer.models import build_model
 
 ROW = re.compile(r"^\s*(\d+|given)\s+(\d+) \|\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+) \|\s+(\S+)\s+(\S+)\s+(\S+) \|"
@@ -205,10 +205,10 @@ def test_plots_of_quality_and_of_a_run(ckpt, images, tmp_path, capsys):
         {"step": 20, "loss": 0.008, "target": 0.012, "lr": 1e-3},
         {"step": 20, "val_psnr": 28.1, "val_psnr_jpeg": 27.5, "val_ssim": 0.8, "val_ssim_jpeg": 0.78},
     ]).encode())
-    p = subprocess.run([sys.executable, "-m", "restorer.plot", str(run)], capture_output=True, text=True, cwd=REPO)
+    p = subprocess.run([sys.executable, "-m", "restorer", "plot", str(run)], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert Image.open(run / "curves.png").size[0] > 500
-    p = subprocess.run([sys.executable, "-m", "restorer.plot", str(tmp_path / "nothing")], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "restorer", "plot", str(tmp_path / "nothing")], capture_output=True,
                        text=True, cwd=REPO)
     assert p.returncode == 2 and p.stderr.startswith("plot: error: no metrics.jsonl") and p.stderr.count("\n") == 1
 
@@ -327,7 +327,7 @@ def test_a_sweep_of_chroma_and_double_jpegs_feeds_the_network_its_tables_quality
 
 
 def test_metrics_in_float32_agree_with_float64(images):
-    from restorer.metrics import psnr, psnr_b, ssim
+    from restorer.infer.metrics import psnr, psnr_b, ssim
 
     clean = _clean(images / "a.png")
     noisy = jpeg_decode(jpeg_encode(clean, 10))

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from helpers import assert_ok, events, load_state, metrics, run_cmd, train_cmd, train_env, train_here
-from restorer.config import DataConfig
+from restorer.formats.config import DataConfig
 from restorer.data.patches import PatchSpec
-from restorer.data.pipeline import train_loader
+from restorer.train.loader import train_loader
 
 # a cosine schedule, an EMA, every step traced; no validation (it changes no weight)
 RUN = ("log.val_every=0", "optim.ema=0.9", "data.trace=true", "checkpoint.every=1000")
@@ -52,7 +52,7 @@ def assert_same_state(a: Path, b: Path, exact: bool = True) -> None:
 @pytest.fixture
 def stop_after(monkeypatch):
     """In this process: the trainer sends itself SIGTERM after each of the given steps it trains."""
-    import restorer.train as train
+    import restorer.train.loop as train
 
     step_once = train.Trainer.step
     when: list[int] = []

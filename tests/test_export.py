@@ -1,4 +1,4 @@
-"""restorer.export: ONNX (dynamic sizes, checked with onnxruntime), TorchScript and safetensors with
+"""restorer.tools.export: ONNX (dynamic sizes, checked with onnxruntime), TorchScript and safetensors with
 a card, for every network; restore and evaluate take the exported files."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from PIL import Image
 
 from helpers import cli_here, encode, photo_like, require, save_network, write
 from restorer.data import jpeg
-from restorer.export import main as export_main
-from restorer.inference import load_network, restore_array
-from restorer.restore import main as restore_main
+from restorer.tools.export import main as export_main
+from restorer.infer.inference import load_network, restore_array
+from restorer.tools.restore import main as restore_main
 from restorer.models import build_model
 
 for _module in ("onnx", "onnxscript", "onnxruntime", "safetensors"):
@@ -153,10 +153,10 @@ def test_an_export_that_does_not_match_pytorch_is_not_written(tmp_path, monkeypa
     """Each compiled format is run against PyTorch before it is kept (safetensors holds the weights
     themselves): with a tolerance no difference can meet, the check fails, the export exits 1 and no
     file is left."""
-    import restorer.export
+    import restorer.tools.export
 
     ckpt, _ = _checkpoint(tmp_path / "net.pt", "dncnn")
-    monkeypatch.setattr(restorer.export, "TOLERANCE", -1.0)
+    monkeypatch.setattr(restorer.tools.export, "TOLERANCE", -1.0)
     out = tmp_path / "out" / f"net.{fmt}"
     p = _export("--ckpt", ckpt, "--format", fmt, "--out", out)
     assert p.returncode == 1, p.stdout + p.stderr

@@ -1,4 +1,4 @@
-"""bench/field.py: the field's benchmarks (LIVE1 colour and gray, Classic5) scored with restorer.evaluate's
+"""bench/field.py: the field's benchmarks (LIVE1 colour and gray, Classic5) scored with restorer.tools.evaluate's
 own code, next to the published figures; on a small copy of the real sets (96x96 centre crops)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from helpers import REPO, cli_here, save_network
-from restorer.evaluate import main as evaluate_main
+from restorer.tools.evaluate import main as evaluate_main
 from restorer.models import build_model
 
 BENCHMARKS = REPO.parent / "shared" / "benchmarks"

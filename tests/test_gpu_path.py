@@ -9,12 +9,12 @@ import subprocess
 import pytest
 
 from helpers import REPO, run_cmd, train_cmd, train_env
-from restorer.config import load_config
-from restorer.data.pipeline import ring_bytes, shm_problem
-from restorer.dist import cuda_device_index, rank_env
-from restorer.errors import LaunchError
-from restorer.slurm import make_plan, shell, slurm_master_addr, slurm_port
-from restorer.checks import compile_problem
+from restorer.formats.config import load_config
+from restorer.train.loader import ring_bytes, shm_problem
+from restorer.cluster.dist import cuda_device_index, rank_env
+from restorer.base.errors import LaunchError
+from restorer.cluster.slurm import make_plan, shell, slurm_master_addr, slurm_port
+from restorer.train.checks import compile_problem
 
 
 def test_each_process_takes_the_gpu_it_can_see():

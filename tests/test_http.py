@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 
 from helpers import assert_ok, pack_photos, train_cmd, train_env, train_here
-from restorer.config import DataConfig
-from restorer.data import pipeline
-from restorer.data.pipeline import SkipLog, read_images, train_loader, val_loader
+from restorer.formats.config import DataConfig
+from restorer.train import loader
+from restorer.train.loader import SkipLog, read_images, train_loader, val_loader
 
 PATTERN = "train-{000000..000002}.tar"
 STEPS = 4  # batches of 4 per epoch: 16 patches, 8 images at 2 each, from 3 shards of 4 images
@@ -48,7 +48,7 @@ def quick(monkeypatch):
     monkeypatch.setenv("RESTORER_HTTP_STALL_S", "2")
     monkeypatch.delenv("RESTORER_HTTP_RETRIES", raising=False)
     monkeypatch.delenv("RESTORER_HTTP_MIN_RATE", raising=False)
-    monkeypatch.setattr(pipeline, "HTTP_RETRY_DELAY_S", 0.05)
+    monkeypatch.setattr(loader, "HTTP_RETRY_DELAY_S", 0.05)
 
 
 class Server(ThreadingHTTPServer):
@@ -538,17 +538,17 @@ def test_a_run_on_shards_behind_a_password_keeps_it_out_of_config_yaml_and_the_c
 
 
 def test_http_settings_are_checked(monkeypatch):
-    assert pipeline.http_settings() == (2, pipeline.HTTP_RETRIES, pipeline.HTTP_MIN_RATE)
+    assert loader.http_settings() == (2, loader.HTTP_RETRIES, loader.HTTP_MIN_RATE)
     monkeypatch.delenv("RESTORER_HTTP_STALL_S")
-    assert pipeline.http_settings() == (pipeline.HTTP_STALL_S, pipeline.HTTP_RETRIES, pipeline.HTTP_MIN_RATE) == (60, 2, 1024)
+    assert loader.http_settings() == (loader.HTTP_STALL_S, loader.HTTP_RETRIES, loader.HTTP_MIN_RATE) == (60, 2, 1024)
     monkeypatch.setenv("RESTORER_HTTP_MIN_RATE", "0")
-    assert pipeline.http_settings().min_rate == 0
+    assert loader.http_settings().min_rate == 0
     monkeypatch.setenv("RESTORER_HTTP_MIN_RATE", "1 KiB")
     with pytest.raises(ValueError, match="RESTORER_HTTP_MIN_RATE: must be a whole number of bytes/s >= 0, got '1 KiB'"):
-        pipeline.http_settings()
+        loader.http_settings()
     monkeypatch.setenv("RESTORER_HTTP_RETRIES", "-1")
     with pytest.raises(ValueError, match="RESTORER_HTTP_RETRIES: must be a whole number of tries >= 0, got '-1'"):
-        pipeline.http_settings()
+        loader.http_settings()
     monkeypatch.setenv("RESTORER_HTTP_STALL_S", "soon")
     with pytest.raises(ValueError, match="RESTORER_HTTP_STALL_S: must be a whole number of seconds >= 1, got 'soon'"):
-        pipeline.http_settings()
+        loader.http_settings()

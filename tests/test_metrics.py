@@ -1,4 +1,4 @@
-"""Tests for restorer.metrics against values computed independently here, in numpy."""
+"""Tests for restorer.infer.metrics against values computed independently here, in numpy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from restorer.metrics import blocking_effect_factor, psnr, psnr_b, ssim
+from restorer.infer.metrics import blocking_effect_factor, psnr, psnr_b, ssim
 
 # --------------------------------------------------------------------------- numpy references
 

@@ -12,9 +12,9 @@ from PIL import Image
 from torch import nn
 
 from helpers import save_network, save_state
-from restorer.checkpoint import CheckpointError
-from restorer.config import ConfigError, load_config
-from restorer.inference import load_checkpoint_network, restore_array
+from restorer.formats.checkpoint import CheckpointError
+from restorer.formats.config import ConfigError, load_config
+from restorer.infer.inference import load_checkpoint_network, restore_array
 from restorer.models import (CONDITIONING, MODELS, DnCNN, NAFNet, SeedNet, UNet, build_model, count_parameters,
                              describe, load_weights, macs_per_pixel)
 

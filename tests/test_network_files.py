@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from helpers import cli_here, encode, photo_like, require, save_network, write
-from restorer.checkpoint import read_checkpoint
-from restorer.evaluate import main as evaluate_main
+from restorer.formats.checkpoint import read_checkpoint
+from restorer.tools.evaluate import main as evaluate_main
 from restorer.models import build_model
-from restorer.restore import main as restore_main
+from restorer.tools.restore import main as restore_main
 
 require("onnx", "export")
 require("onnxruntime", "export")
@@ -33,7 +33,7 @@ def _seed(path: Path, damage=None) -> Path:
 
 
 def _safetensors(path: Path, ckpt: Path, **change) -> Path:
-    """The checkpoint's network as restorer.export writes it in safetensors, its card's fields changed by `change`."""
+    """The checkpoint's network as restorer.tools.export writes it in safetensors, its card's fields changed by `change`."""
     checkpoint = read_checkpoint(ckpt)
     weights = {k: v.contiguous() for k, v in checkpoint.inference_weights.items()}
     card = json.dumps({**checkpoint.card(), **change})
@@ -44,7 +44,7 @@ def _safetensors(path: Path, ckpt: Path, **change) -> Path:
 def _onnx(path: Path, card_text: str = "{}", op: str = "Identity", constant: float | None = None,
           shape: tuple = ("N", 3, "H", "W")) -> Path:
     """A hand-made ONNX network on `shape`: the identity, or `op` (Mul, Div) with one weight,
-    `constant`, an initializer; `card_text` in the metadata as restorer.export puts it."""
+    `constant`, an initializer; `card_text` in the metadata as restorer.tools.export puts it."""
     from onnx import TensorProto, helper
 
     inputs = ["input"] + (["w"] if constant is not None else [])
@@ -138,7 +138,7 @@ def test_an_onnx_network_whose_input_is_not_an_image_is_one_line(tmp_path, photo
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_the_exported_files_whose_cards_are_right_still_restore_and_evaluate(tmp_path, seed_ckpt, photos, tool):
-    """The checks refuse only what is wrong: the cards restorer.export writes, and an ONNX file without one."""
+    """The checks refuse only what is wrong: the cards restorer.tools.export writes, and an ONNX file without one."""
     for net in (_safetensors(tmp_path / "net.safetensors", seed_ckpt), _onnx(tmp_path / "net.onnx")):
         p = TOOLS[tool](net, photos, tmp_path / net.suffix)
         assert p.returncode == 0, p.stderr[-3000:]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli_here, require, save_network
-from restorer import export, plot, runs
+from restorer.tools import export, plot, runs
 from restorer.models import build_model
 
 GOOD = [{"event": "start", "step": 0, "world_size": 1},
@@ -228,7 +228,7 @@ def test_restore_refuses_an_output_that_is_its_input_by_another_name(tmp_path, c
     input inside --out is not one: find_inputs leaves it out) or a hard link (refused with its reason),
     the input is not restored over itself, and the others are restored."""
     from helpers import encode, photo_like
-    from restorer import restore
+    from restorer.tools import restore
 
     (tmp_path / "in").mkdir(), (tmp_path / "out").mkdir()
     source = tmp_path / "out" / "a.png"

@@ -22,8 +22,8 @@ from restorer.data import jpeg
 from restorer.data.jpeg import JpegSpec
 from restorer.data.patches import PatchSpec, center_crop, random_patch, training_pair
 from restorer.data.manifest import load_manifest, shard_paths
-from restorer.config import ConfigError, DataConfig
-from restorer.data.pipeline import SkipLog, read_images, steps_per_epoch, train_loader, val_loader
+from restorer.formats.config import ConfigError, DataConfig
+from restorer.train.loader import SkipLog, read_images, steps_per_epoch, train_loader, val_loader
 from restorer.data.sharding import PackOptions, run
 
 
@@ -382,7 +382,7 @@ PIPE_NOT_ALLOWED = "a pipe: URL runs a shell command on every rank and worker: s
 ], ids=["braces", "case", "case-allowed"])
 def test_a_config_file_runs_no_command_it_was_not_allowed_to(shards, tmp_path, pattern, allow_pipe, message):
     """launch/train.py's main on a YAML config: one line, exit 2, before any work; the command never ran."""
-    from restorer.train import main
+    from restorer.train.loop import main
 
     marker = tmp_path / "MARKER"
     config = _train_config(tmp_path, {"shards": str(shards), "train_urls": pattern.replace("MARKER", str(marker)),
@@ -394,7 +394,7 @@ def test_a_config_file_runs_no_command_it_was_not_allowed_to(shards, tmp_path, p
 
 
 def test_an_allowed_pipe_trains(shards, tmp_path):
-    from restorer.train import main
+    from restorer.train.loop import main
 
     pattern = f"pipe:cat {shards}/train-{{000000..000002}}.tar"  # three shards: braces expand inside a pipe too
     config = _train_config(tmp_path, {"shards": str(shards), "train_urls": pattern, "allow_pipe": True})
@@ -434,7 +434,7 @@ def test_the_loaders_refuse_a_config_never_validated(tmp_path):
 @pytest.mark.slow
 def test_urls_are_refused_where_they_are_opened_under_python_O(tmp_path):
     """`python -O` drops webdataset's assert on `pipe:`: gopen would run `Pipe:touch M` as `touch M`."""
-    code = ("import sys; from restorer.data.pipeline import SkipLog, read_images; skip = SkipLog('the test'); "
+    code = ("import sys; from restorer.train.loader import SkipLog, read_images; skip = SkipLog('the test'); "
             "print(len(list(read_images(sys.argv[1:], skip, allow_pipe=True))), skip.count)")
     urls = [u.format(m=tmp_path / "MARKER") for u in REFUSED[1:5]]
     p = subprocess.run([sys.executable, "-O", "-c", code, *urls], capture_output=True, text=True, timeout=120, cwd=REPO)

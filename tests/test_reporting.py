@@ -1,4 +1,4 @@
-"""The console of a run (restorer.reporting.Reporter), in-process on its own clock: in a log file
+"""The console of a run (restorer.train.reporting.Reporter), in-process on its own clock: in a log file
 the progress is whole lines, and the time left counts the validations still to come."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from restorer.reporting import LINE_EVERY_S, Reporter
+from restorer.train.reporting import LINE_EVERY_S, Reporter
 
 VAL = {"val_psnr": 30.0, "val_psnr_jpeg": 29.0, "val_ssim": 0.9, "val_ssim_jpeg": 0.8}
 

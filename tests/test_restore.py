@@ -1,4 +1,4 @@
-"""restorer.restore: tiled inference, the CLI, the compare picture, the memory bound."""
+"""restorer.tools.restore: tiled inference, the CLI, the compare picture, the memory bound."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from torch import nn
 
 from helpers import cli_here, encode, photo_like, save_network, save_state, write
 from restorer.data import jpeg
-from restorer.inference import decode_file, load_checkpoint_network, load_network, restore_array
+from restorer.infer.inference import decode_file, load_checkpoint_network, load_network, restore_array
 from restorer.models import build_model
-from restorer.pictures import LABEL_H, compare_size
-from restorer.restore import main
+from restorer.infer.pictures import LABEL_H, compare_size
+from restorer.tools.restore import main
 
 
 def _model(std: float = 0.005, seed: int = 0, in_channels: int = 3) -> nn.Module:
@@ -205,7 +205,7 @@ def test_cli_subprocess_missing_ckpt(tmp_path):
 
     from helpers import REPO
 
-    r = subprocess.run([sys.executable, "-m", "restorer.restore", "--ckpt", str(tmp_path / "x.pt"),
+    r = subprocess.run([sys.executable, "-m", "restorer", "restore", "--ckpt", str(tmp_path / "x.pt"),
                         str(tmp_path), "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -260,7 +260,7 @@ import sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from helpers import photo_like
 from test_restore import _Tiny
-from restorer.inference import restore_array
+from restorer.infer.inference import restore_array
 torch.manual_seed(0)
 torch.set_num_threads(1)
 model = _Tiny().eval()

@@ -16,11 +16,11 @@ import torch
 
 from helpers import (REPO, assert_ok, cli_here, encode, events, load_state, metrics, pack_photos, photo_like, run_cmd,
                      save_state, train_cmd, train_env, train_here, train_lines, write)
-from restorer.checkpoint import Checkpoint, CheckpointError, card_qualities, read_checkpoint
-from restorer.config import load_config
+from restorer.formats.checkpoint import Checkpoint, CheckpointError, card_qualities, read_checkpoint
+from restorer.formats.config import load_config
 from restorer.models import NetworkSpec
-from restorer.restore import main as restore_main
-from restorer.train import Training, train_step
+from restorer.tools.restore import main as restore_main
+from restorer.train.loop import Training, train_step
 
 
 def _max_abs_weight(path: Path) -> float:

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from helpers import (REPO, assert_ok, encode, events, photo_like, train_cmd, train_env, train_here, write)
-from restorer.checkpoint import RUN_MARKER, RunFolder, RunFolderError
-from restorer.config import load_config
-from restorer.dist import DistInfo
-from restorer.train import TrainingError, prepare_run_dir
+from restorer.formats.run_folder import RUN_MARKER, RunFolder, RunFolderError
+from restorer.formats.config import load_config
+from restorer.cluster.dist import DistInfo
+from restorer.train.loop import TrainingError, prepare_run_dir
 
 RANK0 = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -135,3 +135,29 @@ def test_a_damaged_marker_is_one_line(tmp_path):
     write(out / RUN_MARKER, b'{"format": "restorer-run", "names": "all"')
     with pytest.raises(RunFolderError, match=f"{RUN_MARKER} cannot be read"):
         _prepare(out)
+
+
+def test_every_name_and_event_a_run_writes_is_one_the_run_folder_module_lists(base_run):
+    """restorer.formats.run_folder owns the run folder: a real run (a checkpoint every step, validation,
+    step copies, pictures) writes no name and no event it does not list."""
+    from restorer.formats.run_folder import EVENTS, METRICS, RUN_FILES, RUN_FOLDERS, read_records, step_copies
+
+    names = {p.name for p in base_run.iterdir()}
+    copies = {p.name for p in step_copies(base_run)}
+    assert copies and names - copies <= {*RUN_FILES, *RUN_FOLDERS, RUN_MARKER}, names
+    records, bad = read_records(base_run / METRICS)
+    assert bad == 0 and {r["event"] for r in records if "event" in r} <= set(EVENTS)
+
+
+def test_bookkeeping_is_said_once_in_the_config_and_a_change_of_it_is_no_change_of_the_run(base_run, shards):
+    from restorer.formats.config import bookkeeping_keys
+
+    assert bookkeeping_keys() == {"train.out_dir", "train.resume", "train.overwrite", "train.stop_grace_s",
+                                  "log.progress", "log.tensorboard"}
+    from conftest import BASE_RUN
+
+    p = train_here(shards, base_run, *BASE_RUN, "train.max_steps=5", "train.stop_grace_s=40", "log.progress=true")
+    assert_ok(p)
+    resumed = [m for m in (json.loads(line) for line in (base_run / "metrics.jsonl").read_text().splitlines())
+               if m.get("event") == "resume"][-1]
+    assert resumed["changes"] == ["train.max_steps 4 -> 5"]

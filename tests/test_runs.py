@@ -1,4 +1,4 @@
-"""python -m restorer.runs and the several-run python -m restorer.plot, on a real sweep: three tiny
+"""python -m restorer runs and the several-run python -m restorer plot, on a real sweep: three tiny
 runs of the trainer, two finished (optim.lr 1e-3 and 2e-3, validated at steps 2 and 4) and one
 stopped by SIGTERM (train.max_steps=400, no validation)."""
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, metrics, require, train_cmd, train_env, train_lines
-from restorer import plot, runs
-from restorer.config import flatten
-from restorer.runs import differing_keys, run_labels
+from restorer.tools import plot, runs
+from restorer.formats.config import flatten
+from restorer.tools.runs import differing_keys, run_labels
 
 HEADER = ["run", "optim.lr", "train.max_steps", "log.val_every", "state", "steps", "minutes", "best PSNR", "vs JPEG",
           "at step", "loss"]
@@ -64,7 +64,7 @@ def parse(table: str) -> list[list[str]]:
 
 
 def expected(run_dir: Path) -> dict:
-    """A run's row, worked out from its metrics.jsonl here, independently of restorer.runs."""
+    """A run's row, worked out from its metrics.jsonl here, independently of restorer.tools.runs."""
     records = metrics(run_dir)
     vals = [r for r in records if "val_psnr" in r]
     best = max(vals, key=lambda r: r["val_psnr"]) if vals else None
@@ -77,7 +77,7 @@ def expected(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_one_table_of_the_sweep_best_first_and_the_json_agrees(sweep, tmp_path):
     js = tmp_path / "table.json"
-    p = subprocess.run([sys.executable, "-m", "restorer.runs", str(sweep / "sweep-*"), "--json", str(js)],
+    p = subprocess.run([sys.executable, "-m", "restorer", "runs", str(sweep / "sweep-*"), "--json", str(js)],
                        capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0 and p.stderr == "", p.stderr
     print(p.stdout)
@@ -178,7 +178,7 @@ def test_plot_draws_several_runs_in_one_picture(sweep, tmp_path, capsys):
 
     png = tmp_path / "sweep.png"
     runs_ = [str(sweep / f"sweep-{i}") for i in range(3)]
-    p = subprocess.run([sys.executable, "-m", "restorer.plot", *runs_, "--out", str(png)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "restorer", "plot", *runs_, "--out", str(png)], capture_output=True,
                        text=True, cwd=REPO)
     # (no warning: cpu.yaml's psnr loss is negative, in dB, and drawn on a linear axis)
     assert p.returncode == 0 and p.stdout == f"plot: {png}\n" and p.stderr == "", p.stderr

@@ -28,7 +28,7 @@ from restorer.data.sharding import (
     sample_key,
     tile_boxes,
 )
-from restorer.make_shards import main as make_shards_main
+from restorer.tools.make_shards import main as make_shards_main
 
 # ----------------------------------------------------------------------------- units
 
@@ -121,7 +121,7 @@ def test_plan_is_seeded_and_counts_rejects_and_duplicates():
 
 
 def test_val_count_too_large_is_a_usage_error():
-    from restorer.errors import UsageError
+    from restorer.base.errors import UsageError
 
     files, records = _records(5)
     with pytest.raises(UsageError, match="leaves no training images"):

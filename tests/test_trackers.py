@@ -105,7 +105,7 @@ def test_the_same_scalars_reach_metrics_tensorboard_wandb_and_mlflow_and_a_resum
     # the pictures: the last log.pictures kept, JPEG | network | original with a zoomed crop
     pictures = sorted((out / "val").glob("step-*.png"))
     assert [p.name for p in pictures] == ["step-00000006.png", "step-00000008.png"]
-    from restorer.pictures import compare_size
+    from restorer.infer.pictures import compare_size
 
     assert Image.open(pictures[-1]).size == compare_size(64, 64, with_reference=True)  # the 64 px validation crop
 
@@ -197,8 +197,8 @@ def test_a_folder_store_records_the_run_and_a_deleted_store_resumes_tracked(shar
 
 
 def test_a_tracker_that_cannot_start_is_one_line_that_keeps_the_remedy(tmp_path, monkeypatch, capsys):
-    from restorer.config import load_config
-    from restorer.trackers import close_trackers, open_trackers
+    from restorer.formats.config import load_config
+    from restorer.train.trackers import close_trackers, open_trackers
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "false")  # the user's own choice: a folder store is refused
     cfg = load_config(str(REPO / "configs" / "cpu.yaml"), [f"log.mlflow={tmp_path / 'mlruns'}"])
@@ -211,8 +211,8 @@ def test_a_tracker_that_cannot_start_is_one_line_that_keeps_the_remedy(tmp_path,
 
 
 def test_no_password_of_a_shard_url_reaches_the_trackers(tmp_path):
-    from restorer.config import load_config
-    from restorer.trackers import close_trackers, open_trackers
+    from restorer.formats.config import load_config
+    from restorer.train.trackers import close_trackers, open_trackers
 
     url = "http://user:s3cret@example.org/train-{000..009}.tar"
     cfg = load_config(str(REPO / "configs" / "cpu.yaml"), [f"data.train_urls={url}", "data.epoch_samples=100",

@@ -17,13 +17,13 @@ import torch
 
 from helpers import (REPO, assert_ok, load_state, metrics, pack_photos, run_cmd, train_cmd, train_env, train_here,
                      train_lines)
-from restorer.checkpoint import read_checkpoint
-from restorer.config import load_config
-from restorer.evaluate import main as evaluate_main
+from restorer.formats.checkpoint import read_checkpoint
+from restorer.formats.config import load_config
+from restorer.tools.evaluate import main as evaluate_main
 from restorer.models import NetworkSpec
-from restorer.optim import lr_multiplier
-from restorer.restore import main as restore_main
-from restorer.train import Training, train_step
+from restorer.train.optim import lr_multiplier
+from restorer.tools.restore import main as restore_main
+from restorer.train.loop import Training, train_step
 
 
 # ----------------------------------------------------------------------------- fast: one process
@@ -77,9 +77,9 @@ def test_the_loop_switches_work_together(tmp_path, shards):
 
 @pytest.mark.slow
 def test_a_config_and_its_shards_are_checked_before_submitting(shards, tmp_path):
-    """python -m restorer.slurm check, on a login node: no cluster needed."""
+    """python -m restorer slurm check, on a login node: no cluster needed."""
     def check(data: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "restorer.slurm", "check", "--config", str(REPO / "configs" / "cpu.yaml"),
+        return subprocess.run([sys.executable, "-m", "restorer", "slurm", "check", "--config", str(REPO / "configs" / "cpu.yaml"),
                                f"data.shards={data}"], capture_output=True, text=True, cwd=REPO)
 
     ok = check(shards)
@@ -160,7 +160,7 @@ def test_adamw_ema_and_the_schedule_do_what_they_say():
 
 
 def test_the_schedules_and_the_losses():
-    from restorer.optim import loss_fn, lr_multiplier
+    from restorer.train.optim import loss_fn, lr_multiplier
 
     o = load_config(None, ["data.shards=x", "optim.schedule=step", "optim.step_every=10", "optim.step_gamma=0.5",
                            "optim.warmup_steps=4"]).optim
@@ -175,7 +175,7 @@ def test_the_schedules_and_the_losses():
 
 
 def test_the_output_layer_trains_at_last_lr_scale_for_every_network():
-    from restorer.optim import make_optimizer
+    from restorer.train.optim import make_optimizer
 
     seed = load_config(str(REPO / "configs" / "seed.yaml"), ["data.shards=x"])
     model = seed.network().build()
@@ -218,7 +218,7 @@ def test_a_ddp_step_in_channels_last_has_nothing_to_warn_of(name):
 
 
 def test_charbonnier_is_a_smooth_l1():
-    from restorer.optim import loss_fn
+    from restorer.train.optim import loss_fn
 
     cfg = load_config(None, ["data.shards=x", "optim.loss=charbonnier", "optim.charbonnier_eps=0.1"])
     out, y = torch.tensor([[0.5, 0.2]]), torch.tensor([[0.5, 0.6]])
@@ -415,7 +415,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
 
     def writer(n: int, v: int) -> list[str]:  # a real save of a checkpoint of n weights, all v, at step v
         return [sys.executable, "-c", f"import torch, sys; sys.path.insert(0, {str(REPO)!r}); "
-                "from restorer.checkpoint import Checkpoint, save_checkpoint; from restorer.models import NetworkSpec; "
+                "from restorer.formats.checkpoint import Checkpoint, save_checkpoint; from restorer.models import NetworkSpec; "
                 f"save_checkpoint({str(path)!r}, Checkpoint(NetworkSpec('seed'), {{'w': torch.full([{n}], {v}.0)}}, "
                 f"step={v}))"]
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from helpers import REPO, TINY
-from restorer import dist
-from restorer.config import load_config
-from restorer.optim import lr_multiplier, make_optimizer, set_lr
-from restorer.stop import StopRequest
-from restorer.train import Training, train_step, validate
+from restorer.cluster import dist
+from restorer.formats.config import load_config
+from restorer.train.optim import lr_multiplier, make_optimizer, set_lr
+from restorer.train.stop import StopRequest
+from restorer.train.loop import Training, train_step, validate
 
 
 def _config(shards=None, *overrides: str):

@@ -1,4 +1,4 @@
-"""Data: image decoding, the shard format, and (later) the streaming pipeline."""
+"""Data: decoding photos, JPEG degradation, patches, the shard format and the training stream."""
 
 from restorer.data.decode import (
     ImageDecodeError,

@@ -43,7 +43,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from restorer.errors import RestorerError, one_line
+from restorer.base.errors import RestorerError, one_line
 
 DEFAULT_MAX_PIXELS = 120_000_000
 # File name extensions taken as images everywhere (shard tool, restore, evaluate), any case.

@@ -27,7 +27,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from restorer.choices import Literal, check_choices
+from restorer.base.choices import Literal, check_choices
+from restorer.base.ijg import CHROMA_BASE, LUMA_BASE, ijg_table  # noqa: F401 (the data's names for them too)
 
 import numpy as np
 from PIL import Image
@@ -35,15 +36,6 @@ from PIL import Image
 CHROMA = {"444": 0, "422": 1, "420": 2}  # Pillow's `subsampling` values
 DOUBLE_SHIFT = 8  # a double JPEG's second block grid is shifted by 0..7 px: the pair needs 8 spare pixels
 
-# The IJG standard tables (JPEG Annex K), natural (row-major) order, as Pillow reports them.
-# (Only the luma table decides the quality: it is the one every JPEG has, grayscale ones included.)
-LUMA_BASE = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
-                      14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
-                      18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-                      49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], np.float64)
-CHROMA_BASE = np.array([17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
-                        24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99,
-                        *([99] * 32)], np.float64)
 # How much each frequency counts when tables are compared: natural images put most of their energy
 # (and a JPEG most of its error) in the low frequencies, so a camera's table that caps its high
 # frequencies at 12 is still judged by its first rows.
@@ -187,13 +179,6 @@ def val_chroma(spec: JpegSpec, key: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the quality of a file
-
-
-def ijg_table(quality: int, base: np.ndarray = LUMA_BASE) -> np.ndarray:
-    """libjpeg's jpeg_quality_scaling + jpeg_add_quant_table (baseline: 1..255)."""
-    q = min(max(int(quality), 1), 100)
-    scale = 5000 // q if q < 50 else 200 - 2 * q
-    return np.clip((base * scale + 50) // 100, 1, 255)
 
 
 @functools.lru_cache(maxsize=1)

@@ -18,9 +18,9 @@ import stat
 from pathlib import Path
 from typing import Any, Optional
 
-from restorer.fileio import atomic_write_json
+from restorer.base.fileio import atomic_write_json
 
-from restorer.errors import RestorerError
+from restorer.base.errors import RestorerError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "restorer-shards"

@@ -1,5 +1,5 @@
 """Pack a folder of photos into WebDataset tar shards: the logic of `python shard_tools/make_shards.py`
-(its command line: restorer.make_shards; the manifest: restorer.data.manifest).
+(its command line: restorer.tools.make_shards; the manifest: restorer.data.manifest).
 
 Phases, each with a progress bar:
   1. find   walk the sources (folders, image files, text files listing paths)
@@ -62,8 +62,8 @@ from restorer.data.manifest import (
     shard_name,
     write_manifest,
 )
-from restorer.errors import RunError, UsageError
-from restorer.fileio import atomic_open, atomic_write_json, commit, temp_path
+from restorer.base.errors import RunError, UsageError
+from restorer.base.fileio import atomic_open, atomic_write_json, commit, temp_path
 
 STATE_DIR = ".make_shards"
 TAR_MTIME = 946684800  # fixed member time (2000-01-01): identical inputs give identical tars

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from restorer.choices import Literal
-from restorer.data.jpeg import ijg_table
+from restorer.base.choices import Literal
+from restorer.base.ijg import ijg_table
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

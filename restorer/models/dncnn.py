@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from restorer.choices import check_choices
+from restorer.base.choices import check_choices
 from restorer.models.common import Conditioned, Conditioning, Correction, check_channels
 
 
@@ -79,7 +79,7 @@ class DnCNN(nn.Module):
         return x - self.cond.correction(y, quality)
 
     def last_layer(self) -> nn.Module:
-        """The output layer: it trains at lr x optim.last_lr_scale (restorer.optim)."""
+        """The output layer: it trains at lr x optim.last_lr_scale (restorer.train.optim)."""
         return self.body[-1]
 
     def extra_repr(self) -> str:

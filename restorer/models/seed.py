@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from restorer.choices import Literal, check_choices
+from restorer.base.choices import Literal, check_choices
 from restorer.models.common import check_channels, with_quality_plane
 
 
@@ -85,7 +85,7 @@ class SeedNet(nn.Module):
         return x + y if self.residual else y
 
     def last_layer(self) -> nn.Module:
-        """The output layer: it trains at lr x optim.last_lr_scale (restorer.optim)."""
+        """The output layer: it trains at lr x optim.last_lr_scale (restorer.train.optim)."""
         return self.last
 
     def extra_repr(self) -> str:

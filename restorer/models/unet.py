@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from restorer.choices import check_choices
+from restorer.base.choices import check_choices
 from restorer.models.common import Conditioned, Conditioning, Correction, check_channels, pad_to_multiple
 
 
@@ -97,7 +97,7 @@ class UNet(nn.Module):
         return (inp + y)[..., :h, :w]
 
     def last_layer(self) -> nn.Module:
-        """The output layer: it trains at lr x optim.last_lr_scale (restorer.optim)."""
+        """The output layer: it trains at lr x optim.last_lr_scale (restorer.train.optim)."""
         return self.tail
 
     def extra_repr(self) -> str:

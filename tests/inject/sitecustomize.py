@@ -3,7 +3,7 @@ PYTHONPATH and describe the fault in RESTORER_TEST_FAULT (JSON). Python imports 
 only the process whose RANK matches (torchrun sets it before starting a rank; a plain process is rank 0)
 is changed.
 
-    {"rank": 1, "raise_in": "validate"}              restorer.train.validate raises (a rank with or without
+    {"rank": 1, "raise_in": "validate"}              restorer.train.loop.validate raises (a rank with or without
                                                      validation images of its own: it fails either way)
     {"rank": 1, "set": {"train.out_dir": "/x"}}      that rank's config differs (it sees another disk)
     {"rank": 0, "slow_hash_s": 4}                    that rank's disk is slow: each shard's sha256 takes 4 s more
@@ -25,7 +25,7 @@ if fault and fault.get("hide"):
     sys.modules[fault["hide"]] = None  # `import wandb` raises ImportError; find_spec finds nothing
 if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
     if fault.get("raise_in") == "validate":
-        import restorer.train as train
+        import restorer.train.loop as train
 
         def validate(*args, **kwargs):
             raise RuntimeError("injected failure in validation")
@@ -46,7 +46,7 @@ if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
     if fault.get("hold_after_step"):
         import time
 
-        import restorer.train as train
+        import restorer.train.loop as train
 
         step = train.Trainer.step
 
@@ -61,7 +61,7 @@ if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
     if fault.get("signal_after_steps"):
         import signal
 
-        import restorer.train as train
+        import restorer.train.loop as train
 
         step_once = train.Trainer.step
 
@@ -72,7 +72,7 @@ if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
 
         train.Trainer.step = signalling
     if fault.get("set"):
-        import restorer.config as config
+        import restorer.formats.config as config
 
         load_config = config.load_config
 

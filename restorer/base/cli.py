@@ -1,6 +1,6 @@
 """The command-line tools' one parser and one way to end: a mistake in the command (a missing file,
 a bad option) or any other RestorerError is one line `PROG: error: ...` on stderr and its exit code
-(restorer.errors), never a traceback; so is a file that cannot be read or written (exit 2); Ctrl-C
+(restorer.base.errors), never a traceback; so is a file that cannot be read or written (exit 2); Ctrl-C
 is one line and 130."""
 
 from __future__ import annotations
@@ -9,9 +9,14 @@ import argparse
 import sys
 from typing import Callable
 
-from restorer.errors import RestorerError, UsageError, one_line
+from restorer.base.errors import RestorerError, UsageError, one_line
 
-__all__ = ["Parser", "UsageError", "one_line", "run"]
+__all__ = ["Parser", "UsageError", "one_line", "run", "warn"]
+
+
+def warn(prog: str, text: str) -> None:
+    """Every warning of every tool: one line `prog: warning: text` on stderr."""
+    print(f"{prog}: warning: {text}", file=sys.stderr, flush=True)
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,5 +1,5 @@
 """The shard tool's command line: `python shard_tools/make_shards.py SRC [SRC ...] --out DIR`
-(also `python -m restorer.make_shards` and `restorer-make-shards`). Its logic lives in
+(also `python -m restorer make-shards` and `restorer-make-shards`). Its logic lives in
 restorer.data.sharding, the manifest in restorer.data.manifest."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from restorer.cli import Parser, UsageError, run
+from restorer.base.cli import Parser, UsageError, run
 from restorer.data.decode import DEFAULT_MAX_PIXELS
 from restorer.data.sharding import DEFAULT_MAX_BYTES, PROG, PackOptions
 from restorer.data.sharding import run as pack

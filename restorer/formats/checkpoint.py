@@ -10,7 +10,7 @@ weights_only=True)` reads it with no pickled code):
     optimizer, scaler    the training state
     step, epoch, best_psnr, train_seconds
     world_size, global_batch   the ranks it ran on, and the patches of a step (world x batch x grad_accum)
-    data                 where the training stream is (restorer.data.pipeline: its step, images, seed)
+    data                 where the training stream is (restorer.train.loader: its step, images, seed)
     rng                  the random generators' states (torch's, and each CUDA device's)
     config               the resolved config the run trained with
 
@@ -26,18 +26,14 @@ A run folder holds last.pt (the newest), best.pt (the best validation PSNR), and
 `checkpoint.keep` the step-NNNNNNNN.pt copies of the newest saves. Resuming reads last.pt, or the
 newest step copy that loads when last.pt is damaged.
 
-The run folder's own files are this module's too (:class:`RunFolder`): before a run creates
-anything in a folder, rank 0 records there (RUN_MARKER) every name the run may create, and the
-trainer deletes or replaces only names that record lists: never a file it cannot prove it wrote.
+The run folder's names and what the trainer may delete there are restorer.formats.run_folder's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -47,23 +43,15 @@ from typing import Optional, Protocol, Sequence
 import torch
 
 from restorer.data.jpeg import JpegSpec
-from restorer.errors import RestorerError, one_line
-from restorer.fileio import atomic_open, atomic_path, atomic_write_json
+from restorer.base.errors import RestorerError, one_line
+from restorer.base.fileio import atomic_open, atomic_path
 from restorer.models import NetworkSpec
+from restorer.formats.run_folder import BEST, LAST, RunFolder, step_copies, step_copy
 
 FORMAT = "restorer-checkpoint"
 FORMAT_VERSION = 2  # 1: the network as model_name / model_args, the JPEG settings in data.patch
 CARD_FORMAT = "restorer-network"
 CARD_VERSION = 2
-LAST, BEST = "last.pt", "best.pt"
-RUN_FILES = (LAST, BEST, "config.yaml", "metrics.jsonl", "trackers.json", "card.json", "trace.jsonl")  # and:
-RUN_FOLDERS = ("tb", "val", "wandb")  # TensorBoard events, validation pictures, wandb's offline runs
-STEP_COPIES = "step-NNNNNNNN.pt"  # in a run marker: every step copy
-RUN_MARKER = ".restorer-run"  # a run folder's record of the names the trainer claimed there (RunFolder)
-MARKER_FORMAT = "restorer-run"
-_RUN_NAMES = frozenset((*RUN_FILES, *RUN_FOLDERS, STEP_COPIES))
-_STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
-_TEMP_FILE = re.compile(r"^\.(.+)\.tmp\d+$")  # restorer.fileio.temp_path's names: the file's own name inside
 # What restore does with any network's output, which another program must do too to match it.
 FILE_BOUNDS = ("restore then moves the output (x 255, before rounding) inside the quantization bins of the input's "
                "JPEG file: restorer.data.jpeg.file_bounds(data).project(output)")
@@ -74,11 +62,6 @@ QUALITY_INPUT = ("quality: float32 N, the IJG quality (1-100) of each input's JP
 
 class CheckpointError(RestorerError):
     """A checkpoint (or an exported network file) that cannot be used; one line."""
-
-
-class RunFolderError(RestorerError):
-    """A train.out_dir the trainer will not write in: it holds files of a run's names that no run of
-    this trainer recorded as its own; one line."""
 
 
 class Stateful(Protocol):
@@ -339,13 +322,6 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint.from_state(state, path)
 
 
-def step_copies(out_dir: Path) -> list[Path]:
-    """The step-NNNNNNNN.pt copies, oldest first."""
-    if not out_dir.is_dir():
-        return []
-    return sorted(p for p in out_dir.iterdir() if _STEP_FILE.match(p.name))
-
-
 def load_latest(out_dir: Path) -> Optional[Checkpoint]:
     """last.pt, or, when it does not load, the newest step copy that does, or best.pt (with a
     warning on stderr). None when the folder has no checkpoint; CheckpointError (one line) when
@@ -380,99 +356,10 @@ def keep_step_copy(folder: RunFolder, step: int, keep: int) -> None:
     renames a new file over last.pt and leaves the link alone), or a copy where links do not work;
     then delete all but the newest `keep` of the copies the run folder's marker says are the run's."""
     out_dir = folder.path
-    with atomic_path(out_dir / f"step-{step:08d}.pt") as tmp:
+    with atomic_path(out_dir / step_copy(step)) as tmp:
         try:
             os.link(out_dir / LAST, tmp)
         except OSError:
             shutil.copyfile(out_dir / LAST, tmp)
     for old in [p for p in step_copies(out_dir) if folder.owns(p.name)][:-keep]:
         old.unlink()
-
-
-@dataclass
-class RunFolder:
-    """A run folder as the trainer may touch it: the trainer removes only what it can prove it wrote.
-
-    Before a run creates anything in a folder, rank 0 claims it (`claim`): the marker RUN_MARKER,
-    written atomically, lists every name the run may create there (RUN_FILES, RUN_FOLDERS and the
-    step copies, STEP_COPIES) that is not there yet, whichever module writes it. Deleting (`remove_ours`:
-    an attempt that died before its first checkpoint, or train.overwrite=true) and pruning step
-    copies touch only names the marker lists (`owns`). A run's name that is there but not listed
-    (`theirs`: a user's config.yaml or val/ of photos, the files of a run from before markers) is
-    never deleted nor written over: the trainer refuses to start a run there, train.overwrite or not.
-    Any other file in the folder (a user's notes.txt) is left alone: a run only adds its own names.
-    Resuming deletes nothing and needs no marker: a checkpoint that loads is resumed from (a run from
-    before markers too), and the claim then lists only the names that were not there yet.
-    """
-
-    path: Path
-    owned: frozenset = frozenset()  # the names the marker lists, of _RUN_NAMES
-    earlier: frozenset = frozenset()  # step copies already there when STEP_COPIES was claimed: not the run's
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> "RunFolder":
-        """The folder and what its marker lists (nothing when it has none); RunFolderError when
-        the marker cannot be read."""
-        path = Path(path)
-        marker = path / RUN_MARKER
-        if not os.path.lexists(marker):
-            return cls(path)
-        try:
-            record = json.loads(marker.read_text(encoding="utf-8"))
-            names = record.get("names") if isinstance(record, dict) and record.get("format") == MARKER_FORMAT else None
-            earlier = record.get("earlier", []) if isinstance(names, list) else None
-            if not (isinstance(earlier, list) and all(isinstance(n, str) for n in names + earlier)):
-                raise ValueError(f"not a {MARKER_FORMAT} record")
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise RunFolderError(f"{marker} cannot be read ({one_line(e, 80)}): it says which files in {path} "
-                                 "the trainer wrote; move the run's files away, or use another train.out_dir") from None
-        return cls(path, frozenset(names) & _RUN_NAMES, frozenset(n for n in earlier if _STEP_FILE.match(n)))
-
-    def owns(self, name: str) -> bool:
-        if _STEP_FILE.match(name):
-            return STEP_COPIES in self.owned and name not in self.earlier
-        return name in self.owned
-
-    def entries(self) -> list[Path]:
-        """The run's names that are in the folder (whatever they are: files, folders, links)."""
-        if not self.path.is_dir():
-            return []
-        return [self.path / n for n in (*RUN_FILES, *RUN_FOLDERS) if os.path.lexists(self.path / n)] + \
-            step_copies(self.path)
-
-    def ours(self) -> list[Path]:
-        return [p for p in self.entries() if self.owns(p.name)]
-
-    def theirs(self) -> list[Path]:
-        """The run's names in the folder that the marker does not list: not the trainer's to touch."""
-        return [p for p in self.entries() if not self.owns(p.name)]
-
-    def claim(self) -> None:
-        """Create the folder if need be and record in its marker, as the run's, every name the run may
-        create that is not there yet (all of them, in a new or emptied folder)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        owned = set(self.owned) | {n for n in (*RUN_FILES, *RUN_FOLDERS) if not os.path.lexists(self.path / n)}
-        if STEP_COPIES not in owned:
-            owned.add(STEP_COPIES)
-            self.earlier = frozenset(p.name for p in step_copies(self.path))
-        self.owned = frozenset(owned)
-        atomic_write_json(self.path / RUN_MARKER, {"format": MARKER_FORMAT, "version": 1, "names": sorted(owned),
-                                                   "earlier": sorted(self.earlier)})
-
-    def remove_ours(self) -> None:
-        """Delete the run's names that the marker lists (a link itself, never what it points to)."""
-        for path in self.ours():
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-
-    def remove_stale_temp_files(self) -> None:
-        """Temporary files (restorer.fileio.temp_path's) of the run's own names that a SIGKILL
-        interrupted; never of a live writer: rank 0 owns the folder."""
-        if self.path.is_dir():
-            for p in self.path.iterdir():
-                temp = _TEMP_FILE.match(p.name)
-                if temp and (self.owns(temp[1]) or temp[1] == RUN_MARKER):
-                    with contextlib.suppress(OSError):
-                        p.unlink()

@@ -2,7 +2,7 @@
 the device and the precision, convert uint8 <-> float and tile through the functions here.
 
 A network comes from a checkpoint (rebuilt from the file alone, EMA weights when present) or from a
-network exported as ONNX or safetensors (restorer.export), and runs in fp32 by default everywhere;
+network exported as ONNX or safetensors (restorer.tools.export), and runs in fp32 by default everywhere;
 `precision="bf16"` uses autocast (CUDA, and CPUs with bf16 instructions). Loading refuses in one line
 (CheckpointError) a card whose fields are of the wrong type, a TorchScript export and weights that
 hold NaN or inf; an output that is not finite anyway raises NonFiniteOutputError before any of it is kept.
@@ -35,7 +35,6 @@ Tiling (:func:`restore_array`)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -47,17 +46,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from restorer.checkpoint import Checkpoint, CheckpointError, card_qualities, read_checkpoint
-from restorer.errors import RunError, UsageError, one_line
+from restorer.formats.checkpoint import Checkpoint, CheckpointError, card_qualities, read_checkpoint
+from restorer.base.errors import RunError, UsageError, one_line
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, load_image, to_rgb_array
 from restorer.data.patches import luma
 from restorer.models import NetworkSpec, load_weights
+from restorer.base.device import INFERENCE_PRECISIONS, autocast, resolve_device, to_float
 
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
 MIN_WEIGHT = 1e-3
-PRECISIONS = ("fp32", "bf16")
-ONNX_CARD_KEY = "restorer"  # the metadata entry of an exported file that holds the network's card (restorer.export)
+ONNX_CARD_KEY = "restorer"  # the metadata entry of an exported file that holds the network's card (restorer.tools.export)
 CHANNELS = (1, 3)  # the images restore and evaluate feed a network: grayscale or RGB
 
 
@@ -70,33 +69,11 @@ class NonFiniteOutputError(RunError):
 # Devices, precision, tensors
 # --------------------------------------------------------------------------------------------
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA device is available")
-    return device
-
-
-def autocast(device: torch.device, precision: str):
-    """fp32: nothing; bf16 / fp16: torch.autocast on the device."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def to_float(batch: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """uint8 N x C x H x W -> float in [0, 1] on the device (copied there if it is not yet)."""
-    x = batch.to(device, non_blocking=True).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
 @dataclass
 class Network:
     """A restoration network ready to run: float N x C x H x W in [0, 1] on `device` and the inputs'
     JPEG qualities (N,) in, the restored batch (float32) out. `module` is the torch network (None for
-    an ONNX file); `card` says what it was trained on (restorer.checkpoint.Checkpoint.card)."""
+    an ONNX file); `card` says what it was trained on (restorer.formats.checkpoint.Checkpoint.card)."""
 
     forward: Callable[..., torch.Tensor]
     in_channels: int
@@ -149,8 +126,8 @@ def load_network(path: str | Path, device: str | torch.device | None = "auto", p
     """A checkpoint (.pt), or a network exported as .onnx or .safetensors, ready to run.
     CheckpointError (one line) when the file cannot be used."""
     path = Path(path)
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in INFERENCE_PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
     dev = resolve_device(device)
     if path.suffix.lower() == ".onnx":
         return _onnx_network(path, dev, precision)
@@ -205,7 +182,7 @@ def _onnx_network(path: Path, device: torch.device, precision: str) -> Network:
 
 
 def _safetensors_model(path: Path) -> tuple[nn.Module, NetworkSpec, dict]:
-    """A network exported as safetensors: weights plus the card in the header (restorer.export)."""
+    """A network exported as safetensors: weights plus the card in the header (restorer.tools.export)."""
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
     try:
@@ -221,7 +198,7 @@ def _safetensors_model(path: Path) -> tuple[nn.Module, NetworkSpec, dict]:
     card = _card_json(text, path) if text is not None else None
     if not isinstance(card, dict) or not {"network", "in_channels"} <= card.keys():
         raise CheckpointError(f"{path} has no restorer card (network, in_channels) in its metadata "
-                              "(export it with python -m restorer.export)")
+                              "(export it with python -m restorer export)")
     card = _checked_card(card, path)
     spec = NetworkSpec(card["network"], dict(card.get("options") or {}), card["in_channels"],
                        card.get("grayscale", card["in_channels"] == 1))

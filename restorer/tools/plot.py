@@ -1,17 +1,17 @@
 """A run's curves without TensorBoard: training loss and validation PSNR (network and JPEG input)
 over the steps, from its metrics.jsonl; or several runs' curves in the same two panels.
 
-    python -m restorer.plot RUN_DIR [--out FILE.png]        (default RUN_DIR/curves.png)
-    python -m restorer.plot RUN_DIR RUN_DIR ... --out FILE.png
+    python -m restorer plot RUN_DIR [--out FILE.png]        (default RUN_DIR/curves.png)
+    python -m restorer plot RUN_DIR RUN_DIR ... --out FILE.png
 
-Several runs (a sweep: python -m restorer.plot runs/sweep-* --out sweep.png) share the panels, one
+Several runs (a sweep: python -m restorer plot runs/sweep-* --out sweep.png) share the panels, one
 colour a run, each labelled by the settings that set it apart from the others (the keys of their
-config.yaml that differ, as python -m restorer.runs shows them: "optim.lr=0.002"); the validation
+config.yaml that differ, as python -m restorer runs shows them: "optim.lr=0.002"); the validation
 panel draws the JPEG input's PSNR dashed in the run's colour. With several runs --out is required.
 
 Needs matplotlib (pip install -e '.[plot]'). Resumed runs are drawn as one run: a step logged twice
 (work redone after a restart from an older checkpoint) keeps its last value. A line of metrics.jsonl
-that is not a record is skipped with a warning that counts them (as python -m restorer.runs); --out
+that is not a record is skipped with a warning that counts them (as python -m restorer runs); --out
 is never a run's metrics.jsonl or config.yaml (refused, exit 2).
 """
 
@@ -21,15 +21,15 @@ import math
 import sys
 from pathlib import Path
 
-from restorer.cli import Parser, UsageError, run
-from restorer.fileio import atomic_open, refuse_overwrites
-from restorer.runs import (differing_keys, read_config, read_records, run_inputs, run_labels,
-                           warn_skipped)
+from restorer.base.cli import Parser, UsageError, run
+from restorer.base.fileio import atomic_open, refuse_overwrites
+from restorer.formats.run_folder import CURVES, METRICS, read_records, warn_skipped
+from restorer.tools.runs import differing_keys, read_config, run_inputs, run_labels
 
 
 def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """({step: training record}, {step: validation record}) from RUN_DIR/metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         raise UsageError(f"no metrics.jsonl in {run_dir} (is it a run folder, train.out_dir?)")
     records, bad = read_records(path)
@@ -125,7 +125,7 @@ def save(plt, fig, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="python -m restorer.plot", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="restorer plot", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir); several: drawn together")
     p.add_argument("--out", help="the picture (one run: default RUN_DIR/curves.png; several runs: required)")
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         run_dirs = list(dict.fromkeys(Path(d) for d in args.run_dirs))
         if len(run_dirs) > 1 and not args.out:
             raise UsageError(f"{len(run_dirs)} runs: say where their picture goes with --out FILE.png")
-        out = Path(args.out) if args.out else run_dirs[0] / "curves.png"
+        out = Path(args.out) if args.out else run_dirs[0] / CURVES
         refuse_overwrites([("--out", out)], run_inputs(run_dirs), hint="draw the picture elsewhere")
         if len(run_dirs) == 1:
             draw(run_dirs[0], out)

@@ -1,12 +1,12 @@
 """Many runs, one view: a table of the runs of a sweep (a SLURM job array with
 train.out_dir=runs/sweep-%a, a few runs by hand), one row a run, best validation PSNR first.
 
-    python -m restorer.runs PATTERN [PATTERN ...] [--json FILE]
-    python -m restorer.runs 'runs/sweep-*'          (quote it: the tool expands it, ** included)
+    python -m restorer runs PATTERN [PATTERN ...] [--json FILE]
+    python -m restorer runs 'runs/sweep-*'          (quote it: the tool expands it, ** included)
 
 Each PATTERN is a glob or a folder. A folder that holds metrics.jsonl is a run (so is a glob's
 match of a metrics.jsonl file: 'runs/*/metrics.jsonl'); a folder named as such (not a glob's match)
-that holds none stands for its subfolders that are runs (`python -m restorer.runs runs`). A run
+that holds none stands for its subfolders that are runs (`python -m restorer runs runs`). A run
 named twice is shown once (by its shortest name). A PATTERN that matches no run is an error (exit 2).
 
 The columns:
@@ -48,16 +48,13 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import yaml
 
-from restorer.cli import Parser, UsageError, run
-from restorer.config import flatten
-from restorer.errors import one_line
-from restorer.fileio import PathLike, atomic_write_json, refuse_overwrites
-from restorer.urls import mask_secrets
+from restorer.base.cli import Parser, UsageError, run
+from restorer.formats.config import bookkeeping_keys, flatten
+from restorer.base.errors import one_line
+from restorer.base.fileio import PathLike, atomic_write_json, refuse_overwrites
+from restorer.base.urls import mask_secrets
+from restorer.formats.run_folder import CONFIG, METRICS, is_number, read_records, warn_skipped
 
-METRICS = "metrics.jsonl"
-CONFIG = "config.yaml"
-#: keys that say where or how a run is kept or shown, not what it trains: never a difference
-BOOKKEEPING = frozenset({"train.out_dir", "train.resume", "train.overwrite", "log.progress", "log.tensorboard"})
 FINISHED, STOPPED, RUNNING = "finished", "stopped", "running?"
 MISSING = object()  # a key one run's config does not have
 
@@ -94,7 +91,7 @@ def differing_keys(configs: Sequence[Optional[dict[str, Any]]]) -> list[str]:
     if len(present) < 2:
         return []
     keys = list(dict.fromkeys(k for c in present for k in c))
-    return [k for k in keys if k not in BOOKKEEPING
+    return [k for k in keys if k not in bookkeeping_keys()
             and any(c.get(k, MISSING) != present[0].get(k, MISSING) for c in present[1:])]
 
 
@@ -125,58 +122,6 @@ def run_labels(run_dirs: Sequence[Path], configs: Optional[Sequence[Optional[dic
 # ----------------------------------------------------------------------------- one run's account
 
 
-#: the figures of a record that are numbers when present; a training line has both loss and target, a
-#: validation line both PSNRs (what plot draws)
-NUMBERS = ("epoch", "loss", "target", "lr", "val_psnr", "val_psnr_jpeg", "val_ssim", "val_ssim_jpeg", "minutes")
-PAIRS = (("loss", "target"), ("val_psnr", "val_psnr_jpeg"))
-MAX_STEP = 2 ** 63
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def usable(record: Any) -> bool:
-    """Whether a parsed line is a record as the trainer writes it: an object with a step (an integer
-    from 0), its figures numbers, a training or validation line complete, an event's name a string."""
-    if not isinstance(record, dict):
-        return False
-    step = record.get("step")
-    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < MAX_STEP):
-        return False
-    if any(k in record and not _is_number(record[k]) for k in NUMBERS):
-        return False
-    if any((a in record) != (b in record) for a, b in PAIRS):
-        return False
-    return isinstance(record.get("event", ""), str)
-
-
-def read_records(path: Path) -> tuple[list[dict], int]:
-    """The records of a metrics.jsonl, and how many lines were not one (not JSON: a write cut short;
-    nested too deep to parse; a field missing or of the wrong type: see `usable`)."""
-    records, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):  # not JSON, an integer of 4300+ digits; [[[... 100,000 deep
-            record = None
-        if usable(record):
-            records.append(record)
-        else:
-            bad += 1
-    return records, bad
-
-
-def warn_skipped(prog: str, path: Path, count: int) -> None:
-    """The one warning for a metrics.jsonl's lines that `read_records` skipped."""
-    if count:
-        lines = "1 line is" if count == 1 else f"{count} lines are"
-        print(f"{prog}: warning: {path}: {lines} not a record (cut short, not JSON, or a field of the wrong type): "
-              "skipped", file=sys.stderr)
-
-
 @dataclass
 class Run:
     path: Path
@@ -193,7 +138,7 @@ class Run:
 
 
 def _number(value: Any) -> Optional[float]:
-    return float(value) if _is_number(value) else None
+    return float(value) if is_number(value) else None
 
 
 def read_run(run_dir: Path) -> Run:
@@ -367,7 +312,7 @@ def as_json(keys: list[str], runs: Sequence[Run]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="python -m restorer.runs", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="restorer runs", description=__doc__.split("\n\n")[0])
     p.add_argument("patterns", nargs="+", metavar="PATTERN",
                    help="run folders, folders of runs, or globs (quoted: 'runs/sweep-*')")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")

@@ -24,7 +24,7 @@ a collective meanwhile) nor half of train.stop_grace_s (after a stop signal the 
 within it), then leaves without it: one warning. A tracker that fails (no disk, a server gone)
 says so in one warning and is dropped; the libraries' own logging and warnings on a tracker's thread
 are silenced: a tracker never stops a run, nor buries its console. A tracker asked for but not
-installed is one line, exit 2, before any work (restorer.checks).
+installed is one line, exit 2, before any work (restorer.train.checks).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-from restorer.config import flatten
-from restorer.errors import one_line
-from restorer.fileio import atomic_write_json
-from restorer.urls import mask_secrets
+from restorer.formats.run_folder import TRACKER_IDS  # RUN/trackers.json: {"wandb": run id, "mlflow": run id}
+from restorer.formats.config import flatten
+from restorer.base.errors import one_line
+from restorer.base.fileio import atomic_write_json
+from restorer.base.urls import mask_secrets
 
-IDS = "trackers.json"  # RUN/trackers.json: {"wandb": run id, "mlflow": run id}
 EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}
 PENDING = 1000  # records queued for one tracker at most; newer ones are dropped
 CLOSE_WAIT_S = 30.0  # how long the end of a run waits for a tracker to catch up, at most
@@ -195,7 +195,7 @@ class MlflowTracker(Tracker):
             if found:
                 self.client.update_run(run_id, status="RUNNING")
             else:
-                warn(f"mlflow: {log.mlflow} has no run {run_id} ({out_dir / IDS} names it: the store was deleted "
+                warn(f"mlflow: {log.mlflow} has no run {run_id} ({out_dir / TRACKER_IDS} names it: the store was deleted "
                      "or replaced?); a new run takes its place")
                 run_id = None
         if run_id is None:
@@ -340,7 +340,7 @@ def open_trackers(log, out_dir: Path, config: dict, network: dict) -> list[Backg
     """The trackers `log` asks for, each opened on its own thread, continuing the runs RUN/trackers.json
     names (a resumed run); their ids are written back there once open. Returns at once: a tracker that
     cannot start is one warning, not a stopped run, nor a waiting one."""
-    path = out_dir / IDS
+    path = out_dir / TRACKER_IDS
     try:
         ids = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -1,10 +1,5 @@
-"""What a SLURM job runs with, worked out from what SLURM allocated: pure functions, and the two
-commands launch/slurm/train.sbatch uses.
-
-    python -m restorer.slurm plan                       shell assignments for the job script (eval them):
-                                                        processes, workers, threads, MASTER_ADDR, MASTER_PORT
-    python -m restorer.slurm check --config X [k=v ...] on the login node, before sbatch: is the
-                                                        config valid and are its shards readable?
+"""What a SLURM job runs with, worked out from what SLURM allocated: pure functions (the two commands
+launch/slurm/train.sbatch uses are restorer.tools.slurm's).
 
 Processes per node are the GPUs SLURM gave the node (SLURM_GPUS_ON_NODE, else the devices in
 CUDA_VISIBLE_DEVICES, which SLURM sets to the allocation), never every GPU the node has; 1 on a CPU
@@ -22,12 +17,10 @@ import os
 import shlex
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from restorer.cli import Parser, run
-from restorer.errors import LaunchError
+from restorer.base.errors import LaunchError
 
 WORKERS_PER_GPU = 4  # fewer loader workers a GPU than this may leave it waiting for data (bench/gpu_check.py)
 
@@ -131,41 +124,3 @@ def shell(plan: Plan) -> str:
         ("NPROC_PER_NODE", plan.nproc_per_node), ("WORKERS_PER_RANK", plan.workers),
         ("THREADS_PER_RANK", plan.threads), ("MASTER_ADDR", plan.master_addr), ("MASTER_PORT", plan.master_port),
         ("TASK_CPUS", plan.cpus), ("NODE_GPUS", plan.gpus)))
-
-
-def check(config: Optional[str], overrides: list[str]) -> None:
-    """The config and its shards as the trainer will check them at start (ConfigError, one line)."""
-    from restorer.checks import check_data
-    from restorer.config import load_config
-
-    check_data(load_config(config, overrides))
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = Parser(prog="python -m restorer.slurm", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
-    sub.add_parser("plan", help="print NPROC_PER_NODE, WORKERS_PER_RANK, THREADS_PER_RANK, MASTER_PORT for eval")
-    c = sub.add_parser("check", help="validate a config and its shards before submitting")
-    c.add_argument("--config")
-    c.add_argument("overrides", nargs="*", metavar="key=value")
-
-    def checked(args) -> int:
-        check(args.config, args.overrides)
-        print("check: the config and its shards are fine")
-        return 0
-
-    def body() -> int:
-        args = ap.parse_args(argv)
-        if args.command == "plan":
-            plan = make_plan(os.environ)
-            if plan.warning():
-                print(f"restorer: warning: {plan.warning()}", file=sys.stderr)
-            print(shell(plan))
-            return 0
-        return run("check", lambda: checked(args))  # its mistakes read "check: error: ..."
-
-    return run("slurm", body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

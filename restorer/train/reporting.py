@@ -1,5 +1,5 @@
 """Rank 0's account of a run: metrics.jsonl (one JSON object a line, appended), TensorBoard scalars
-when the package is installed, the experiment trackers asked for (restorer.trackers), the
+when the package is installed, the experiment trackers asked for (restorer.train.trackers), the
 validation pictures (RUN/val/step-N.png), and the console (progress, and lines that do not break
 it). Other ranks report nothing (errors excepted, by their own tools).
 
@@ -22,8 +22,9 @@ from typing import Callable, Optional, Sequence, TextIO
 
 import numpy as np
 
-from restorer.fileio import atomic_open
-from restorer.trackers import close_trackers
+from restorer.formats.run_folder import METRICS, PICTURES, TENSORBOARD, TRACE, step_picture
+from restorer.base.fileio import atomic_open
+from restorer.train.trackers import close_trackers
 
 PROG = "train"
 LINE_EVERY_S = 60.0  # a progress line in a log file, once a minute
@@ -41,7 +42,7 @@ class Reporter:
                  clock: Callable[[], float] = time.perf_counter):
         self.active, self.every, self.steps_epoch, self.val_every = active, every, steps_per_epoch, val_every
         self.total_steps, self.budget_s = total_steps, budget_s
-        self.out_dir, self.path = out_dir, out_dir / "metrics.jsonl"
+        self.out_dir, self.path = out_dir, out_dir / METRICS
         self.pictures, self.trackers = pictures, list(trackers)
         self.stream, self.clock = stream if stream is not None else sys.stderr, clock
         self.tb = self.bar = None
@@ -61,7 +62,7 @@ class Reporter:
             with contextlib.suppress(ImportError):  # tensorboard is an optional extra
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tb"))
+                self.tb = SummaryWriter(str(out_dir / TENSORBOARD))
         if progress and not _is_terminal(self.stream):
             self.lines = True
         elif progress:
@@ -94,7 +95,7 @@ class Reporter:
         """One line of RUN/trace.jsonl (data.trace): the [image, patch] of every slot of the step's global
         batch, in slot order. A resumed run appends the steps it does again: the last line of a step counts."""
         if self.active:
-            with open(self.out_dir / "trace.jsonl", "a", encoding="utf-8") as f:
+            with open(self.out_dir / TRACE, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "samples": samples}, separators=(",", ":")) + "\n")
 
     def training(self, step: int, figures: dict, patches_per_step: int) -> None:
@@ -187,12 +188,12 @@ class Reporter:
         TensorBoard and in every tracker."""
         if not (self.active and self.pictures):
             return
-        from restorer.pictures import make_compare
+        from restorer.infer.pictures import make_compare
 
         picture = make_compare(inp, out, target)
-        folder = self.out_dir / "val"
+        folder = self.out_dir / PICTURES
         folder.mkdir(exist_ok=True)
-        path = folder / f"step-{step:08d}.png"
+        path = folder / step_picture(step)
         with atomic_open(path, "wb") as f:
             picture.save(f, format="PNG")
         for old in sorted(folder.glob("step-*.png"))[:-self.pictures]:

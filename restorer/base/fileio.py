@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import IO, Any, Hashable, Iterator, Sequence, Union
 
-from restorer.errors import UsageError
+from restorer.base.errors import UsageError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

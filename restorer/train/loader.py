@@ -44,14 +44,14 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from restorer.data import jpeg
 from restorer.data.decode import ImageDecodeError, decode_image
-from restorer.config import ConfigError, DataConfig, check_shard_urls, expand_shard_urls
+from restorer.formats.config import ConfigError, DataConfig, check_shard_urls, expand_shard_urls
 from restorer.data.patches import center_crop, training_pair
 from restorer.data.stream import (IMAGE_MEMBERS, ImageReader, NoImage, SampleIndex, StreamPlan, index_shards,
                                   lane_patches, rank_lanes, worker_lanes)
-from restorer.errors import RunError
+from restorer.base.errors import RunError
 from restorer.data.manifest import load_manifest, shard_paths
-from restorer.stop import shutdown_event, stop_signals_held, worker_signals
-from restorer.urls import mask_secrets, shard_url_problem
+from restorer.train.stop import shutdown_event, stop_signals_held, worker_signals
+from restorer.base.urls import mask_secrets, shard_url_problem
 
 def split_urls(cfg: DataConfig, split: str) -> list[str]:
     """The shard URLs of a split: the explicit pattern if given, else the manifest's list; each one
@@ -370,7 +370,7 @@ class HttpShard:
 
 
 class RefusedURL(ValueError):
-    """A URL the pipeline must not open (restorer.urls.shard_url_problem)."""
+    """A URL the pipeline must not open (restorer.base.urls.shard_url_problem)."""
 
 
 def open_shards(urls: list[str], handler, allow_pipe: bool = False) -> Iterator[dict]:
@@ -698,7 +698,7 @@ def _mp_context(workers: int):
 
 def _worker_init():
     """worker_init_fn: torchrun and SLURM signal every process of a job; the trainer decides when to
-    stop (after saving), so its workers outlive that signal, and end with the trainer (restorer.stop);
+    stop (after saving), so its workers outlive that signal, and end with the trainer (restorer.train.stop);
     a trainer killed outright takes them with it (a worker waiting on a shard would never notice)."""
     return functools.partial(_init_worker, shutdown_event(), os.getpid())
 

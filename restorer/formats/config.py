@@ -10,7 +10,7 @@ ConfigError line naming the key ("key: must be ..., got ...").
       optim      OptimConfig          train  TrainConfig
       checkpoint CheckpointConfig     log    LogConfig
 
-A choice is a `Literal[...]` field, checked by restorer.choices.check_choices. A new key: a field
+A choice is a `Literal[...]` field, checked by restorer.base.choices.check_choices. A new key: a field
 in its section's dataclass here (or in the network's or spec's own, which this file imports)."""
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from typing import Any, Optional
 
 import yaml
 
-from restorer.choices import Literal, check_choices
+from restorer.base.choices import Literal, check_choices
+from restorer.base.device import DEVICES, TRAIN_PRECISIONS
 from restorer.data.jpeg import JpegSpec
 from restorer.data.patches import PatchSpec
-from restorer.errors import RestorerError
+from restorer.base.errors import RestorerError
 from restorer.models import MODELS, DnCNNOptions, NAFNetOptions, NetworkSpec, SeedOptions, UNetOptions
-from restorer.urls import mask_secrets, shard_url_problem
+from restorer.base.urls import mask_secrets, shard_url_problem
 
 
 class ConfigError(RestorerError):
@@ -71,16 +72,22 @@ def expand_shard_urls(pattern: str, allow_pipe: bool) -> list[str]:
 
 
 def check_shard_urls(urls: list[str], allow_pipe: bool) -> None:
-    """ValueError naming the first URL the pipeline must not open (restorer.urls.shard_url_problem)."""
+    """ValueError naming the first URL the pipeline must not open (restorer.base.urls.shard_url_problem)."""
     for url in urls:
         problem = shard_url_problem(url, allow_pipe)
         if problem:
             raise ValueError(problem)
 
 
+def bookkeeping(default: Any) -> Any:
+    """A field that says where or how a run is kept, shown or stopped, not what it trains: a change of
+    it on resume is no change of the run, and runs never differ by it (bookkeeping_keys)."""
+    return field(default=default, metadata={"bookkeeping": True})
+
+
 @dataclass
 class DataConfig:
-    """Where the training pairs come from and how they are made (restorer.data.pipeline)."""
+    """Where the training pairs come from and how they are made (restorer.train.loader)."""
 
     shards: str = ""  # a shard folder or its manifest.json
     train_urls: str = ""  # instead of the manifest's list: a URL pattern as webdataset expands them (brace
@@ -205,7 +212,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/default"  # the run directory: config.yaml, metrics.jsonl, last.pt, best.pt
+    out_dir: str = bookkeeping("runs/default")  # the run directory: config.yaml, metrics.jsonl, last.pt, best.pt
     epochs: int = 100
     max_steps: int = 0  # stop after this many optimizer steps; > 0 takes precedence over epochs
     max_minutes: float = 0.0  # also stop after this much training time (resumes add up); the lr schedule
@@ -213,14 +220,14 @@ class TrainConfig:
     batch_size: int = 8  # per rank and per micro-step: the global batch is x ranks x grad_accum
     grad_accum: int = 1
     seed: int = 0
-    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when available
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16, fp16: autocast (a GradScaler only for fp16)
+    device: Literal[DEVICES] = "auto"  # auto: cuda when available (restorer.base.device)
+    precision: Literal[TRAIN_PRECISIONS] = "fp32"  # bf16, fp16: autocast (a GradScaler only for fp16)
     channels_last: bool = False
     compile: bool = False
-    resume: bool = True  # continue from out_dir/last.pt when it exists; false starts fresh
-    overwrite: bool = False  # fresh start over a run recorded in .restorer-run: deletes its files (never others)
+    resume: bool = bookkeeping(True)  # continue from out_dir/last.pt when it exists; false starts fresh
+    overwrite: bool = bookkeeping(False)  # fresh start over a run recorded in .restorer-run: deletes its files (never others)
     max_nonfinite: int = 20  # this many non-finite losses in a row stop the run
-    stop_grace_s: float = 25.0  # after SIGTERM/SIGUSR1, exit by force if a step never ends
+    stop_grace_s: float = bookkeeping(25.0)  # after SIGTERM/SIGUSR1, exit by force if a step never ends
     collective_timeout_s: float = 600.0  # a collective (all-reduce, broadcast) that waits longer fails the run
 
     def validate(self) -> None:
@@ -250,8 +257,8 @@ class CheckpointConfig:
 class LogConfig:
     every: int = 50  # a metrics.jsonl line every this many steps
     val_every: int = 1000  # validate every this many steps (and at the end); 0: only at the end
-    progress: bool = True  # rank 0's tqdm bar
-    tensorboard: bool = True  # scalars into out_dir/tb when the tensorboard package is installed
+    progress: bool = bookkeeping(True)  # rank 0's tqdm bar
+    tensorboard: bool = bookkeeping(True)  # scalars into out_dir/tb when the tensorboard package is installed
     pictures: int = 3  # a before/after picture at each validation, out_dir/val/step-N.png: keep the last N; 0: none
     wandb: bool = False  # log to Weights & Biases (the wandb extra); its files in out_dir/wandb
     wandb_mode: Literal["offline", "online"] = "offline"  # offline: `wandb sync` later (WANDB_MODE, if set, wins)
@@ -418,6 +425,17 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
 def config_from_dict(values: dict) -> Config:
     """A Config saved by `to_dict` (in a checkpoint), rebuilt."""
     return from_dict(Config, values)
+
+
+def bookkeeping_keys(cls: Optional[type] = None, prefix: str = "") -> frozenset[str]:
+    """The flattened keys of the config's bookkeeping fields ("train.resume", ...)."""
+    keys = set()
+    for f in dataclasses.fields(cls or Config):
+        if f.metadata.get("bookkeeping"):
+            keys.add(prefix + f.name)
+        elif dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys |= bookkeeping_keys(f.default_factory, f"{prefix}{f.name}.")
+    return frozenset(keys)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

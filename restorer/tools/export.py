@@ -1,14 +1,14 @@
 """Export a trained network for use outside this project's training code.
 
-    python -m restorer.export --ckpt CKPT --format onnx|torchscript|safetensors --out FILE
+    python -m restorer export --ckpt CKPT --format onnx|torchscript|safetensors --out FILE
 
 * onnx: the network with dynamic batch, height and width (any H x W: the U-Nets pad inside), the
   card below in the file's metadata (key "restorer"). Checked with onnxruntime against PyTorch on
   odd sizes before it is kept: the largest difference must be within 1/255.
 * torchscript: torch.jit.script of the network (no Python needed to run it; torch.jit.load).
 * safetensors: the weights (no pickle: any tool can read them) with the card in the header's
-  metadata, and the card beside it as a .json (net.safetensors: net.json). restorer.restore and
-  restorer.evaluate take all onnx and safetensors files (and checkpoints) as --ckpt; TorchScript is
+  metadata, and the card beside it as a .json (net.safetensors: net.json). restorer.tools.restore and
+  restorer.tools.evaluate take all onnx and safetensors files (and checkpoints) as --ckpt; TorchScript is
   for other programs.
 
 An --out that is the checkpoint (a link to it included) or a folder, and a safetensors --out that is
@@ -19,7 +19,7 @@ restored image the same way (clamp to [0, 1]). A network conditioned on the JPEG
 second input, `quality`: float32 N, the IJG quality (1-100) of each input's quantization tables
 (restorer.data.jpeg.table_quality reads them from a file). restore then moves the output inside the
 quantization bins of the input's JPEG file (restorer.data.jpeg.FileBounds); a program that wants
-restore's pixels does the same. The card (restorer.checkpoint): the network's name and options, its
+restore's pixels does the same. The card (restorer.formats.checkpoint): the network's name and options, its
 conditioning and how to feed it and its output, channels, the training's JPEG qualities and
 degradations, its steps and best validation PSNR.
 """
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from restorer.cli import Parser, one_line, run
-from restorer.errors import RunError
-from restorer.fileio import atomic_open
-from restorer.inference import ONNX_CARD_KEY, load_checkpoint_network
-from restorer.fileio import refuse_overwrites
+from restorer.base.cli import Parser, one_line, run
+from restorer.base.errors import RunError
+from restorer.base.fileio import atomic_open
+from restorer.infer.inference import ONNX_CARD_KEY, load_checkpoint_network
+from restorer.base.fileio import refuse_overwrites
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 TOLERANCE = 1 / 255  # an exported network's output may differ from PyTorch's by less than one grey level
@@ -149,7 +149,7 @@ def export(ckpt: str, fmt: str, out: str) -> float:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="python -m restorer.export", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="restorer export", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint (best.pt, last.pt)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="the file to write")

@@ -2,7 +2,7 @@
 line and whose `exit_code` says how a tool ends: 2 when the command, a config or an input file was
 wrong (fix it and run again), 1 when the work itself failed (a diverging run, an export that did not
 check out). Each module raises its own subclass; every command-line tool reports them the same way
-(restorer.cli.run): `TOOL: error: message`, never a traceback."""
+(restorer.base.cli.run): `TOOL: error: message`, never a traceback."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The checks a run makes before any work, on every rank, with the verdicts gathered: the shards, the
 shared memory the loader's batch rings need, and the toolchain torch.compile needs. A failure is one
 ConfigError line (exit 2) on every rank: a rank that sees another disk fails the run, not hangs it.
-`python -m restorer.slurm check` runs the same data check on a login node."""
+`python -m restorer slurm check` runs the same data check on a login node."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import shutil
 import sysconfig
 from typing import Callable, Optional
 
-from restorer import dist
-from restorer.config import Config, ConfigError
+from restorer.cluster import dist
+from restorer.formats.config import Config, ConfigError
 from restorer.data.manifest import ManifestError, check_shards
-from restorer.data.pipeline import http_settings, ring_bytes, shm_problem, split_urls, steps_per_epoch
-from restorer.trackers import tracker_problem
+from restorer.train.loader import http_settings, ring_bytes, shm_problem, split_urls, steps_per_epoch
+from restorer.train.trackers import tracker_problem
 
 
 VERIFY_WAIT_S = 7 * 24 * 3600  # how long ranks wait for each other's sha256 pass: as long as it takes

@@ -1,11 +1,11 @@
 """Evaluate a network the way the JPEG-restoration papers do: PSNR, SSIM and PSNR-B of the JPEG input
 and of the network's output, on full images, for qualities 10 20 30 40 in one table.
 
-    python -m restorer.evaluate --ckpt CKPT --images DIR [--quality 10 20 30 40 | --sweep]
+    python -m restorer evaluate --ckpt CKPT --images DIR [--quality 10 20 30 40 | --sweep]
                                 [--chroma 420|422|444] [--double Q1] [--gray | --y-channel]
                                 [--json FILE] [--plot FILE.png] [--device auto|cpu|cuda]
                                 [--precision fp32|bf16] [--tile N] [--max-side N] [--no-file-bounds]
-    python -m restorer.evaluate --ckpt CKPT --inputs JPEG_DIR --references DIR [--json FILE] [--no-file-bounds]
+    python -m restorer evaluate --ckpt CKPT --inputs JPEG_DIR --references DIR [--json FILE] [--no-file-bounds]
 
 CKPT is a checkpoint (EMA weights when present) or a network exported as .onnx or .safetensors.
 
@@ -31,7 +31,7 @@ For every image under DIR (recursive; .jpg .jpeg .png .webp .bmp .tif .tiff, any
   the JPEG's tables say, as restore reads it from a file; there is no guard: a network is scored at
   every quality asked, inside its training range or not;
 * PSNR, SSIM (Gaussian 11x11, sigma 1.5) and PSNR-B (Yim & Bovik 2011) per image, then the mean
-  over images (restorer.metrics). An image under 11 px a side (after ``--max-side`` and ``--double``'s
+  over images (restorer.infer.metrics). An image under 11 px a side (after ``--max-side`` and ``--double``'s
   cut) has no SSIM: it is skipped, with one warning that counts them. A network whose output is not
   finite (NaN or inf) ends the evaluation (exit 1): nothing is scored from it.
 
@@ -59,21 +59,22 @@ from typing import Optional
 import numpy as np
 import torch
 
-from restorer.cli import Parser, UsageError, run
+from restorer.base.cli import Parser, UsageError, run
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from restorer.data.patches import luma
-from restorer.fileio import atomic_open, atomic_write_json
-from restorer.inference import (PRECISIONS, Network, NonFiniteOutputError, decode_file, find_inputs, input_quality,
+from restorer.base.fileio import atomic_open, atomic_write_json
+from restorer.base.device import INFERENCE_PRECISIONS
+from restorer.infer.inference import (Network, NonFiniteOutputError, decode_file, find_inputs, input_quality,
                                 load_network, restore_image)
-from restorer.metrics import psnr, psnr_b, ssim
+from restorer.infer.metrics import psnr, psnr_b, ssim
 
 METRICS = ("psnr", "ssim", "psnrb")
 KEYS = tuple(f"{m}_{s}" for m in METRICS for s in ("jpeg", "model"))
 QUALITIES = (10, 20, 30, 40)
 SWEEP = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 TILE = 1024  # on every device: the same tiles give the same figures
-SSIM_WINDOW = 11  # the Gaussian window of SSIM (restorer.metrics.ssim): the smallest side that can be scored
+SSIM_WINDOW = 11  # the Gaussian window of SSIM (restorer.infer.metrics.ssim): the smallest side that can be scored
 MAX_SHIFT = 7  # --double cuts 1..MAX_SHIFT px from the top and the left of each image
 GIVEN = "given"  # the "quality" key of --inputs/--references results
 
@@ -391,7 +392,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="python -m restorer.evaluate", description="PSNR / SSIM / PSNR-B of JPEG inputs and network "
+    p = Parser(prog="restorer evaluate", description="PSNR / SSIM / PSNR-B of JPEG inputs and network "
                "outputs, the papers' protocol (see the module's documentation).")
     p.add_argument("--ckpt", required=True, help="checkpoint (EMA weights used when present), .onnx or .safetensors")
     p.add_argument("--images", help="folder of clean images (searched recursively), JPEG-encoded at each --quality")
@@ -408,7 +409,7 @@ def build_parser() -> Parser:
     p.add_argument("--json", help="also write the per-image and mean results to this JSON file (atomically)")
     p.add_argument("--plot", help="also draw the PSNR gain against the quality into this PNG file (needs matplotlib)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--precision", default="fp32", choices=INFERENCE_PRECISIONS)
     p.add_argument("--tile", type=int, help=f"tile size (default {TILE}: the benchmarks' images in one piece)")
     p.add_argument("--no-file-bounds", dest="file_bounds", action="store_false", help="score the network alone: "
                    "do not move its output inside the quantization bins of the input's JPEG file, as restore does")

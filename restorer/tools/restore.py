@@ -1,10 +1,10 @@
 """Restore JPEG images with a trained checkpoint: tiled, memory-bounded inference.
 
-    python -m restorer.restore --ckpt runs/x/best.pt photos/ img.jpg --out restored/ \
+    python -m restorer restore --ckpt runs/x/best.pt photos/ img.jpg --out restored/ \
         [--quality N] [--force] [--tile N] [--overlap 32] [--batch N] [--device auto|cpu|cuda]
         [--precision fp32|bf16] [--compare] [--reference DIR] [--no-file-bounds]
 
---ckpt is a checkpoint (best.pt, last.pt) or a network exported as .onnx or .safetensors (restorer.export).
+--ckpt is a checkpoint (best.pt, last.pt) or a network exported as .onnx or .safetensors (restorer.tools.export).
 
 Inputs are files or folders (folders are walked recursively for jpg/jpeg/png/webp/bmp/tif/tiff,
 any case). Each input is written as ``OUT/<stem>.png`` (lossless). Grayscale files stay grayscale.
@@ -27,9 +27,9 @@ and at high qualities it keeps the detail a network would smooth away. Not with 
 file re-saved from a worse JPEG holds that JPEG's artifacts inside its own bins) or
 ``--no-file-bounds``, and not for files without tables.
 
-Tiling: see restorer.inference (the tiles, their blending, the memory bound).
+Tiling: see restorer.infer.inference (the tiles, their blending, the memory bound).
 
-Compare picture (``--compare``): restorer.pictures.make_compare (JPEG input | restored | original,
+Compare picture (``--compare``): restorer.infer.pictures.make_compare (JPEG input | restored | original,
 labelled with PSNR, and a 4x zoom of the crop that changed most).
 """
 
@@ -44,14 +44,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from restorer.cli import Parser, UsageError, one_line, run
+from restorer.base.cli import Parser, UsageError, one_line, run
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
-from restorer.fileio import atomic_open, file_identity
-from restorer.errors import RestorerError
-from restorer.pictures import make_compare
-from restorer.inference import (PRECISIONS, Network, NonFiniteOutputError, decode_file, find_inputs, input_quality,
-                                load_network, read_image, resolve_device, restore_image, warm_up)
+from restorer.base.fileio import atomic_open, file_identity
+from restorer.base.errors import RestorerError
+from restorer.infer.pictures import make_compare
+from restorer.base.device import INFERENCE_PRECISIONS, resolve_device
+from restorer.infer.inference import (Network, NonFiniteOutputError, decode_file, find_inputs, input_quality,
+                                load_network, read_image, restore_image, warm_up)
 
 # --------------------------------------------------------------------------------------------
 # Files
@@ -96,7 +97,7 @@ def find_reference(ref_dir: Path, stem: str) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 def _parser() -> Parser:
-    p = Parser(prog="python -m restorer.restore", description="Remove JPEG artifacts with a trained network.")
+    p = Parser(prog="restorer restore", description="Remove JPEG artifacts with a trained network.")
     p.add_argument("--ckpt", required=True, help="checkpoint (best.pt / last.pt), or an exported .onnx or .safetensors")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (walked recursively)")
     p.add_argument("--out", required=True, help="output folder: OUT/<stem>.png")
@@ -104,7 +105,7 @@ def _parser() -> Parser:
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in px, at most tile/2 (default 32)")
     p.add_argument("--batch", type=int, help="tiles per forward pass (default 8 on the CPU, 4 on CUDA)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp32 (default, as evaluate) or bf16")
+    p.add_argument("--precision", default="fp32", choices=INFERENCE_PRECISIONS, help="fp32 (default, as evaluate) or bf16")
     p.add_argument("--quality", type=int, help="the JPEG quality to restore every input as (1-100), instead of "
                    "each file's own: lower removes more, higher keeps more detail")
     p.add_argument("--no-file-bounds", dest="file_bounds", action="store_false", help="do not move the output "

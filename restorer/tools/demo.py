@@ -2,10 +2,10 @@
 network for every JPEG quality -> evaluation at qualities 10 to 95 and a before/after picture on a
 photo the network never saw.
 
-    python -m restorer.demo [--out demo] [--minutes 4.5 | --steps N] [--nproc 2]      (make demo runs this)
+    python -m restorer demo [--out demo] [--minutes 4.5 | --steps N] [--nproc 2]      (make demo runs this)
 
 Every step is the real command a user runs: make_shards.py, torchrun launch/train.py,
-python -m restorer.evaluate, python -m restorer.restore.
+python -m restorer evaluate, python -m restorer restore.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from restorer.cli import Parser, UsageError, run
-from restorer.errors import RunError
+from restorer.formats.run_folder import BEST, LAST
+from restorer.base.cli import Parser, UsageError, run
+from restorer.base.errors import RunError
 from restorer.data import decode_image, jpeg
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # colour photographs and natural textures from skimage.data_dir (no download needed)
 TRAIN_PHOTOS = ["coffee.png", "chelsea.png", "motorcycle_left.png", "motorcycle_right.png", "rocket.jpg",
                 "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "grass.png", "gravel.png", "brick.png",
@@ -71,7 +72,7 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = Parser(prog="python -m restorer.demo", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="restorer demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo", help="folder for everything the demo makes (default: demo)")
     ap.add_argument("--minutes", type=float, default=4.5, help="training time (default 4.5: the learning rate "
                     "decays over it, so a slower machine trains fewer steps in the same time)")
@@ -103,11 +104,11 @@ def demo(args) -> int:
           "train.resume=false", "train.overwrite=true", *budget],
          f"2/4 train for {f'{args.steps} steps' if args.steps else f'{args.minutes:g} minutes'} on {args.nproc} "
          "CPU processes (gloo)")
-    ckpt = out / "run" / "best.pt" if (out / "run" / "best.pt").exists() else out / "run" / "last.pt"
-    _run([py, "-m", "restorer.evaluate", "--ckpt", str(ckpt), "--images", str(held_out), "--sweep",
+    ckpt = out / "run" / BEST if (out / "run" / BEST).exists() else out / "run" / LAST
+    _run([py, "-m", "restorer", "evaluate", "--ckpt", str(ckpt), "--images", str(held_out), "--sweep",
           "--json", str(out / "evaluation.json")],
          "3/4 evaluate on the held-out photo at every quality (the papers' protocol: whole image, RGB, 4:2:0)")
-    _run([py, "-m", "restorer.restore", "--ckpt", str(ckpt), str(jpeg_dir / f"{stem}.jpg"), "--out",
+    _run([py, "-m", "restorer", "restore", "--ckpt", str(ckpt), str(jpeg_dir / f"{stem}.jpg"), "--out",
           str(out / "restored"), "--compare", "--reference", str(held_out)],
          "4/4 restore its JPEG and draw the before/after picture")
 

@@ -1,9 +1,9 @@
 """The training loop: `Trainer.train()` reads top to bottom (set up, resume, then one loop of
 optimizer steps; validation and checkpoints each decide their own cadence), over small parts that
 each have one job: the step (`train_step`), the flags all ranks agree on (`StepFlags`), validation,
-checkpoints (`Checkpointer`; the format: restorer.checkpoint), the start-up checks
-(restorer.checks), the optimizer and schedule (restorer.optim) and the account of the run
-(restorer.reporting).
+checkpoints (`Checkpointer`; the format: restorer.formats.checkpoint), the start-up checks
+(restorer.train.checks), the optimizer and schedule (restorer.train.optim) and the account of the run
+(restorer.train.reporting).
 
     torchrun --nproc_per_node=N launch/train.py --config configs/X.yaml [key=value ...]
     python launch/train.py --config configs/cpu.yaml            (one process)
@@ -36,23 +36,24 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from restorer import checks, dist
-from restorer.checkpoint import (BEST, LAST, RUN_MARKER, Checkpoint, CheckpointError, RunFolder, RunFolderError,
-                                 best_psnr_on_disk, keep_step_copy, load_latest, read_checkpoint, save_checkpoint)
-from restorer.cli import Parser
-from restorer.cli import run as run_tool
-from restorer.config import Config, ConfigError, config_from_dict, dump_config, flatten, load_config
-from restorer.data.pipeline import NoTrainingData, steps_per_epoch, train_loader, val_loader
-from restorer.errors import RestorerError, RunError, one_line
-from restorer.inference import autocast, to_float
-from restorer.metrics import psnr, ssim
-from restorer.fileio import atomic_open, atomic_write_json
-from restorer.urls import mask_secrets
+from restorer.formats.run_folder import BEST, CARD, CONFIG, LAST, RUN_MARKER, RunFolder, RunFolderError
+from restorer.train import checks
+from restorer.cluster import dist
+from restorer.formats.checkpoint import (Checkpoint, CheckpointError, best_psnr_on_disk, keep_step_copy, load_latest, read_checkpoint, save_checkpoint)
+from restorer.base.cli import Parser
+from restorer.base.cli import run as run_tool
+from restorer.formats.config import Config, ConfigError, bookkeeping_keys, config_from_dict, dump_config, flatten, load_config
+from restorer.train.loader import NoTrainingData, steps_per_epoch, train_loader, val_loader
+from restorer.base.errors import RestorerError, RunError, one_line
+from restorer.base.device import autocast, to_float
+from restorer.infer.metrics import psnr, ssim
+from restorer.base.fileio import atomic_open, atomic_write_json
+from restorer.base.urls import mask_secrets
 from restorer.models import count_parameters, describe, load_weights, macs_per_pixel
-from restorer.optim import loss_fn, make_optimizer, set_lr
-from restorer.reporting import Reporter
-from restorer.trackers import open_trackers
-from restorer.stop import StopRequest
+from restorer.train.optim import loss_fn, make_optimizer, set_lr
+from restorer.train.reporting import Reporter
+from restorer.train.trackers import open_trackers
+from restorer.train.stop import StopRequest
 
 PROG = "train"
 
@@ -371,10 +372,6 @@ def _to_cpu(tree):
     return tree
 
 
-# keys whose change on resume means nothing for the training itself
-_NOT_SETTINGS = {"train.resume", "train.overwrite", "log.progress", "log.tensorboard", "train.stop_grace_s"}
-
-
 def config_changes(saved: dict, cfg: Config) -> list[str]:
     """'key old -> new' for each setting that differs from the checkpoint's config."""
     try:
@@ -383,7 +380,7 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
         old = flatten(saved)
     new = flatten(cfg.to_dict())
     return [mask_secrets(f"{k} {old.get(k)!r} -> {new[k]!r}")
-            for k in new if k not in _NOT_SETTINGS and old.get(k) != new[k]]
+            for k in new if k not in bookkeeping_keys() and old.get(k) != new[k]]
 
 
 def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[Checkpoint]:
@@ -391,7 +388,7 @@ def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[Checkpoint]:
     the checkpoint, None to start fresh, or the same error on every rank. A rank that cannot see the
     run folder (node-local disk, a stale NFS cache) still resumes with the rest.
 
-    Rank 0 then claims the folder before anything is written there (restorer.checkpoint.RunFolder):
+    Rank 0 then claims the folder before anything is written there (restorer.formats.checkpoint.RunFolder):
     the trainer deletes only names a run of it recorded as its own. A fresh start in a folder of a
     run that never reached a checkpoint (a requeue, a crash) replaces that run's recorded files;
     with train.resume=false it needs train.overwrite=true to delete a recorded run. A run's name
@@ -566,7 +563,7 @@ class Trainer:
         self.state.time_up = bool(self.budget_s) and self.state.train_seconds >= self.budget_s  # spent before a resume
         out_dir = Path(cfg.train.out_dir)
         if info.is_main:
-            with atomic_open(out_dir / "config.yaml", "w") as f:
+            with atomic_open(out_dir / CONFIG, "w") as f:
                 f.write(dump_config(cfg))
         trackers = open_trackers(cfg.log, out_dir, cfg.to_dict(), {
             "name": cfg.model.name, "options": cfg.model.options(), "parameters": count_parameters(self.t.model),
@@ -712,7 +709,7 @@ class Trainer:
                            "nonfinite": int(self.t.nonfinite_total.item()), "minutes": round(s.train_seconds / 60, 2),
                            **({"reason": "max_minutes"} if s.time_up and not s.stopped_by else {})})
         if self.info.is_main and self.report.trackers and (self.saver.out_dir / BEST).is_file():
-            card = self.saver.out_dir / "card.json"  # the best checkpoint's card, for the trackers
+            card = self.saver.out_dir / CARD  # the best checkpoint's card, for the trackers
             atomic_write_json(card, read_checkpoint(self.saver.out_dir / BEST).card())
             self.report.artifact(card)
         self.report.close()

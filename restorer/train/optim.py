@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from restorer.config import Config, OptimConfig
+from restorer.formats.config import Config, OptimConfig
 
 
 def psnr_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""The base layer: errors, choices, the command line's face, files, URLs, JPEG's standard tables."""

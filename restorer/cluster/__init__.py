@@ -1,0 +1,1 @@
+"""Cluster glue: the process group, and what a SLURM job runs with."""

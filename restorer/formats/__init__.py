@@ -1,0 +1,1 @@
+"""What a run writes and reads: the config and the checkpoint."""
