@@ -12,16 +12,16 @@ from helpers import REPO
 from restorer.base.cli import run
 from restorer.base.errors import RestorerError, RunError, UsageError, one_line
 
-TOOLS = {  # console script -> (module, the name its errors carry)
-    "restorer-make-shards": ("restorer.tools.make_shards", "make_shards"),
-    "restorer-train": ("restorer.train.loop", "train"),
-    "restorer-restore": ("restorer.tools.restore", "restore"),
-    "restorer-evaluate": ("restorer.tools.evaluate", "evaluate"),
-    "restorer-export": ("restorer.tools.export", "export"),
-    "restorer-plot": ("restorer.tools.plot", "plot"),
-    "restorer-runs": ("restorer.tools.runs", "runs"),
-    "restorer-slurm": ("restorer.tools.slurm", "slurm"),
-    "restorer-demo": ("restorer.tools.demo", "demo"),
+TOOLS = {  # console script -> (module, its one name: in its usage, its errors and warnings, `restorer COMMAND`)
+    "restorer-make-shards": ("restorer.tools.make_shards", "restorer make-shards"),
+    "restorer-train": ("restorer.train.loop", "restorer train"),
+    "restorer-restore": ("restorer.tools.restore", "restorer restore"),
+    "restorer-evaluate": ("restorer.tools.evaluate", "restorer evaluate"),
+    "restorer-export": ("restorer.tools.export", "restorer export"),
+    "restorer-plot": ("restorer.tools.plot", "restorer plot"),
+    "restorer-runs": ("restorer.tools.runs", "restorer runs"),
+    "restorer-slurm": ("restorer.tools.slurm", "restorer slurm"),
+    "restorer-demo": ("restorer.tools.demo", "restorer demo"),
 }
 
 
@@ -40,7 +40,7 @@ def test_restorer_help_lists_every_command_and_each_runs_its_tool(capsys):
     assert main(["--help"]) == 0
     listed = capsys.readouterr().out
     assert all(f"  {name} " in listed for name in COMMANDS)
-    assert main(["plot", "--no-such-option"]) == 2 and capsys.readouterr().err.startswith("plot: error: ")
+    assert main(["plot", "--no-such-option"]) == 2 and capsys.readouterr().err.startswith("restorer plot: error: ")
     assert main(["no-such-command"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("restorer: error: no command 'no-such-command'") and err.count("\n") == 1
@@ -53,6 +53,10 @@ def test_a_mistake_in_any_tools_command_is_one_line_and_exit_2(script, capsys):
     assert main(["--no-such-option"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {prog} ")
+    assert prog == "restorer " + script.removeprefix("restorer-")  # the command that runs it
 
 
 def test_the_runner_says_one_line_with_the_errors_exit_code(capsys):

@@ -149,7 +149,7 @@ def test_the_trainer_says_a_number_out_of_range_in_one_line(tmp_path, override, 
     from restorer.train.loop import main
 
     p = cli_here(main, "--config", REPO / "configs" / "cpu.yaml", f"train.out_dir={tmp_path / 'run'}", override)
-    assert (p.returncode, p.stderr) == (2, f"train: error: {shown}\n")
+    assert (p.returncode, p.stderr) == (2, f"restorer train: error: {shown}\n")
     assert not (tmp_path / "run").exists()
 
 

@@ -210,7 +210,7 @@ def test_plots_of_quality_and_of_a_run(ckpt, images, tmp_path, capsys):
     assert Image.open(run / "curves.png").size[0] > 500
     p = subprocess.run([sys.executable, "-m", "restorer", "plot", str(tmp_path / "nothing")], capture_output=True,
                        text=True, cwd=REPO)
-    assert p.returncode == 2 and p.stderr.startswith("plot: error: no metrics.jsonl") and p.stderr.count("\n") == 1
+    assert p.returncode == 2 and p.stderr.startswith("restorer plot: error: no metrics.jsonl") and p.stderr.count("\n") == 1
 
 
 def test_unreadable_image_is_skipped_with_a_warning(ckpt, images, tmp_path, capsys):
@@ -220,7 +220,7 @@ def test_unreadable_image_is_skipped_with_a_warning(ckpt, images, tmp_path, caps
     rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 10)
     assert rc == 0 and parse_table(out)["10"][0] == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("evaluate: warning:") and "bad.jpg" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("restorer evaluate: warning:") and "bad.jpg" in lines[0]
 
 
 def test_references_that_are_jpegs_of_a_quality_scored_get_one_warning(ckpt, tmp_path, capsys):
@@ -231,7 +231,7 @@ def test_references_that_are_jpegs_of_a_quality_scored_get_one_warning(ckpt, tmp
     rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 30, 90)
     assert rc == 0
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("evaluate: warning: 1 reference(s) are JPEGs"), err
+    assert len(lines) == 1 and lines[0].startswith("restorer evaluate: warning: 1 reference(s) are JPEGs"), err
     assert "once80.jpg (q80)" in lines[0] and "once97" not in lines[0]
     rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 30, 70)  # all below q80: nothing to say
     assert rc == 0 and err == ""
@@ -259,7 +259,7 @@ def test_errors_exit_2_one_line(case, ckpt, images, tmp_path, capsys):
     rc, out, err = run_main(capsys, *args)
     assert rc == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("evaluate: error: "), err
+    assert len(lines) == 1 and lines[0].startswith("restorer evaluate: error: "), err
 
 
 def test_ema_preferred_and_a_grayscale_network(ckpt, images, tmp_path, capsys):
@@ -350,7 +350,7 @@ def test_a_plot_of_the_gain_and_the_sweeps_mistakes(images, tmp_path, capsys):
                           (["--quality", 101], "--quality: must be in 1..100"),
                           (["--chroma", "411"], "argument --chroma: invalid choice")):
         rc, _, err = run_main(capsys, "--ckpt", ckpt, "--images", images, *args)
-        assert rc == 2 and err.startswith("evaluate: error: ") and message in err and err.count("\n") == 1, err
+        assert rc == 2 and err.startswith("restorer evaluate: error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_outputs_are_scored_inside_their_files_bounds_as_restore_writes_them(images, tmp_path, capsys):
@@ -387,7 +387,7 @@ def test_images_under_ssims_window_are_skipped_with_one_warning_that_counts_them
     rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 30)
     assert rc == 0 and parse_table(out)["30"][0] == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("evaluate: warning: 2 image(s) under 11 px a side"), err
+    assert len(lines) == 1 and lines[0].startswith("restorer evaluate: warning: 2 image(s) under 11 px a side"), err
     assert "one_row.png (40x1)" in lines[0] and "seven_by_three.jpg (7x3)" in lines[0]
     # --double cuts 1-7 px from the top and the left: 11 px becomes too few, and is said alike
     rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", d, "--quality", 30, "--double", 50)
@@ -407,7 +407,7 @@ def test_pairs_under_ssims_window_are_skipped_with_one_warning_that_counts_them(
         write(tmp_path / "jpegs" / f"{name}.jpg", encode(clean, "JPEG", quality=30))
     rc, out, err = run_main(capsys, "--ckpt", ckpt, "--inputs", tmp_path / "jpegs", "--references", tmp_path / "refs")
     assert rc == 0 and parse_table(out)["given"][0] == 1, err
-    assert err.strip().splitlines() == ["evaluate: warning: 1 image(s) under 11 px a side (SSIM's 11x11 window) "
+    assert err.strip().splitlines() == ["restorer evaluate: warning: 1 image(s) under 11 px a side (SSIM's 11x11 window) "
                                         "skipped: tiny (7x3)"]
 
 
@@ -417,7 +417,7 @@ def test_a_max_side_under_ssims_window_is_one_line_before_any_work(ckpt, tmp_pat
     # the images folder does not exist: the option is judged first
     rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", tmp_path / "nowhere", "--quality", 30, *options)
     assert rc == 2 and out == "" and err.count("\n") == 1, err
-    assert err.startswith(f"evaluate: error: --max-side must be >= {smallest} "), err
+    assert err.startswith(f"restorer evaluate: error: --max-side must be >= {smallest} "), err
 
 
 def test_a_max_side_of_ssims_window_scores_every_image(ckpt, images, capsys):

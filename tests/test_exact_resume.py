@@ -230,9 +230,9 @@ def test_ctrl_c_during_validation_is_a_stop_every_rank_agrees_on(shards, tmp_pat
         proc.wait(timeout=120)
         seconds = time.monotonic() - t
     text = log.read_text()
-    stopped = [line for line in text.splitlines() if line.startswith("train: stopped by SIGINT")]
+    stopped = [line for line in text.splitlines() if line.startswith("restorer train: stopped by SIGINT")]
     assert len(stopped) == 1, text[-3000:]
-    assert "train: interrupted" not in text and "KeyboardInterrupt" not in text.split("torch.distributed")[0]
+    assert "restorer train: interrupted" not in text and "KeyboardInterrupt" not in text.split("torch.distributed")[0]
     assert load_state(out / "last.pt")["step"] == _stopped_at(out) >= 4
     assert seconds < 20, f"{seconds:.0f} s from Ctrl-C to the end"
 

@@ -107,7 +107,7 @@ def test_export_mistakes_are_one_line(tmp_path):
                  ["--ckpt", ckpt, "--format", "tflite", "--out", tmp_path / "x"],
                  ["--ckpt", ckpt, "--format", "onnx", "--out", tmp_path]):
         p = _export(*args)
-        assert p.returncode == 2 and p.stderr.startswith("export: error: ") and p.stderr.count("\n") == 1, p.stderr
+        assert p.returncode == 2 and p.stderr.startswith("restorer export: error: ") and p.stderr.count("\n") == 1, p.stderr
 
 
 @pytest.mark.slow

@@ -109,6 +109,6 @@ def test_the_trainer_runs_eager_without_a_compiler_and_refuses_a_ring_too_big(tm
     p = subprocess.run(train_cmd(0, shards, tmp_path / "run", "train.compile=true", "train.max_steps=2",
                                  "log.val_every=0"), capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "train: warning: train.compile: no C++ compiler" in p.stderr and "running eager" in p.stderr
+    assert "restorer train: warning: train.compile: no C++ compiler" in p.stderr and "running eager" in p.stderr
     p = run_cmd(train_cmd(0, shards, tmp_path / "big", "data.workers=2", "train.batch_size=8192", "data.patch.size=512"))
     assert p.returncode == 2 and "of shared memory on this node" in p.stderr and "Traceback" not in p.stderr

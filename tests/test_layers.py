@@ -66,7 +66,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                found.append(path[path.index(nxt):] + [nxt])
+                circle = path[path.index(nxt):]
+                first = circle.index(min(circle))  # said from its first module in order, wherever it was met
+                found.append(circle[first:] + circle[:first] + [circle[first]])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2

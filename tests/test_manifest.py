@@ -129,4 +129,4 @@ def test_the_trainer_given_a_damaged_manifest_says_so_in_one_line(shard_copy, tm
     path = _edit(shard_copy, lambda m: _train0(m).update(name=name))
     p = train_here(shard_copy, tmp_path / "run")
     assert p.returncode == 2, p.stderr
-    assert p.stderr == f"train: error: data.shards: {path} {problem}{REMEDY}\n"
+    assert p.stderr == f"restorer train: error: data.shards: {path} {problem}{REMEDY}\n"

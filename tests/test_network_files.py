@@ -86,7 +86,7 @@ TOOLS = {"restore": _restore, "evaluate": _evaluate}
 def _one_error_line(p, prog: str, code: int, *words: str) -> str:
     """The tool ended with `code` and said one line `PROG: error: ...` holding `words`, nothing else."""
     assert p.returncode == code, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
-    assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"{prog}: error: "), p.stderr[-3000:]
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"restorer {prog}: error: "), p.stderr[-3000:]
     assert all(w in p.stderr for w in words), p.stderr
     return p.stderr
 

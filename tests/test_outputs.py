@@ -59,7 +59,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def one_error(p, prog: str, *words: str) -> None:
     assert p.returncode == 2 and p.stdout == "", (p.returncode, p.stdout, p.stderr)
-    assert p.stderr.startswith(f"{prog}: error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"restorer {prog}: error: ") and p.stderr.count("\n") == 1, p.stderr
     assert all(w in p.stderr for w in words), p.stderr
 
 
@@ -151,7 +151,7 @@ def test_hostile_metrics_lines_are_skipped_and_counted_by_runs_and_plot(tmp_path
     warning = (f"{run / 'metrics.jsonl'}: {len(HOSTILE)} lines are not a record (cut short, not JSON, or a field of "
                "the wrong type): skipped\n")
     p = cli_here(runs.main, run, "--json", tmp_path / "table.json")
-    assert p.returncode == 0 and p.stderr == f"runs: warning: {warning}", p.stderr
+    assert p.returncode == 0 and p.stderr == f"restorer runs: warning: {warning}", p.stderr
     row = json.loads((tmp_path / "table.json").read_text())["runs"][0]
     assert {k: row[k] for k in ("state", "steps", "minutes", "best_psnr", "gain_db", "best_step", "last_loss")} == \
            {"state": "finished", "steps": 4, "minutes": 0.5, "best_psnr": 31.5, "gain_db": 3.0, "best_step": 4,
@@ -160,21 +160,21 @@ def test_hostile_metrics_lines_are_skipped_and_counted_by_runs_and_plot(tmp_path
     assert sorted(train) == sorted(val) == [2, 4] and train[4]["loss"] == 0.01 and val[4]["val_psnr"] == 31.5
     if importlib.util.find_spec("matplotlib") is not None:
         p = cli_here(plot.main, run, "--out", tmp_path / "curves.png")
-        assert p.returncode == 0 and p.stderr == f"plot: warning: {warning}", p.stderr
+        assert p.returncode == 0 and p.stderr == f"restorer plot: warning: {warning}", p.stderr
         assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_metrics_file_of_hostile_lines_alone_is_a_warning_and_no_traceback(tmp_path):
     run = make_run(tmp_path / "run", HOSTILE)
     p = cli_here(runs.main, run)
-    assert p.returncode == 0 and p.stderr.startswith("runs: warning: ") and p.stderr.count("\n") == 1, p.stderr
+    assert p.returncode == 0 and p.stderr.startswith("restorer runs: warning: ") and p.stderr.count("\n") == 1, p.stderr
     assert p.stdout.splitlines()[1].split()[1:] == ["running?", "-", "-", "-", "-", "-", "-"]
     if importlib.util.find_spec("matplotlib") is not None:
         p = cli_here(plot.main, run)
         assert p.returncode == 2 and p.stderr.splitlines() == [
-            f"plot: warning: {run / 'metrics.jsonl'}: {len(HOSTILE)} lines are not a record (cut short, not JSON, or a "
+            f"restorer plot: warning: {run / 'metrics.jsonl'}: {len(HOSTILE)} lines are not a record (cut short, not JSON, or a "
             "field of the wrong type): skipped",
-            f"plot: error: {run / 'metrics.jsonl'} has no training or validation lines yet"], p.stderr
+            f"restorer plot: error: {run / 'metrics.jsonl'} has no training or validation lines yet"], p.stderr
 
 
 # ----------------------------------------------------------------------------- runs' ** and symlinks

@@ -389,7 +389,7 @@ def test_a_config_file_runs_no_command_it_was_not_allowed_to(shards, tmp_path, p
                                       "allow_pipe": allow_pipe})
     p = cli_here(main, "--config", config, *TINY, "train.max_steps=2")
     shown = repr(pattern.replace("{p,p}", "p").replace("MARKER", str(marker)))
-    assert (p.returncode, p.stderr) == (2, f"train: error: data.train_urls: {shown}: {message}\n")
+    assert (p.returncode, p.stderr) == (2, f"restorer train: error: data.train_urls: {shown}: {message}\n")
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 

@@ -7,6 +7,7 @@ import io
 
 import pytest
 
+from restorer.base.cli import run
 from restorer.train.reporting import LINE_EVERY_S, Reporter
 
 VAL = {"val_psnr": 30.0, "val_psnr_jpeg": 29.0, "val_ssim": 0.9, "val_ssim_jpeg": 0.8}
@@ -51,18 +52,23 @@ def test_in_a_log_file_the_progress_is_a_whole_line_once_a_minute(tmp_path):
     log, clock = io.StringIO(), Clock()  # a StringIO is no terminal, as a SLURM log file
     report = reporter(tmp_path, log, clock)
     assert LINE_EVERY_S == 60
-    steps(report, clock, 1, 100, 1.0)  # 100 s of steps
-    validate(report, clock, 100, 5.0)
-    steps(report, clock, 101, 130, 1.0)
-    report.close()
+
+    def trainer() -> int:  # (its lines carry the name of the tool that is running)
+        steps(report, clock, 1, 100, 1.0)  # 100 s of steps
+        validate(report, clock, 100, 5.0)
+        steps(report, clock, 101, 130, 1.0)
+        report.close()
+        return 0
+
+    assert run("restorer train", trainer) == 0
     text = log.getvalue()
     assert "\r" not in text and text.endswith("\n")
     progress = [line for line in text.splitlines() if " left" in line]
     # a line each 60 s of the clock: the 5 s of validation count
-    assert [line.split(",")[0] for line in progress] == ["train: step 60/1000 (6%)", "train: step 115/1000 (12%)"]
+    assert [line.split(",")[0] for line in progress] == ["restorer train: step 60/1000 (6%)", "restorer train: step 115/1000 (12%)"]
     assert progress[0].endswith("; 15:40 left")  # 940 steps of 1 s, no validation measured yet
     assert "epoch 0, loss 0.01, target 0.02, 16 patches/s; " in progress[0]  # 10 steps of 16 patches in 10 s
-    assert "train: step 100: validating" in text.splitlines()
+    assert "restorer train: step 100: validating" in text.splitlines()
 
 
 def test_the_time_left_counts_the_validations_still_to_come(tmp_path):

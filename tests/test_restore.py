@@ -383,7 +383,7 @@ def test_a_quality_out_of_range_is_one_line_and_exit_2(tmp_path, ckpt, capsys, q
     src = _jpeg(tmp_path / "a.jpg", 40, 30)
     assert main(["--ckpt", str(ckpt), str(src), "--out", str(tmp_path / "out"), "--quality", quality]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("restore: error: ") and err.count("\n") == 1 and "--quality" in err
+    assert err.startswith("restorer restore: error: ") and err.count("\n") == 1 and "--quality" in err
 
 
 def test_a_jpeg_with_absurd_tables_falls_back_to_its_pixels_said_once(tmp_path, capsys):

@@ -29,7 +29,7 @@ def _max_abs_weight(path: Path) -> float:
 
 def _one_error_line(p: subprocess.CompletedProcess, code: int, text: str) -> None:
     assert p.returncode == code, f"exit {p.returncode}: {p.stderr[-3000:]}"
-    lines = [line for line in p.stderr.splitlines() if line.startswith("train: error:")]
+    lines = [line for line in p.stderr.splitlines() if line.startswith("restorer train: error:")]
     assert len(lines) == 1 and text in lines[0], p.stderr[-3000:]
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
 
@@ -391,7 +391,7 @@ def test_shards_are_hashed_once_across_the_ranks_however_long_it_takes(tmp_path,
     victim.write_bytes(bytes(data))
     p = run_cmd(train_cmd(2, bad, tmp_path / "run2", "data.verify=true", "train.max_steps=2"))
     assert p.returncode != 0  # torchrun's own exit status and report for a failed child
-    errors = [line for line in p.stderr.splitlines() if line.startswith("train: error:")]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("restorer train: error:")]
     assert len(errors) == 1 and "does not match the sha256" in errors[0] and "(on rank 1)" in errors[0], p.stderr[-3000:]
 
 
@@ -400,5 +400,5 @@ def test_a_rank_that_cannot_see_the_shards_fails_the_run_in_one_line(tmp_path, s
     p = run_cmd(train_cmd(2, shards, tmp_path / "run", "train.max_steps=4"),
                 fault={"rank": 1, "set": {"data.shards": str(tmp_path / "missing")}}, timeout=120)
     assert p.returncode != 0
-    errors = [line for line in p.stderr.splitlines() if line.startswith("train: error:")]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("restorer train: error:")]
     assert len(errors) == 1 and "no shard manifest" in errors[0] and "(on rank 1)" in errors[0], p.stderr[-3000:]

@@ -64,7 +64,7 @@ def test_out_dir_dot_in_a_project_folder_is_one_line_and_touches_nothing(tmp_pat
     p = subprocess.run(train_cmd(0, shards, Path("."), "train.max_steps=1", "train.overwrite=true"), cwd=project,
                        capture_output=True, text=True, timeout=120, env=train_env())
     assert p.returncode == 2, p.stderr[-3000:]
-    assert p.stderr.startswith("train: error: . holds config.yaml, val/,") and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("restorer train: error: . holds config.yaml, val/,") and p.stderr.count("\n") == 1, p.stderr
     assert _tree(project) == before
 
 

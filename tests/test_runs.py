@@ -130,7 +130,7 @@ def test_a_pattern_without_runs_exits_2_with_one_line(case, sweep, tmp_path, cap
     assert runs.main(args) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
-    assert err.startswith("runs: error: no run folders (with metrics.jsonl) match ") and args[-1] in err
+    assert err.startswith("restorer runs: error: no run folders (with metrics.jsonl) match ") and args[-1] in err
 
 
 def test_a_run_without_its_end_reads_running_and_a_cut_line_is_counted(sweep, tmp_path, capsys):
@@ -144,7 +144,7 @@ def test_a_run_without_its_end_reads_running_and_a_cut_line_is_counted(sweep, tm
     out, err = capsys.readouterr()
     row = next(r for r in parse(out) if r[0] == str(run))
     assert row[2:5] == ["running?", "4", "-"]
-    assert err == (f"runs: warning: {run / 'metrics.jsonl'}: 1 line is not a record (cut short, not JSON, or a field "
+    assert err == (f"restorer runs: warning: {run / 'metrics.jsonl'}: 1 line is not a record (cut short, not JSON, or a field "
                    "of the wrong type): skipped\n")
     # the plot reads it the same way; a JSON line that is not an object is counted, not a traceback
     if importlib.util.find_spec("matplotlib") is not None:
@@ -152,7 +152,7 @@ def test_a_run_without_its_end_reads_running_and_a_cut_line_is_counted(sweep, tm
             f.write("3\n")
         assert plot.main([str(run), "--out", str(tmp_path / "killed.png")]) == 0
         out, err = capsys.readouterr()
-        assert err == (f"plot: warning: {run / 'metrics.jsonl'}: 2 lines are not a record (cut short, not JSON, or a "
+        assert err == (f"restorer plot: warning: {run / 'metrics.jsonl'}: 2 lines are not a record (cut short, not JSON, or a "
                        "field of the wrong type): skipped\n")
         assert (tmp_path / "killed.png").stat().st_size > 0
 
@@ -181,10 +181,10 @@ def test_plot_draws_several_runs_in_one_picture(sweep, tmp_path, capsys):
     p = subprocess.run([sys.executable, "-m", "restorer", "plot", *runs_, "--out", str(png)], capture_output=True,
                        text=True, cwd=REPO)
     # (no warning: cpu.yaml's psnr loss is negative, in dB, and drawn on a linear axis)
-    assert p.returncode == 0 and p.stdout == f"plot: {png}\n" and p.stderr == "", p.stderr
+    assert p.returncode == 0 and p.stdout == f"restorer plot: {png}\n" and p.stderr == "", p.stderr
     assert Image.open(png).format == "PNG" and Image.open(png).size[0] > 500
     assert not any((sweep / f"sweep-{i}" / "curves.png").exists() for i in range(3))
 
     assert plot.main(runs_[:2]) == 2  # several runs, no --out: no run folder is the place for it
     out, err = capsys.readouterr()
-    assert err.startswith("plot: error: 2 runs: say where their picture goes with --out") and err.count("\n") == 1
+    assert err.startswith("restorer plot: error: 2 runs: say where their picture goes with --out") and err.count("\n") == 1

@@ -304,7 +304,7 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path, args, message):
     write(tmp_path / "junk.bin", bytes(range(256)) * 4)
     p = run_make_shards(*[a.format(tmp=tmp_path) for a in args], check=False)
     assert p.returncode == 2, p.stderr
-    assert p.stderr.startswith("make_shards: error: ") and p.stderr.count("\n") == 1
+    assert p.stderr.startswith("restorer make-shards: error: ") and p.stderr.count("\n") == 1
     assert message.format(tmp=tmp_path) in p.stderr
     assert "Traceback" not in p.stderr + p.stdout
     assert not (tmp_path / "o" / "manifest.json").exists()
@@ -500,7 +500,7 @@ def test_a_special_file_given_as_a_list_is_one_line(tmp_path, kind):
     p = subprocess.run(make_shards_cmd(source, "--out", tmp_path / "out"), capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     what = "a FIFO" if kind == "fifo" else "a character device"
-    assert p.stderr == (f"make_shards: error: {source} is neither an image (by extension) nor a text list of paths: "
+    assert p.stderr == (f"restorer make-shards: error: {source} is neither an image (by extension) nor a text list of paths: "
                         f"it is {what}\n")
 
 
@@ -577,7 +577,7 @@ def test_a_rerun_over_a_damaged_manifest_refuses_in_one_line_and_deletes_nothing
     before = _tree_bytes(out)
     p = cli_here(make_shards_main, *args)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
-    assert p.stderr.startswith(f"make_shards: error: {manifest} {problem}")
+    assert p.stderr.startswith(f"restorer make-shards: error: {manifest} {problem}")
     assert p.stderr.endswith("; use --force to start over\n")
     assert _tree_bytes(out) == before
     assert cli_here(make_shards_main, *args, "--force").returncode == 0  # the way out it names
@@ -605,7 +605,7 @@ def test_damaged_state_files_are_checked_again_or_refused(packed):
     (state / "options.json").write_text("[1, 2]")
     p = cli_here(make_shards_main, *args)
     assert p.returncode == 2
-    assert p.stderr == f"make_shards: error: {state / 'options.json'} is unreadable; use --force to start over\n"
+    assert p.stderr == f"restorer make-shards: error: {state / 'options.json'} is unreadable; use --force to start over\n"
 
 
 def test_a_folder_written_before_max_bytes_existed_is_taken_as_it_is(packed):

@@ -114,7 +114,7 @@ def test_a_batch_script_running_the_trainer_without_srun_is_told_how(cluster, sh
     job = p.stdout.strip().split(";")[0]
     state = _wait(cluster, job, lambda s: s.get("JobState") in ("COMPLETED", "FAILED"), "the job to end", limit=120)
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", state
-    errors = [line for line in _log(out).splitlines() if line.startswith("train: error:")]
+    errors = [line for line in _log(out).splitlines() if line.startswith("restorer train: error:")]
     assert len(errors) == 1 and "not started by srun" in errors[0], _log(out)
 
 
@@ -185,7 +185,7 @@ def test_a_lost_node_ends_the_other_in_one_line_and_the_next_job_resumes(cluster
     state = _wait(cluster, job, lambda s: s.get("JobState") in ("FAILED", "COMPLETED", "CANCELLED"), "the job to end",
                   limit=10 + 30 + 20)
     assert time.monotonic() - t < 10 + 30, "n1 did not end within train.stop_grace_s + 30 s"
-    errors = [line for line in _log(out).splitlines() if line.startswith("train: error:")]
+    errors = [line for line in _log(out).splitlines() if line.startswith("restorer train: error:")]
     lost = _metrics(out)[0]["nodes"].index("n2")  # the rendezvous decides which global rank n2 runs
     assert len(errors) == 1 and f"(rank {lost} on node n2)" in errors[0], _log(out)
     saved = load_state(out / "last.pt")["step"]

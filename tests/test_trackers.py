@@ -114,19 +114,23 @@ def test_a_tracker_that_fails_mid_run_is_one_warning_line_and_the_run_finishes(s
     out, store = tmp_path / "run", tmp_path / "mlruns"
     for broken in ("111", "222"):  # two experiments of the store without their meta.yaml: MLflow logs a traceback each
         (store / broken).mkdir(parents=True)
+    # the trainer holds after step 6 until the test has taken the store away: 34 steps are then logged to it
+    go = tmp_path / "store-gone"
     proc = subprocess.Popen(train_cmd(0, shards, out, "train.max_steps=40", "log.val_every=0", f"log.mlflow={store}"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=train_env({"rank": 0, "hold_after_step": 6, "until_file": str(go)}))
     deadline = time.monotonic() + 120
     while not (out / "trackers.json").exists() or not train_lines(out):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)  # polling the run's own files, not guessing a duration
     run_id = json.loads((out / "trackers.json").read_text())["mlflow"]
     next(store.glob(f"*/{run_id}")).rename(tmp_path / "gone")  # the run's records gone under it (a store cleaned up)
+    go.touch()
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     assert metrics(out)[-1]["event"] == "finished" and metrics(out)[-1]["step"] == 40
     # the one line of ours, and nothing of MLflow's own (its logging, its tracebacks, its warnings)
-    assert "Traceback" not in err and all(line.startswith("train: ") for line in err.splitlines()), err[-3000:]
+    assert "Traceback" not in err and all(line.startswith("restorer train: ") for line in err.splitlines()), err[-3000:]
     warnings = [line for line in err.splitlines() if "mlflow" in line]
     assert len(warnings) == 1 and "mlflow failed" in warnings[0] and "training goes on" in warnings[0], err[-3000:]
 
@@ -205,7 +209,7 @@ def test_a_tracker_that_cannot_start_is_one_line_that_keeps_the_remedy(tmp_path,
     trackers = open_trackers(cfg.log, tmp_path, cfg.to_dict(), {})
     close_trackers(trackers)
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("train: warning: mlflow could not start"), err
+    assert len(err.splitlines()) == 1 and err.startswith("restorer train: warning: mlflow could not start"), err
     assert "MlflowException: The filesystem tracking backend" in err  # the cause, cut in its middle
     assert "set `MLFLOW_ALLOW_FILE_STORE=true` to opt out of this exception." in err  # and MLflow's remedy, whole
 
@@ -233,7 +237,7 @@ def test_no_password_of_a_shard_url_reaches_the_trackers(tmp_path):
 def test_a_tracker_asked_for_but_not_installed_is_one_line_and_exit_2(shards, tmp_path):
     p = _train(shards, tmp_path / "run", "train.max_steps=2", "log.wandb=true", fault={"hide": "wandb"})
     assert p.returncode == 2, p.stderr[-3000:]
-    errors = [line for line in p.stderr.splitlines() if line.startswith("train: error:")]
-    assert errors == ["train: error: log.wandb: needs the wandb package: pip install -e '.[wandb]'"], p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("restorer train: error:")]
+    assert errors == ["restorer train: error: log.wandb: needs the wandb package: pip install -e '.[wandb]'"], p.stderr[-3000:]
     with contextlib.suppress(FileNotFoundError):
         assert not list((tmp_path / "run").glob("*.pt"))  # before any work

@@ -38,7 +38,7 @@ def test_bad_config_and_missing_shards_exit_2_with_one_line(tmp_path, shards):
     ):
         p = run_cmd(train_cmd(0, shards, tmp_path / "out", *overrides))
         assert p.returncode == 2, p.stderr
-        assert p.stderr.startswith("train: error: ") and p.stderr.count("\n") == 1, p.stderr
+        assert p.stderr.startswith("restorer train: error: ") and p.stderr.count("\n") == 1, p.stderr
         assert message in p.stderr and "Traceback" not in p.stderr
         assert not (tmp_path / "out").exists()
 
@@ -443,7 +443,7 @@ def test_each_network_trains_resumes_restores_and_evaluates(tmp_path, shards, na
     common = (f"model.name={name}", *NETWORKS[name], "log.val_every=2")
     p = train_here(shards, out, "train.max_steps=2", *common)
     assert_ok(p)
-    assert f"train: network {name} (" in p.stderr and "parameters" in p.stderr and "MACs per pixel" in p.stderr
+    assert f"restorer train: network {name} (" in p.stderr and "parameters" in p.stderr and "MACs per pixel" in p.stderr
     assert_ok(train_here(shards, out, "train.max_steps=4", *common))  # resumes
     assert [m["step"] for m in metrics(out) if m.get("event") == "resume"] == [2]
     assert read_checkpoint(out / "last.pt").step == 4 and read_checkpoint(out / "last.pt").network.name == name

@@ -1,7 +1,11 @@
-"""The command-line tools' one parser and one way to end: a mistake in the command (a missing file,
-a bad option) or any other RestorerError is one line `PROG: error: ...` on stderr and its exit code
-(restorer.base.errors), never a traceback; so is a file that cannot be read or written (exit 2); Ctrl-C
-is one line and 130."""
+"""The command-line tools' one face: one parser, one way to end and one way to warn, under one name
+a tool ("restorer plot": its usage, its errors, its warnings, the command that runs it).
+
+A mistake in the command (a missing file, a bad option) or any other RestorerError is one line
+`restorer TOOL: error: ...` on stderr and its exit code (restorer.base.errors), never a traceback;
+so is a file that cannot be read or written (exit 2); Ctrl-C is one line and 130. Library code warns
+with `warn(text)`: the line carries the name of the tool that is running (`run` sets it; the
+trainer's DataLoader workers, forked, inherit it), "restorer" outside any tool."""
 
 from __future__ import annotations
 
@@ -10,13 +14,21 @@ import sys
 from typing import Callable
 
 from restorer.base.errors import RestorerError, UsageError, one_line
+from restorer.base.urls import mask_secrets
 
-__all__ = ["Parser", "UsageError", "one_line", "run", "warn"]
+__all__ = ["Parser", "UsageError", "one_line", "run", "tool_name", "warn"]
+
+_tool = "restorer"  # the tool that is running (run sets it)
 
 
-def warn(prog: str, text: str) -> None:
-    """Every warning of every tool: one line `prog: warning: text` on stderr."""
-    print(f"{prog}: warning: {text}", file=sys.stderr, flush=True)
+def tool_name() -> str:
+    return _tool
+
+
+def warn(text: str) -> None:
+    """Every warning of every tool: one line `restorer TOOL: warning: text` on stderr (a password in a
+    URL masked)."""
+    print(mask_secrets(f"{_tool}: warning: {text}"), file=sys.stderr, flush=True)
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,7 +41,10 @@ class Parser(argparse.ArgumentParser):
 def run(prog: str, body: Callable[[], int], *, quiet: Callable[[RestorerError], bool] = lambda e: False,
         interrupted: str = "interrupted") -> int:
     """body()'s exit status; a RestorerError is one line `prog: error: ...` (unless `quiet(e)`: an
-    error every rank of a run raises alike is said by rank 0 alone) and its exit code."""
+    error every rank of a run raises alike is said by rank 0 alone) and its exit code. `prog` is the
+    tool's name for warn() meanwhile."""
+    global _tool
+    outer, _tool = _tool, prog
     try:
         return body()
     except RestorerError as e:
@@ -42,3 +57,5 @@ def run(prog: str, body: Callable[[], int], *, quiet: Callable[[RestorerError], 
     except KeyboardInterrupt:
         print(f"\n{prog}: {interrupted}", file=sys.stderr)
         return 130
+    finally:
+        _tool = outer

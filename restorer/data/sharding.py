@@ -69,7 +69,7 @@ STATE_DIR = ".make_shards"
 TAR_MTIME = 946684800  # fixed member time (2000-01-01): identical inputs give identical tars
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to a multiple of this
-PROG = "make_shards"
+PROG = "restorer make-shards"  # (also python shard_tools/make_shards.py)
 DEFAULT_MAX_BYTES = 512 * 1024**2  # an uncompressed 8-bit RGBA image of --max-pixels' default fits (458 MiB)
 MAX_LIST_LINE = 64 * 1024  # bytes of one line of a list of paths: far longer than any path
 

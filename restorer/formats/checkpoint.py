@@ -35,13 +35,13 @@ import contextlib
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 import torch
 
+from restorer.base.cli import warn
 from restorer.data.jpeg import JpegSpec
 from restorer.base.errors import RestorerError, one_line
 from restorer.base.fileio import atomic_open, atomic_path
@@ -335,8 +335,7 @@ def load_latest(out_dir: Path) -> Optional[Checkpoint]:
             failures.append(f"{path.name}: {one_line(e)}")
             continue
         if failures:
-            print(f"restorer: warning: {'; '.join(failures)}; resuming from {path.name} (step {checkpoint.step}) instead",
-                  file=sys.stderr, flush=True)
+            warn(f"{'; '.join(failures)}; resuming from {path.name} (step {checkpoint.step}) instead")
         return checkpoint
     if failures:
         raise CheckpointError(f"no checkpoint in {out_dir} can be loaded ({'; '.join(failures)}); "

@@ -91,11 +91,11 @@ def read_records(path: Path) -> tuple[list[dict], int]:
     return records, bad
 
 
-def warn_skipped(prog: str, path: Path, count: int) -> None:
+def warn_skipped(path: Path, count: int) -> None:
     """The one warning for a metrics.jsonl's lines that `read_records` skipped."""
     if count:
         lines = "1 line is" if count == 1 else f"{count} lines are"
-        warn(prog, f"{path}: {lines} not a record (cut short, not JSON, or a field of the wrong type): skipped")
+        warn(f"{path}: {lines} not a record (cut short, not JSON, or a field of the wrong type): skipped")
 
 
 # ----------------------------------------------------------------------------- names and what is the run's

@@ -22,6 +22,8 @@ from restorer.base.cli import Parser, UsageError, run
 from restorer.base.errors import RunError
 from restorer.data import decode_image, jpeg
 
+PROG = "restorer demo"
+
 REPO = Path(__file__).resolve().parents[2]
 # colour photographs and natural textures from skimage.data_dir (no download needed)
 TRAIN_PHOTOS = ["coffee.png", "chelsea.png", "motorcycle_left.png", "motorcycle_right.png", "rocket.jpg",
@@ -72,14 +74,14 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = Parser(prog="restorer demo", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo", help="folder for everything the demo makes (default: demo)")
     ap.add_argument("--minutes", type=float, default=4.5, help="training time (default 4.5: the learning rate "
                     "decays over it, so a slower machine trains fewer steps in the same time)")
     ap.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
     ap.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
     ap.add_argument("--quality", type=int, default=10, help="the JPEG quality of the before/after picture (default 10)")
-    return run("demo", lambda: demo(ap.parse_args(argv)))
+    return run(PROG, lambda: demo(ap.parse_args(argv)))
 
 
 def demo(args) -> int:

@@ -59,7 +59,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from restorer.base.cli import Parser, UsageError, run
+from restorer.base.cli import Parser, UsageError, run, warn
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from restorer.data.patches import luma
@@ -68,6 +68,8 @@ from restorer.base.device import INFERENCE_PRECISIONS
 from restorer.infer.inference import (Network, NonFiniteOutputError, decode_file, find_inputs, input_quality,
                                 load_network, restore_image)
 from restorer.infer.metrics import psnr, psnr_b, ssim
+
+PROG = "restorer evaluate"
 
 METRICS = ("psnr", "ssim", "psnrb")
 KEYS = tuple(f"{m}_{s}" for m in METRICS for s in ("jpeg", "model"))
@@ -89,10 +91,6 @@ HEADERS = {
     "luma": "a grayscale network: reference = the luma it trains on (JFIF BT.601, Pillow's L), one-channel JPEG; "
             "metrics on it (--gray: the papers' MATLAB Y instead)",
 }
-
-
-def warn(msg: str) -> None:
-    print(f"evaluate: warning: {msg}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +390,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="restorer evaluate", description="PSNR / SSIM / PSNR-B of JPEG inputs and network "
+    p = Parser(prog=PROG, description="PSNR / SSIM / PSNR-B of JPEG inputs and network "
                "outputs, the papers' protocol (see the module's documentation).")
     p.add_argument("--ckpt", required=True, help="checkpoint (EMA weights used when present), .onnx or .safetensors")
     p.add_argument("--images", help="folder of clean images (searched recursively), JPEG-encoded at each --quality")
@@ -452,7 +450,7 @@ def main(argv=None) -> int:
             plot(result, args.plot)
         return 0
 
-    return run("evaluate", body)
+    return run(PROG, body)
 
 
 if __name__ == "__main__":

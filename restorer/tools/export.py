@@ -38,6 +38,8 @@ from restorer.base.fileio import atomic_open
 from restorer.infer.inference import ONNX_CARD_KEY, load_checkpoint_network
 from restorer.base.fileio import refuse_overwrites
 
+PROG = "restorer export"
+
 FORMATS = ("onnx", "torchscript", "safetensors")
 TOLERANCE = 1 / 255  # an exported network's output may differ from PyTorch's by less than one grey level
 CHECK_SIZES = ((1, 37, 53), (2, 64, 40))  # (batch, height, width): odd sizes, not multiples of the U-Nets' 16
@@ -149,7 +151,7 @@ def export(ckpt: str, fmt: str, out: str) -> float:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="restorer export", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint (best.pt, last.pt)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="the file to write")
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
         print(f"export: wrote {args.out} ({args.format}){checked}")
         return 0
 
-    return run("export", body)
+    return run(PROG, body)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from restorer.data.sharding import run as pack
 
 def build_parser() -> Parser:
     p = Parser(
-        prog="make_shards.py",
+        prog=PROG,
         description="Pack photos into WebDataset tar shards (train-NNNNNN.tar, val-NNNNNN.tar, "
         "manifest.json). Original bytes are kept; broken files are rejected with a reason.",
     )

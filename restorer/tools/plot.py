@@ -26,6 +26,8 @@ from restorer.base.fileio import atomic_open, refuse_overwrites
 from restorer.formats.run_folder import CURVES, METRICS, read_records, warn_skipped
 from restorer.tools.runs import differing_keys, read_config, run_inputs, run_labels
 
+PROG = "restorer plot"
+
 
 def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """({step: training record}, {step: validation record}) from RUN_DIR/metrics.jsonl."""
@@ -33,7 +35,7 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     if not path.is_file():
         raise UsageError(f"no metrics.jsonl in {run_dir} (is it a run folder, train.out_dir?)")
     records, bad = read_records(path)
-    warn_skipped("plot", path, bad)
+    warn_skipped(path, bad)
     train, val = {}, {}
     for record in records:
         if "loss" in record:
@@ -89,7 +91,7 @@ def draw_runs(run_dirs: list[Path], out: Path) -> None:
     from matplotlib.lines import Line2D
 
     metrics = [read_metrics(d) for d in run_dirs]  # every folder checked before anything is drawn
-    configs = [read_config(d, prog="plot") for d in run_dirs]
+    configs = [read_config(d) for d in run_dirs]
     labels = run_labels(run_dirs, configs)
     keys = differing_keys(configs)
     legend_rows = math.ceil(len(run_dirs) / 2)
@@ -125,7 +127,7 @@ def save(plt, fig, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="restorer plot", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir); several: drawn together")
     p.add_argument("--out", help="the picture (one run: default RUN_DIR/curves.png; several runs: required)")
 
@@ -140,10 +142,10 @@ def main(argv=None) -> int:
             draw(run_dirs[0], out)
         else:
             draw_runs(run_dirs, out)
-        print(f"plot: {out}")
+        print(f"{PROG}: {out}")
         return 0
 
-    return run("plot", body)
+    return run(PROG, body)
 
 
 if __name__ == "__main__":

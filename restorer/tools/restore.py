@@ -54,6 +54,8 @@ from restorer.base.device import INFERENCE_PRECISIONS, resolve_device
 from restorer.infer.inference import (Network, NonFiniteOutputError, decode_file, find_inputs, input_quality,
                                 load_network, read_image, restore_image, warm_up)
 
+PROG = "restorer restore"
+
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ def find_reference(ref_dir: Path, stem: str) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 def _parser() -> Parser:
-    p = Parser(prog="restorer restore", description="Remove JPEG artifacts with a trained network.")
+    p = Parser(prog=PROG, description="Remove JPEG artifacts with a trained network.")
     p.add_argument("--ckpt", required=True, help="checkpoint (best.pt / last.pt), or an exported .onnx or .safetensors")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (walked recursively)")
     p.add_argument("--out", required=True, help="output folder: OUT/<stem>.png")
@@ -261,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(tally.line(network.trained_qualities, out_dir))
         return 1 if tally.failed or tally.restored + tally.unchanged == 0 else 0
 
-    return run("restore", body)
+    return run(PROG, body)
 
 
 def outside(quality: Optional[int], how: str, trained: Optional[tuple[int, int]]) -> Optional[str]:

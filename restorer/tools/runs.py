@@ -48,12 +48,14 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import yaml
 
-from restorer.base.cli import Parser, UsageError, run
+from restorer.base.cli import Parser, UsageError, run, warn
 from restorer.formats.config import bookkeeping_keys, flatten
 from restorer.base.errors import one_line
 from restorer.base.fileio import PathLike, atomic_write_json, refuse_overwrites
 from restorer.base.urls import mask_secrets
 from restorer.formats.run_folder import CONFIG, METRICS, is_number, read_records, warn_skipped
+
+PROG = "restorer runs"
 
 FINISHED, STOPPED, RUNNING = "finished", "stopped", "running?"
 MISSING = object()  # a key one run's config does not have
@@ -70,7 +72,7 @@ def run_inputs(run_dirs: Iterable[PathLike]) -> list[tuple[str, Path]]:
 # ----------------------------------------------------------------------------- configs and their differences
 
 
-def read_config(run_dir: Path, prog: str = "runs") -> Optional[dict[str, Any]]:
+def read_config(run_dir: Path) -> Optional[dict[str, Any]]:
     """RUN_DIR/config.yaml flattened, or None when there is none (or it cannot be read: a warning)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
@@ -78,8 +80,7 @@ def read_config(run_dir: Path, prog: str = "runs") -> Optional[dict[str, Any]]:
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        print(f"{prog}: warning: {path} cannot be read ({one_line(e)}): its settings are not compared",
-              file=sys.stderr)
+        warn(f"{path} cannot be read ({one_line(e)}): its settings are not compared")
         return None
     return flatten(mask_secrets(tree)) if isinstance(tree, dict) else None  # (a shard URL's password: never shown)
 
@@ -312,7 +313,7 @@ def as_json(keys: list[str], runs: Sequence[Run]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="restorer runs", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("patterns", nargs="+", metavar="PATTERN",
                    help="run folders, folders of runs, or globs (quoted: 'runs/sweep-*')")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
@@ -324,13 +325,13 @@ def main(argv=None) -> int:
             refuse_overwrites([("--json", args.json)], run_inputs(run_dirs), hint="write the table elsewhere")
         keys, runs = collect(run_dirs)
         for r in runs:
-            warn_skipped("runs", r.path / METRICS, r.skipped_lines)
+            warn_skipped(r.path / METRICS, r.skipped_lines)
         print(format_table(keys, runs))
         if args.json:
             atomic_write_json(args.json, as_json(keys, runs))
         return 0
 
-    return run("runs", body)
+    return run(PROG, body)
 
 
 if __name__ == "__main__":

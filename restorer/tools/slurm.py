@@ -14,8 +14,10 @@ import os
 import sys
 from typing import Optional
 
-from restorer.base.cli import Parser, run
+from restorer.base.cli import Parser, run, warn
 from restorer.cluster.slurm import make_plan, shell
+
+PROG = "restorer slurm"
 
 
 def check(config: Optional[str], overrides: list[str]) -> None:
@@ -27,7 +29,7 @@ def check(config: Optional[str], overrides: list[str]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = Parser(prog="restorer slurm", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("plan", help="print NPROC_PER_NODE, WORKERS_PER_RANK, THREADS_PER_RANK, MASTER_PORT for eval")
     c = sub.add_parser("check", help="validate a config and its shards before submitting")
@@ -44,12 +46,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "plan":
             plan = make_plan(os.environ)
             if plan.warning():
-                print(f"restorer: warning: {plan.warning()}", file=sys.stderr)
+                warn(plan.warning())
             print(shell(plan))
             return 0
-        return run("check", lambda: checked(args))  # its mistakes read "check: error: ..."
+        return checked(args)
 
-    return run("slurm", body)
+    return run(PROG, body)
 
 
 if __name__ == "__main__":

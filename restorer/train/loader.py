@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from restorer.base.cli import warn
 from restorer.data import jpeg
 from restorer.data.decode import ImageDecodeError, decode_image
 from restorer.formats.config import ConfigError, DataConfig, check_shard_urls, expand_shard_urls
@@ -125,8 +126,7 @@ class SkipLog:
         new_kind = kind not in self.kinds
         self.kinds.add(kind)
         if new_kind or self.count <= 3 or self.count in (10, 100, 1000) or self.count % 10000 == 0:
-            line = f"restorer: warning: skipped {what}: {reason} ({self.count} skipped so far by {self.where})"
-            print(mask_secrets(line), file=sys.stderr, flush=True)
+            warn(f"skipped {what}: {reason} ({self.count} skipped so far by {self.where})")
 
     def handler(self, exn: Exception) -> bool:
         """webdataset error handler: a broken tar or member is logged and the stream goes on.
@@ -641,8 +641,8 @@ class StreamPatches(IterableDataset):
                     continue
                 # nothing usable here: widen the net rather than end the run while any data is readable
                 if len(mine) < len(self.urls):
-                    print(f"restorer: warning: {skip.where}: no usable image in its {len(mine)} shard(s) "
-                          f"({skip.count} skipped); reading all shards for its share instead", file=sys.stderr, flush=True)
+                    warn(f"{skip.where}: no usable image in its {len(mine)} shard(s) "
+                         f"({skip.count} skipped); reading all shards for its share instead")
                     mine, keep = self.urls, (lambda key: _owner(key, streams) == stream)
                 elif keep is not None:  # a tiny set: no usable sample hashed to this stream
                     keep = None
@@ -749,8 +749,8 @@ class EpochLoader:
         saved = state.get("data") or {}
         changed = [f"{k} {saved[k]} -> {v}" for k, v in self.stream.items() if k in saved and saved[k] != v]
         if changed:
-            print(f"restorer: warning: the training stream is not the one the run stopped in ({'; '.join(changed)}): "
-                  "it goes on from its step on the data there is now", file=sys.stderr, flush=True)
+            warn(f"the training stream is not the one the run stopped in ({'; '.join(changed)}): "
+                 "it goes on from its step on the data there is now")
 
     def take_traced(self) -> list[np.ndarray]:
         """The (lane, image, patch) numbers of the micro-batches given out since the last call."""
@@ -849,7 +849,7 @@ def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
         manifest = load_manifest(cfg.shards)
         urls = split_urls(cfg, "train")
         counts = [sh["samples"] for sh in manifest["splits"]["train"]["shards"]]
-        index = index_shards(urls, counts, warn=lambda text: print(f"restorer: warning: {text}", file=sys.stderr, flush=True))
+        index = index_shards(urls, counts, warn=warn)
         plan = StreamPlan(seed=seed, images=len(index), lanes=global_batch, patches_per_image=cfg.patches_per_image,
                           window_images=max(1, cfg.shuffle_buffer // cfg.patches_per_image))
         lanes = rank_lanes(global_batch, rank, world_size)
@@ -860,10 +860,10 @@ def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
         urls = split_urls(cfg, "train")
         streams = world_size * max(workers, 1)
         if len(urls) < streams:
-            print(f"restorer: warning: {len(urls)} training shard(s) for {streams} streams (ranks x data.workers): "
-                  f"every stream reads every shard and keeps its share, so each shard is read {streams} times an "
-                  f"epoch; give at least {streams} shards (make_shards.py --maxcount) or train from a shard folder "
-                  "(data.shards)", file=sys.stderr, flush=True)
+            warn(f"{len(urls)} training shard(s) for {streams} streams (ranks x data.workers): "
+                 f"every stream reads every shard and keeps its share, so each shard is read {streams} times an "
+                 f"epoch; give at least {streams} shards (make_shards.py --maxcount) or train from a shard folder "
+                 "(data.shards)")
         dataset = StreamPatches(urls, cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, step=step)
         stream = {"kind": "urls", "global_batch": global_batch, "seed": seed}
     loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, worker_init_fn=_worker_init(), num_workers=workers,

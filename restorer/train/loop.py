@@ -40,7 +40,7 @@ from restorer.formats.run_folder import BEST, CARD, CONFIG, LAST, RUN_MARKER, Ru
 from restorer.train import checks
 from restorer.cluster import dist
 from restorer.formats.checkpoint import (Checkpoint, CheckpointError, best_psnr_on_disk, keep_step_copy, load_latest, read_checkpoint, save_checkpoint)
-from restorer.base.cli import Parser
+from restorer.base.cli import Parser, warn
 from restorer.base.cli import run as run_tool
 from restorer.formats.config import Config, ConfigError, bookkeeping_keys, config_from_dict, dump_config, flatten, load_config
 from restorer.train.loader import NoTrainingData, steps_per_epoch, train_loader, val_loader
@@ -55,7 +55,7 @@ from restorer.train.reporting import Reporter
 from restorer.train.trackers import open_trackers
 from restorer.train.stop import StopRequest
 
-PROG = "train"
+PROG = "restorer train"
 
 
 class TrainingError(RunError):
@@ -121,7 +121,7 @@ class Training:
         ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.optim.ema else None
         compile_ = cfg.train.compile
         if compile_ and (problem := checks.compile_problem(device.type)):
-            print(f"{PROG}: warning: train.compile: {problem}: running eager", file=sys.stderr, flush=True)
+            warn(f"train.compile: {problem}: running eager")
             compile_ = False
         # compile the module, not the DDP wrapper (DDP then sees the compiled graph's buckets)
         runner = torch.compile(model) if compile_ else model
@@ -729,7 +729,7 @@ def train(cfg: Config) -> dict:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = Parser(prog="train.py", description="Train the JPEG artifact removal network "
+    p = Parser(prog=PROG, description="Train the JPEG artifact removal network "
                "(torchrun --nproc_per_node=N launch/train.py --config configs/X.yaml [key=value ...]).")
     p.add_argument("--config", help="YAML config file (configs/seed.yaml, configs/gpu.yaml, configs/cpu.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100 data.shards=DIR")

@@ -22,11 +22,11 @@ from typing import Callable, Optional, Sequence, TextIO
 
 import numpy as np
 
+from restorer.base.cli import tool_name
 from restorer.formats.run_folder import METRICS, PICTURES, TENSORBOARD, TRACE, step_picture
 from restorer.base.fileio import atomic_open
 from restorer.train.trackers import close_trackers
 
-PROG = "train"
 LINE_EVERY_S = 60.0  # a progress line in a log file, once a minute
 RATES = {"patches_s": "patches/s", "steps_s": "steps/s"}  # the bar's figures that a progress line says as rates
 
@@ -75,9 +75,9 @@ class Reporter:
         if not self.active:
             return
         if self.bar is not None:
-            self.bar.write(f"{PROG}: {text}", file=self.stream)
+            self.bar.write(f"{tool_name()}: {text}", file=self.stream)
         else:
-            print(f"{PROG}: {text}", file=self.stream, flush=True)
+            print(f"{tool_name()}: {text}", file=self.stream, flush=True)
 
     def write(self, record: dict) -> None:
         if not self.active:

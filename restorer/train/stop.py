@@ -18,6 +18,8 @@ import sys
 import threading
 from typing import Optional
 
+from restorer.base.cli import tool_name
+
 # Ctrl-C (SIGINT; a terminal sends it to every process of the job, torchrun forwards it again) is a
 # stop like the cluster's: every rank agrees, rank 0 saves, one line, exit 0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -128,7 +130,7 @@ class StopRequest:
                 return
             if not self._saving.locked():
                 if not self.said:
-                    print(f"train: error: no step ended within {self.grace_s:g} s of {self.signal}: the other ranks "
+                    print(f"{tool_name()}: error: no step ended within {self.grace_s:g} s of {self.signal}: the other ranks "
                           f"({self.peers}) are gone or stuck; exiting (the last checkpoint is kept)", file=sys.stderr,
                           flush=True)
                 os._exit(1)

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import secrets
-import sys
 import threading
 import time
 import urllib.parse
@@ -43,6 +42,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
+from restorer.base.cli import warn
 from restorer.formats.run_folder import TRACKER_IDS  # RUN/trackers.json: {"wandb": run id, "mlflow": run id}
 from restorer.formats.config import flatten
 from restorer.base.errors import one_line
@@ -69,10 +69,6 @@ def tracker_problem(log) -> Optional[str]:
         if importlib.util.find_spec(name) is None:
             return f"log.{name}: needs the {name} package: pip install -e '.[{EXTRAS[name]}]'"
     return None
-
-
-def warn(text: str) -> None:
-    print(mask_secrets(f"train: warning: {text}"), file=sys.stderr, flush=True)
 
 
 def cause(e: BaseException) -> str:

@@ -11,6 +11,7 @@ is changed.
     {"rank": 0, "hold_after_step": 6}                that rank stops after step 6 until a stop signal reaches
                                                      it (SIGTERM, SIGUSR1, Ctrl-C): a run that cannot end
                                                      before the test has signalled it, however slow the machine
+    {"rank": 0, "hold_after_step": 6, "until_file": F}   ... or until the file F exists (the test made its change)
     {"rank": 0, "signal_after_steps": [3, 7]}        that rank sends itself SIGTERM after each of those steps
                                                      that it trains (not one a resumed run starts past)
 """
@@ -54,7 +55,8 @@ if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
             step(self, batches)
             if self.state.step == fault["hold_after_step"]:
                 print(f"test fault: holding after step {self.state.step} until a stop signal", flush=True)
-                while not self.stop.requested:
+                until = fault.get("until_file")
+                while not self.stop.requested and not (until and os.path.exists(until)):
                     time.sleep(0.05)  # woken by the signal: its handler runs between two sleeps
 
         train.Trainer.step = held
