@@ -84,7 +84,7 @@ def main() -> None:
         save_checkpoint(ckpt, Checkpoint(cfg.network(), model.state_dict(), config=cfg.to_dict()))
 
         t0 = time.perf_counter()
-        result = evaluate.evaluate(ckpt, work / "images", args.qualities, device="cpu")
+        result = evaluate.evaluate(ckpt, work / "images", evaluate.Protocol(tuple(args.qualities)), evaluate.Runtime("cpu"))
         total = time.perf_counter() - t0
 
         # where the time goes, on the first image at the first quality (then x images x qualities)

@@ -101,8 +101,8 @@ def first_images(folder: Path, n: Optional[int]):
 
 def score(ckpt, images: Path, gray: bool, device: str) -> dict:
     """evaluate.evaluate's means per quality: {q: {"psnr_jpeg", "psnr_model", ...}}; ckpt None: JPEG only."""
-    result = ev.evaluate(identity_network() if ckpt is None else ckpt, images, QUALITIES, gray=gray,
-                         device="cpu" if ckpt is None else device)
+    result = ev.evaluate(identity_network() if ckpt is None else ckpt, images, ev.Protocol(tuple(QUALITIES), gray=gray),
+                         ev.Runtime("cpu" if ckpt is None else device))
     return {int(q): {**block["mean"], "images": len(block["images"])} for q, block in result["qualities"].items()}
 
 

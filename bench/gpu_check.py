@@ -397,7 +397,7 @@ def stage_loader(c: Check) -> None:
     n, t0, i, loader = 0, None, 0, None
     try:
         with time_limit(limit, "the loader"):
-            loader = train_loader(cfg.data, batch_size=c.batch, seed=0, steps=10**9, device=device)  # the rings
+            loader = train_loader(cfg.data, batch_size=c.batch, seed=0, steps=10**9).on(device)  # the rings
             for i, (x, _, _) in enumerate(loader):
                 if i == warm:  # every worker's shuffle buffer is full, its first batches out
                     c.sync()

@@ -190,7 +190,7 @@ def score(ckpt: Path, held_out: Path, file_bounds: bool = True) -> dict:
     """Every column's mean PSNR gain, and per photo, over the columns (evaluate, in this process); with
     `file_bounds` (restore's way) the outputs are moved inside their JPEG files' bins, without it the
     network is scored alone."""
-    from restorer.tools.evaluate import evaluate
+    from restorer.tools.evaluate import Protocol, Runtime, evaluate
 
     own = reference_qualities(held_out)
 
@@ -202,8 +202,8 @@ def score(ckpt: Path, held_out: Path, file_bounds: bool = True) -> dict:
     for group in by_args.values():
         kw = {k: v for k, v in group["kw"].items() if k != "qualities"}
         wanted = {c: dict(COLUMNS)[c]["qualities"][0] for c in group["columns"]}
-        result = evaluate(ckpt, held_out, sorted(set(wanted.values())), device="cpu", file_bounds=file_bounds,
-                          **kw)["qualities"]
+        protocol = Protocol(tuple(sorted(set(wanted.values()))), file_bounds=file_bounds, **kw)
+        result = evaluate(ckpt, held_out, protocol, Runtime("cpu"))["qualities"]
         for column, q in wanted.items():
             images = result[str(q)]["images"]
             gains = {Path(k).stem: v["psnr_model"] - v["psnr_jpeg"] for k, v in images.items()

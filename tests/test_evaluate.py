@@ -17,9 +17,12 @@ from PIL import Image
 
 from helpers import REPO, encode, load_state, photo_like, require, save_network, save_state, write
 from restorer.data import jpeg
-from restorer.tools.evaluate import KEYS, SWEEP, double_shift, evaluate, main, matlab_y_u8
+from restorer.base.colour import matlab_y_u8
+from restorer.tools.evaluate import KEYS, SWEEP, Protocol, Runtime, double_shift, evaluate, main
 from restorer.infer.inference import load_network, restore_array
 from restorer.models import build_model
+
+CPU = Runtime(device="cpu")
 
 ROW = re.compile(r"^\s*(\d+|given)\s+(\d+) \|\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+) \|\s+(\S+)\s+(\S+)\s+(\S+) \|"
                  r"\s+(\S+)\s+(\S+)\s+(\S+)$")
@@ -106,7 +109,7 @@ def test_the_default_protocol_is_one_table_of_four_qualities_and_the_json_agrees
 
 
 def test_jpeg_figures_are_whole_images_recomputed_independently(ckpt, images):
-    res = evaluate(ckpt, images, [10, 40], device="cpu")
+    res = evaluate(ckpt, images, Protocol((10, 40)), CPU)
     for q in (10, 40):
         for name, vals in res["qualities"][str(q)]["images"].items():
             clean = _clean(images / name)  # whole: 99x83 stays 99x83
@@ -119,7 +122,7 @@ def test_opencv_encodes_the_same_jpeg_input(ckpt, images):
     Pillow's path is reproduced to within 0.01 dB, colour (4:2:0) and grayscale."""
     cv2 = require("cv2", "dev")  # opencv-python-headless checks the encoder
     for gray in (False, True):
-        res = evaluate(ckpt, images, [10, 30], device="cpu", gray=gray)
+        res = evaluate(ckpt, images, Protocol((10, 30), gray=gray), CPU)
         for q in (10, 30):
             ours = res["qualities"][str(q)]["mean"]["psnr_jpeg"]
             theirs = []
@@ -157,14 +160,14 @@ def test_gray_protocol_scores_matlab_y_through_an_rgb_network(ckpt, images, tmp_
 def test_gray_protocol_takes_a_grayscale_files_own_values(ckpt, tmp_path):
     gray = photo_like(64, 48, 4, channels=1)[..., 0]
     write(tmp_path / "classic" / "g.png", encode(gray, "PNG"))
-    vals = evaluate(ckpt, tmp_path / "classic", [10], device="cpu", gray=True)["qualities"]["10"]["images"]["g.png"]
+    vals = evaluate(ckpt, tmp_path / "classic", Protocol((10,), gray=True), CPU)["qualities"]["10"]["images"]["g.png"]
     jpeg = jpeg_decode(jpeg_encode(gray[..., None], 10))[..., 0]
     assert vals["psnr_jpeg"] == pytest.approx(_psnr(jpeg, gray), abs=1e-4)  # not squeezed into 16-235
 
 
 def test_y_channel_measures_colour_on_matlab_y(ckpt, images):
-    rgb = evaluate(ckpt, images, [10], device="cpu")["qualities"]["10"]["images"]["a.png"]
-    y = evaluate(ckpt, images, [10], device="cpu", y_channel=True)["qualities"]["10"]["images"]["a.png"]
+    rgb = evaluate(ckpt, images, Protocol((10,)), CPU)["qualities"]["10"]["images"]["a.png"]
+    y = evaluate(ckpt, images, Protocol((10,), y_channel=True), CPU)["qualities"]["10"]["images"]["a.png"]
     clean = _clean(images / "a.png")
     jpeg = np.asarray(Image.open(io.BytesIO(jpeg_encode(clean, 10))).convert("RGB"))
 
@@ -187,7 +190,7 @@ def test_existing_jpeg_files_are_scored_as_they_are(ckpt, images, tmp_path, caps
     assert rc == 0, err
     assert "orphan" in err and "no reference" in err
     pairs = json.loads(js.read_text())["qualities"]["given"]
-    encoded = evaluate(ckpt, images, [20], device="cpu")["qualities"]["20"]
+    encoded = evaluate(ckpt, images, Protocol((20,)), CPU)["qualities"]["20"]
     assert set(pairs["images"]) == {"a", "sub/b", "c"}
     assert pairs["mean"]["psnr_jpeg"] == pytest.approx(encoded["mean"]["psnr_jpeg"], abs=1e-9)
 
@@ -265,8 +268,8 @@ def test_errors_exit_2_one_line(case, ckpt, images, tmp_path, capsys):
 def test_ema_preferred_and_a_grayscale_network(ckpt, images, tmp_path, capsys):
     state = load_state(ckpt)
     save_state(tmp_path / "noema.pt", {k: v for k, v in state.items() if k != "ema"})
-    a = evaluate(ckpt, images, [10], device="cpu")["qualities"]["10"]["mean"]
-    b = evaluate(tmp_path / "noema.pt", images, [10], device="cpu")["qualities"]["10"]["mean"]
+    a = evaluate(ckpt, images, Protocol((10,)), CPU)["qualities"]["10"]["mean"]
+    b = evaluate(tmp_path / "noema.pt", images, Protocol((10,)), CPU)["qualities"]["10"]["mean"]
     assert a["psnr_jpeg"] == b["psnr_jpeg"] and abs(b["psnr_model"] - a["psnr_model"]) > 0.05
     g = build_model("seed", in_channels=1, residual=True)
     save_network(tmp_path / "gray.pt", g, "seed", {"residual": True}, channels=1, grayscale=True)
@@ -314,7 +317,7 @@ def test_a_sweep_of_chroma_and_double_jpegs_feeds_the_network_its_tables_quality
         expected = 10 * np.log10(255**2 / np.mean((out_img.astype(np.float64) - clean) ** 2))
         assert res["qualities"][str(q)]["images"]["a.png"]["psnr_model"] == pytest.approx(expected, abs=1e-3)
     # double JPEG: first at Q1, the grid shifted 1-7 px (fixed per image), then the quality of the row
-    res = evaluate(ckpt, images, [50], device="cpu", double=20)
+    res = evaluate(ckpt, images, Protocol((50,), double=20), CPU)
     assert res["double"] == 20
     dy, dx = double_shift("a.png")
     assert 1 <= dy <= 7 and 1 <= dx <= 7
@@ -322,7 +325,7 @@ def test_a_sweep_of_chroma_and_double_jpegs_feeds_the_network_its_tables_quality
     twice = jpeg.decode(jpeg.encode(np.ascontiguousarray(once[dy:, dx:]), 50))[0]
     ref = clean[dy:, dx:]
     assert res["qualities"]["50"]["images"]["a.png"]["psnr_jpeg"] == pytest.approx(_psnr(twice, ref), abs=1e-4)
-    single = evaluate(ckpt, images, [50], device="cpu")["qualities"]["50"]["images"]["a.png"]["psnr_jpeg"]
+    single = evaluate(ckpt, images, Protocol((50,)), CPU)["qualities"]["50"]["images"]["a.png"]["psnr_jpeg"]
     assert res["qualities"]["50"]["images"]["a.png"]["psnr_jpeg"] < single - 0.3  # the first, coarse JPEG shows
 
 
@@ -361,8 +364,8 @@ def test_outputs_are_scored_inside_their_files_bounds_as_restore_writes_them(ima
     with torch.no_grad():
         m.last.weight.normal_(0, 0.05)
     path = save_network(tmp_path / "noisy.pt", m, "seed", {"residual": True}, config={"data": {"patch": {"grayscale": False}}})
-    bounded = evaluate(path, images, [90], chroma="444", device="cpu")
-    alone = evaluate(path, images, [90], chroma="444", device="cpu", file_bounds=False)
+    bounded = evaluate(path, images, Protocol((90,), chroma="444"), CPU)
+    alone = evaluate(path, images, Protocol((90,), chroma="444", file_bounds=False), CPU)
     assert bounded["file_bounds"] is True and alone["file_bounds"] is False
     for name, fig in bounded["qualities"]["90"]["images"].items():
         other = alone["qualities"]["90"]["images"][name]
@@ -417,7 +420,7 @@ def test_a_max_side_under_ssims_window_is_one_line_before_any_work(ckpt, tmp_pat
     # the images folder does not exist: the option is judged first
     rc, out, err = run_main(capsys, "--ckpt", ckpt, "--images", tmp_path / "nowhere", "--quality", 30, *options)
     assert rc == 2 and out == "" and err.count("\n") == 1, err
-    assert err.startswith(f"restorer evaluate: error: --max-side must be >= {smallest} "), err
+    assert err.startswith(f"restorer evaluate: error: --max-side: must be >= {smallest} "), err
 
 
 def test_a_max_side_of_ssims_window_scores_every_image(ckpt, images, capsys):

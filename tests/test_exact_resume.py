@@ -126,8 +126,8 @@ def test_the_stream_is_the_same_whatever_the_ranks_workers_and_accumulation(shar
     def run(world: int, batch: int, accum: int, workers: int = 0, step: int = 0, steps: int = 12):
         slots, pixels = [], []
         for rank in range(world):
-            loader = train_loader(DataConfig(**{**cfg.__dict__, "workers": workers}), batch_size=batch, seed=3,
-                                  rank=rank, world_size=world, grad_accum=accum, step=step, steps=steps, trace=True)
+            loader = train_loader(DataConfig(**{**cfg.__dict__, "workers": workers, "trace": True}), batch_size=batch,
+                                  seed=3, rank=rank, world_size=world, grad_accum=accum, step=step, steps=steps)
             got = [x.numpy().copy() for x, _, _ in loader]
             ids = np.concatenate(loader.take_traced())
             slots.append(ids.reshape(steps, batch * accum, 3))

@@ -8,7 +8,8 @@ import io
 import pytest
 
 from restorer.base.cli import run
-from restorer.train.reporting import LINE_EVERY_S, Reporter
+from restorer.formats.config import LogConfig
+from restorer.train.reporting import LINE_EVERY_S, Reporter, Schedule
 
 VAL = {"val_psnr": 30.0, "val_psnr_jpeg": 29.0, "val_ssim": 0.9, "val_ssim_jpeg": 0.8}
 
@@ -29,9 +30,11 @@ class Terminal(io.StringIO):
 
 
 def reporter(tmp_path, stream, clock, **kw) -> Reporter:
-    options = dict(active=True, every=10, total_steps=1000, budget_s=0, start_step=0, start_seconds=0,
-                   steps_per_epoch=250, progress=True, tensorboard=False, val_every=100)
-    return Reporter(tmp_path, stream=stream, clock=clock, **(options | kw))
+    """A Reporter of rank 0: log.every 10, log.val_every 100, 1000 steps of 250 an epoch (`kw` changes
+    the schedule)."""
+    schedule = Schedule(**(dict(total_steps=1000, steps_per_epoch=250) | kw))
+    return Reporter(tmp_path, LogConfig(every=10, val_every=100, progress=True), schedule, active=True, stream=stream,
+                    clock=clock)
 
 
 def steps(report: Reporter, clock: Clock, first: int, last: int, seconds: float) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from helpers import cli_here, encode, photo_like, save_network, save_state, write
 from restorer.data import jpeg
-from restorer.infer.inference import decode_file, load_checkpoint_network, load_network, restore_array
+from restorer.infer.inference import TilingError, decode_file, load_checkpoint_network, load_network, restore_array
 from restorer.models import build_model
 from restorer.infer.pictures import LABEL_H, compare_size
 from restorer.tools.restore import main
@@ -194,9 +194,14 @@ def test_argument_errors_exit_2_one_line(tmp_path, ckpt, capsys):
     assert main(["--ckpt", str(ckpt), str(tmp_path / "empty_dir"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no input" in err
-    assert main(["--ckpt", str(ckpt), str(src), "--out", str(tmp_path / "o"), "--tile", "60"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    for flags, said in ((["--tile", "60"], "--tile: must be a positive multiple of 8, got 60"),
+                        (["--tile", "64", "--overlap", "40"], "--overlap: must be in [0, tile/2 = 32], got 40"),
+                        (["--batch", "0"], "--batch: must be >= 1, got 0")):
+        assert main(["--ckpt", str(ckpt), str(src), "--out", str(tmp_path / "o"), *flags]) == 2
+        assert capsys.readouterr().err == f"restorer restore: error: {said}\n"  # (restore_array's check, one)
     assert not (tmp_path / "o").exists()
+    with pytest.raises(TilingError, match="^tile: must be a positive multiple of 8"):  # the library's own words
+        restore_array(torch.nn.Identity(), np.zeros((8, 8, 3), np.uint8), tile=60)
 
 
 def test_cli_subprocess_missing_ckpt(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from helpers import photo_like
-from restorer.data.patches import luma
+from restorer.base.colour import luma
 from restorer.infer.inference import restore_image
 
 LIFT = 0.1  # what the network adds: 25.5 grey levels

@@ -27,6 +27,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
+from restorer.base.colour import RGB_TO_YCC, YCC_OFFSET, YCC_TO_RGB
 from restorer.base.choices import Literal, check_choices
 from restorer.base.ijg import CHROMA_BASE, LUMA_BASE, ijg_table  # noqa: F401 (the data's names for them too)
 
@@ -45,10 +46,6 @@ _WEIGHTS /= _WEIGHTS.sum()
 ABSURD_DISTANCE = 0.45  # weighted mean |log ratio| to the nearest IJG table: beyond it, tables say nothing
 GHOST_DIP = 0.75  # pixel_quality: the error at the found quality, relative to the rise on each side, dips below this
 GHOST_SIDE = 384  # pixel_quality measures a centre crop this big (constant time on any image)
-
-
-class JpegError(ValueError):
-    """A JPEG setting that cannot be used; one line."""
 
 
 # ----------------------------------------------------------------------------- the record
@@ -308,7 +305,7 @@ class FileBounds:
             raise ValueError(f"rows {top}-{top + rows.shape[0]} of width {rows.shape[1]} are not on the grid of the "
                              "file whose bounds these are")
         x = np.array(rows, np.float32)  # a copy: the caller's array stays as it was
-        ycc = x[..., None] if self.gray else x @ _RGB_TO_YCC.T + _YCC_OFFSET
+        ycc = x[..., None] if self.gray else x @ RGB_TO_YCC.T + YCC_OFFSET
         b0, b1 = top // 8, (top + x.shape[0]) // 8  # the block rows whole in this band
         for i, (k, step, usable) in self.planes.items():
             coef = _DCT @ (_blocks(ycc[..., i]) - 128.0) @ _DCT.T
@@ -316,19 +313,13 @@ class FileBounds:
             delta = np.clip(coef, lo, hi) - coef
             delta[~usable[b0:b1]] = 0.0
             ycc[:(b1 - b0) * 8, :nbx * 8, i] += (_DCT.T @ delta @ _DCT).transpose(0, 2, 1, 3).reshape((b1 - b0) * 8, nbx * 8)
-        out = ycc[..., 0] if self.gray else (ycc - _YCC_OFFSET) @ _YCC_TO_RGB.T
+        out = ycc[..., 0] if self.gray else (ycc - YCC_OFFSET) @ YCC_TO_RGB.T
         return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
     @property
     def blocks(self) -> tuple[int, int]:
         """(block rows, block columns): the file's whole 8x8 blocks."""
         return next(iter(self.planes.values()))[0].shape[:2]
-
-
-# JPEG's (JFIF's) full-range BT.601 colour conversion, as libjpeg does it
-_RGB_TO_YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)
-_YCC_OFFSET = np.array([0.0, 128.0, 128.0], np.float32)
-_YCC_TO_RGB = np.linalg.inv(_RGB_TO_YCC.astype(np.float64)).astype(np.float32)
 
 
 def file_bounds(data: bytes) -> Optional[FileBounds]:
@@ -364,5 +355,5 @@ def file_bounds(data: bytes) -> Optional[FileBounds]:
     return FileBounds(bounds, gray=planes.shape[-1] == 1) if bounds else None
 
 
-__all__ = ["CHROMA", "DOUBLE_SHIFT", "JpegError", "JpegSpec", "compress", "decode", "degrade",
+__all__ = ["CHROMA", "DOUBLE_SHIFT", "JpegSpec", "compress", "decode", "degrade",
            "encode", "file_bounds", "file_quality", "FileBounds", "ijg_table", "pixel_quality", "table_quality", "val_chroma"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from restorer.base.colour import luma
 from restorer.data import jpeg
 
 
@@ -48,14 +49,6 @@ class PatchSpec:
     @property
     def channels(self) -> int:
         return 1 if self.grayscale else 3
-
-
-def luma(rgb: np.ndarray) -> np.ndarray:
-    """The one luma convention of grayscale networks: JFIF's (ITU-R BT.601, full range 0-255), as
-    Pillow's convert("L") and a JPEG file's own Y. A grayscale network trains on it, restore gives
-    it the luma of a colour photo, and evaluate scores it on it (only --gray, the papers' benchmark
-    protocol, uses MATLAB's 16-235 Y instead). (H, W, 3) -> (H, W) uint8."""
-    return np.asarray(Image.fromarray(rgb).convert("L"))
 
 
 def random_patch(image: np.ndarray, spec: PatchSpec, rng: np.random.Generator, margin: int = 0) -> np.ndarray:

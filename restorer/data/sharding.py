@@ -685,7 +685,7 @@ def prepare_out_dir(out: Path, opts: PackOptions, force: bool) -> tuple[Path, Op
     manifest of an earlier run. A manifest that cannot be read is refused, not replaced: nothing in
     DIR is deleted unless --force says so."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+        raise UsageError(f"the output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     state_dir = out / STATE_DIR
     if force:
@@ -726,7 +726,7 @@ def run(opts: PackOptions, out: Path, workers: int, force: bool, log=print) -> d
     if not files:
         raise UsageError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(opts.sources)}")
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+        raise UsageError(f"the output {out} exists and is not a folder")
     with lock_out_dir(out):
         return _run(opts, out, workers, force, log, files, problems, t0)
 

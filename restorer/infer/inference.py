@@ -50,7 +50,7 @@ from restorer.formats.checkpoint import Checkpoint, CheckpointError, card_qualit
 from restorer.base.errors import RunError, UsageError, one_line
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, load_image, to_rgb_array
-from restorer.data.patches import luma
+from restorer.base.colour import luma, rgb, ycbcr
 from restorer.models import NetworkSpec, load_weights
 from restorer.base.device import INFERENCE_PRECISIONS, autocast, resolve_device, to_float
 
@@ -376,28 +376,52 @@ def _extract(image: np.ndarray, y0: int, x0: int, th: int, tw: int) -> np.ndarra
     return part
 
 
+class TilingError(UsageError):
+    """A tile size, overlap or batch restore_array cannot use; `field` names which (a tool says its flag)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def check_tiling(tile: int, overlap: int, batch: int) -> None:
+    """The one check of restore_array's tiling (TilingError, one line)."""
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not whole(tile) or tile < 8 or tile % 8:
+        raise TilingError("tile", f"must be a positive multiple of 8, got {tile!r}")
+    if not whole(overlap) or not 0 <= overlap <= tile // 2:
+        raise TilingError("overlap", f"must be in [0, tile/2 = {tile // 2}], got {overlap!r}")
+    if not whole(batch) or batch < 1:
+        raise TilingError("batch", f"must be >= 1, got {batch!r}")
+
+
+def _finished_rows(vals: torch.Tensor, top: int, bounds: Optional[jpeg.FileBounds]) -> np.ndarray:
+    """Rows of the blended output (C x rows x W floats in [0, 1], from row `top`) as uint8 rows x W x C:
+    clamped and rounded, or moved inside the file's bins first. A non-finite value ends it (one line)."""
+    if not bool(torch.isfinite(vals).all()):  # (NaN survives the blending; clamping would hide inf)
+        kind = "NaN" if bool(torch.isnan(vals).any()) else "inf"
+        raise NonFiniteOutputError(f"the network's output is not finite ({kind}): its weights are damaged "
+                                   "or its values overflow")
+    vals = vals.clamp_(0.0, 1.0).mul_(255.0)
+    if bounds is None:
+        return vals.round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    band = vals.permute(1, 2, 0).cpu().numpy()  # bands start on the 8x8 grid (every tile origin does): no block straddles two
+    return bounds.project_rows(band[..., 0] if band.shape[2] == 1 else band, top).reshape(band.shape)
+
+
 def restore_array(network: Network | nn.Module, image: np.ndarray, tile: int = 256, overlap: int = 32,
                   batch: int = 8, quality: Optional[float] = None,
                   bounds: Optional[jpeg.FileBounds] = None) -> np.ndarray:
-    """Restore an ``(H, W, C)`` uint8 image (``(H, W)`` is taken as one channel) with `network`
-    (a Network, or a bare module: fp32 on its parameters' device); `quality` is its JPEG's, for a
-    network conditioned on it.
-
-    Returns an array of the same shape, uint8. With `bounds` (the image's JPEG file's:
+    """Restore an ``(H, W, C)`` uint8 image (``(H, W)`` is taken as one channel) with `network` (a
+    Network, or a bare module: fp32 on its parameters' device) into a uint8 array of its shape;
+    `quality` is its JPEG's, for a network conditioned on it. With `bounds` (the image's JPEG file's:
     restorer.data.jpeg.file_bounds) each finished band of rows is moved inside them before it is
-    rounded. See the module docstring for the tiling.
-    """
+    rounded. See the module docstring for the tiling."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError("image must be an (H, W, C) or (H, W) uint8 numpy array")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 8 or tile % 8:
-        raise ValueError(f"tile must be a positive multiple of 8, got {tile!r}")
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= tile // 2:
-        raise ValueError(f"overlap must be an integer in [0, tile/2 = {tile // 2}], got {overlap!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    check_tiling(tile, overlap, batch)
     squeeze = image.ndim == 2
-    if squeeze:
-        image = image[..., None]
+    image = image[..., None] if squeeze else image
     h, w, c = image.shape
     if h == 0 or w == 0:
         raise ValueError(f"empty image {w}x{h}")
@@ -436,16 +460,7 @@ def restore_array(network: Network | nn.Module, image: np.ndarray, tile: int = 2
         stop = min(y0 + d, h)
         if stop > done:
             vals = acc[:, done - y0:stop - y0, :w] * inv_y[done:stop][None, :, None] * inv_x[None, None, :]
-            if not bool(torch.isfinite(vals).all()):  # (NaN survives the blending; clamping would hide inf)
-                kind = "NaN" if bool(torch.isnan(vals).any()) else "inf"
-                raise NonFiniteOutputError(f"the network's output is not finite ({kind}): its weights are damaged "
-                                           "or its values overflow")
-            vals = vals.clamp_(0.0, 1.0).mul_(255.0)
-            if bounds is None:
-                out[done:stop] = vals.round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-            else:  # bands start on the 8x8 grid (every tile origin does): no block straddles two
-                band = vals.permute(1, 2, 0).cpu().numpy()
-                out[done:stop] = bounds.project_rows(band[..., 0] if c == 1 else band, done).reshape(band.shape)
+            out[done:stop] = _finished_rows(vals, done, bounds)
             done = stop
             del vals
         if not last:  # slide the window: keep the open rows, zero the new ones
@@ -503,7 +518,7 @@ def restore_image(network: Network, image: np.ndarray, bounds: Optional[jpeg.Fil
     """Restore a (H, W) grayscale or (H, W, 3) RGB uint8 image; the output has the same shape.
 
     A grayscale image through an RGB model is replicated to 3 channels and converted back to L;
-    an RGB image through a grayscale model has its luma restored (restorer.data.patches.luma, what
+    an RGB image through a grayscale model has its luma restored (restorer.base.colour.luma, what
     the network trained on) and keeps its chroma (Cb, Cr). With `bounds`, the image's JPEG file's
     (:func:`restorer.data.jpeg.file_bounds`), the result is moved inside them before it is rounded.
     """
@@ -512,9 +527,9 @@ def restore_image(network: Network, image: np.ndarray, bounds: Optional[jpeg.Fil
     if image.ndim == 2:
         out = restore_gray(network, image, **kw)
     else:
-        ycc = np.array(Image.fromarray(image, "RGB").convert("YCbCr"))
+        ycc = ycbcr(image)
         ycc[..., 0] = restore_array(network, luma(image), **kw)
-        out = np.asarray(Image.fromarray(ycc, "YCbCr").convert("RGB"))
+        out = rgb(ycc)
     return out if bounds is None else bounds.project(out)  # (rounded twice here: a grey level at most)
 
 

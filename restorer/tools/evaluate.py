@@ -22,7 +22,7 @@ For every image under DIR (recursive; .jpg .jpeg .png .webp .bmp .tif .tiff, any
   grayscale); that one channel is JPEG-encoded as a grayscale JPEG. A grayscale network restores it;
   an RGB network gets it as three equal channels and its output's mean over them. Metrics on it.
 * a grayscale network without ``--gray``: the reference is the luma it trains on (JFIF BT.601, full
-  range: Pillow's L, restorer.data.patches.luma), JPEG-encoded as a grayscale JPEG. Metrics on it.
+  range: Pillow's L, restorer.base.colour.luma), JPEG-encoded as a grayscale JPEG. Metrics on it.
 * the network runs on the whole image: in tiles of 1024 px (so memory stays bounded), which the
   benchmarks' images (LIVE1, Classic5, BSDS500) fit in whole, on every device alike; as restore
   does, the output is moved inside the quantization bins of the JPEG it restores (the file's bounds,
@@ -51,8 +51,10 @@ input is scored against the reference's MATLAB Y (or the reference itself when i
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -60,13 +62,14 @@ import numpy as np
 import torch
 
 from restorer.base.cli import Parser, UsageError, run, warn
+from restorer.base.errors import RestorerError, one_line
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
-from restorer.data.patches import luma
+from restorer.base.colour import luma, matlab_y, matlab_y_u8
 from restorer.base.fileio import atomic_open, atomic_write_json
 from restorer.base.device import INFERENCE_PRECISIONS
-from restorer.infer.inference import (Network, NonFiniteOutputError, decode_file, find_inputs, input_quality,
-                                load_network, restore_image)
+from restorer.infer.inference import (Network, NonFiniteOutputError, TilingError, check_tiling, decode_file,
+                                      find_inputs, input_quality, load_network, restore_image)
 from restorer.infer.metrics import psnr, psnr_b, ssim
 
 PROG = "restorer evaluate"
@@ -79,10 +82,8 @@ TILE = 1024  # on every device: the same tiles give the same figures
 SSIM_WINDOW = 11  # the Gaussian window of SSIM (restorer.infer.metrics.ssim): the smallest side that can be scored
 MAX_SHIFT = 7  # --double cuts 1..MAX_SHIFT px from the top and the left of each image
 GIVEN = "given"  # the "quality" key of --inputs/--references results
-
-#: MATLAB rgb2ycbcr luma weights, for R, G, B in [0, 1] giving Y in [16/255, 235/255].
-_Y_WEIGHTS = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
-_Y_OFFSET = 16.0 / 255.0
+FLAGS = {"qualities": "--quality", "double": "--double", "chroma": "--chroma", "y_channel": "--y-channel",
+         "max_side": "--max-side"}  # a Protocol field -> the option that sets it
 
 HEADERS = {
     "rgb": "metrics on RGB (all three channels, data range 1.0)",
@@ -95,17 +96,6 @@ HEADERS = {
 
 # ---------------------------------------------------------------------------------------------
 # pieces
-
-
-def matlab_y(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) float64 MATLAB rgb2ycbcr Y in [16, 235] (not rounded)."""
-    x = rgb.astype(np.float64)
-    return 16.0 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255.0
-
-
-def matlab_y_u8(rgb: np.ndarray) -> np.ndarray:
-    """The grayscale benchmarks' reference: MATLAB Y rounded to 8 bits, (H, W) uint8."""
-    return np.round(matlab_y(rgb)).astype(np.uint8)
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
@@ -146,98 +136,157 @@ def double_shift(name: str) -> tuple[int, int]:
     return 1 + h % MAX_SHIFT, 1 + (h // MAX_SHIFT) % MAX_SHIFT
 
 
-def evaluate(ckpt_path, images_dir, qualities=QUALITIES, *, gray: bool = False, y_channel: bool = False,
-             chroma: str = "420", double: Optional[int] = None, device: str = "auto", precision: str = "fp32",
-             tile: Optional[int] = None, max_side: int = 0, progress: bool = False, file_bounds: bool = True) -> dict:
-    """Encode every image under `images_dir` at each quality, restore it with the network `ckpt_path`
-    names (or a Network), score both (module docstring). Returns {"checkpoint", "channel", "chroma",
-    "double", "qualities": {q: {"images":
-    {name: figures}, "mean"}}}."""
-    qualities = list(dict.fromkeys(int(q) for q in qualities))
-    if not qualities or not all(1 <= q <= 100 for q in qualities):
-        raise UsageError(f"--quality: must be in 1..100, got {qualities}")
-    if double is not None and not 1 <= double <= 100:
-        raise UsageError(f"--double: must be a quality in 1..100, got {double}")
-    if chroma not in jpeg.CHROMA:
-        raise UsageError(f"--chroma: must be one of {', '.join(jpeg.CHROMA)}, got {chroma!r}")
-    if gray and y_channel:
-        raise UsageError("--gray already measures on Y: drop --y-channel")
-    smallest = SSIM_WINDOW + (MAX_SHIFT if double is not None else 0)
-    if max_side and max_side < smallest:
-        raise UsageError(f"--max-side must be >= {smallest} (SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window"
-                         f"{f', and the up to {MAX_SHIFT} px --double cuts' if double is not None else ''}) "
-                         f"or 0 for whole images, got {max_side}")
+class ProtocolError(RestorerError):
+    """A protocol that cannot be measured; `field` names the Protocol field (the CLI says its flag)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What evaluate measures: each image JPEG-encoded at `qualities` (with `chroma` subsampling; first
+    at quality `double` with the block grid shifted, when given), scored in RGB, on MATLAB Y
+    (`y_channel`), or by the grayscale benchmarks' protocol (`gray`); images centre-cropped to
+    `max_side` (0: whole); the network's output moved inside the JPEG file's bins (`file_bounds`, as
+    restore does) or scored alone."""
+
+    qualities: tuple[int, ...] = QUALITIES
+    gray: bool = False
+    y_channel: bool = False
+    chroma: str = "420"
+    double: Optional[int] = None
+    max_side: int = 0
+    file_bounds: bool = True
+
+    def check(self) -> "Protocol":
+        """The protocol with its qualities in order and once each; ProtocolError (one line) otherwise."""
+        qualities = tuple(dict.fromkeys(int(q) for q in self.qualities))
+        if not qualities or not all(1 <= q <= 100 for q in qualities):
+            raise ProtocolError("qualities", f"must be in 1..100, got {list(qualities)}")
+        if self.double is not None and not 1 <= self.double <= 100:
+            raise ProtocolError("double", f"must be a quality in 1..100, got {self.double}")
+        if self.chroma not in jpeg.CHROMA:
+            raise ProtocolError("chroma", f"must be one of {', '.join(jpeg.CHROMA)}, got {self.chroma!r}")
+        if self.gray and self.y_channel:
+            raise ProtocolError("y_channel", "the grayscale protocol already measures on Y")
+        smallest = SSIM_WINDOW + (MAX_SHIFT if self.double is not None else 0)
+        if self.max_side and self.max_side < smallest:
+            cut = f", and the up to {MAX_SHIFT} px a double JPEG cuts" if self.double is not None else ""
+            raise ProtocolError("max_side", f"must be >= {smallest} (SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window{cut}) "
+                                f"or 0 for whole images, got {self.max_side}")
+        return dataclasses.replace(self, qualities=qualities)
+
+    def channel(self, grayscale_network: bool) -> str:
+        """What the figures are measured on (HEADERS)."""
+        return "gray" if self.gray else "luma" if grayscale_network else "y" if self.y_channel else "rgb"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the network runs: not what is measured (the same figures on every device and tile size)."""
+
+    device: str = "auto"
+    precision: str = "fp32"
+    tile: Optional[int] = None
+    progress: bool = False  # a progress bar on stderr
+
+
+@dataclass
+class Skipped:
+    """The images evaluate could not score, and the references that are JPEGs of a quality scored."""
+
+    unreadable: int = 0
+    too_small: list[str] = field(default_factory=list)  # under SSIM's window once cropped and cut
+    lossy_references: list[str] = field(default_factory=list)
+
+
+def evaluate(network, images_dir, protocol: Protocol = Protocol(), runtime: Runtime = Runtime()) -> dict:
+    """Encode every image under `images_dir` by the protocol, restore it with the network (a path, or
+    a Network), score both (module docstring). Returns {"checkpoint", "channel", "chroma", "double",
+    "qualities": {q: {"images": {name: figures}, "mean"}}}."""
+    protocol = protocol.check()
     root = Path(images_dir)
     paths = _image_files(root, "--images")
-    net = _load(ckpt_path, device, precision)
-    kw = _tiling(tile)
-    channel = "gray" if gray else "luma" if net.grayscale else "y" if y_channel else "rgb"
-    if y_channel and net.grayscale:
+    net = _load(network, runtime.device, runtime.precision)
+    channel = protocol.channel(net.grayscale)
+    if protocol.y_channel and net.grayscale:
         warn("a grayscale network is scored on its luma anyway: --y-channel changes nothing")
-    per_q: dict[str, dict[str, dict[str, float]]] = {str(q): {} for q in qualities}
+    per_q: dict[str, dict[str, dict[str, float]]] = {str(q): {} for q in protocol.qualities}
+    skipped = Skipped()
     from tqdm import tqdm
 
-    bar = tqdm(total=len(paths) * len(qualities), desc="evaluate", unit="image", file=sys.stderr,
-               disable=not progress or None, leave=False)
-    lossy_references: list[str] = []  # references that are JPEGs at or below a quality scored
-    too_small: list[str] = []  # images under SSIM's window once cropped and cut
-    unreadable = 0
-    for path in paths:
-        name = path.relative_to(root).as_posix()
-        try:
-            raw = path.read_bytes()
-            image, is_gray = decode_file(raw)
-            own = jpeg.file_quality(raw)
-        except (ImageDecodeError, OSError) as e:
-            warn(f"skipping {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            unreadable += 1
-            bar.update(len(qualities))
-            continue
-        image = centre_crop(image, max_side) if max_side else image
-        if channel == "gray":  # the reference is Y: a grayscale file's own values, a colour one's MATLAB Y
-            clean = image if is_gray else matlab_y_u8(image)
-        elif channel == "luma":  # a grayscale network's own luma convention
-            clean = image if is_gray else luma(image)
-        else:
-            clean = np.repeat(image[..., None], 3, axis=2) if is_gray else image
-        shift = double_shift(name) if double is not None else (0, 0)
-        h, w = clean.shape[0] - shift[0], clean.shape[1] - shift[1]  # the size scored
-        if min(h, w) < SSIM_WINDOW:
-            too_small.append(f"{name} ({max(w, 0)}x{max(h, 0)})")
-            bar.update(len(qualities))
-            continue
-        if own is not None and max(qualities) >= own:
-            lossy_references.append(f"{name} (q{own})")
-        for q in qualities:
-            data, ref = jpeg.compress(clean[..., None] if clean.ndim == 2 else clean, q, chroma, first=double, shift=shift)
-            ref = ref[..., 0] if clean.ndim == 2 else ref
-            pixels, tables_q = jpeg.decode(data)
-            pixels = pixels[..., 0] if clean.ndim == 2 else pixels
-            out = _restored(net, pixels, f"{name} at quality {q}", quality=tables_q,
-                            bounds=jpeg.file_bounds(data) if file_bounds else None, **kw)
-            per_q[str(q)][name] = scored(channel, ref, pixels, out)
+    with tqdm(total=len(paths), desc="evaluate", unit="image", file=sys.stderr, disable=not runtime.progress or None,
+              leave=False) as bar:
+        for path in paths:
+            name = path.relative_to(root).as_posix()
+            for q, figures in score_image(net, path, name, protocol, channel, runtime, skipped).items():
+                per_q[str(q)][name] = figures
             bar.update()
-    bar.close()
     if not any(per_q.values()):
-        raise UsageError(f"none of the {len(paths)} image(s) under {root} could be scored ({unreadable} unreadable, "
-                         f"{len(too_small)} under {SSIM_WINDOW} px a side)")
-    _warn_too_small(too_small)
-    if lossy_references:
-        warn(f"{len(lossy_references)} reference(s) are JPEGs themselves, of a quality scored here: "
-             f"{_some(lossy_references)}; at or above its own quality a score measures how well the network keeps "
-             "the reference's artifacts")
-    return _result(ckpt_path, channel, per_q, chroma=chroma, double=double, file_bounds=file_bounds)
+        raise UsageError(f"none of the {len(paths)} image(s) under {root} could be scored ({skipped.unreadable} "
+                         f"unreadable, {len(skipped.too_small)} under {SSIM_WINDOW} px a side)")
+    _warn_too_small(skipped.too_small)
+    if skipped.lossy_references:
+        warn(f"{len(skipped.lossy_references)} reference(s) are JPEGs themselves, of a quality scored here: "
+             f"{_some(skipped.lossy_references)}; at or above its own quality a score measures how well the network "
+             "keeps the reference's artifacts")
+    return _result(network, channel, per_q, chroma=protocol.chroma, double=protocol.double,
+                   file_bounds=protocol.file_bounds)
 
 
-def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = False, device: str = "auto",
-                   precision: str = "fp32", tile: Optional[int] = None, file_bounds: bool = True) -> dict:
+def reference(image: np.ndarray, is_gray: bool, channel: str) -> np.ndarray:
+    """The clean image scored against: a grayscale file's own values or a colour one's MATLAB Y (the
+    grayscale protocol), the luma a grayscale network trains on, or RGB."""
+    if channel == "gray":
+        return image if is_gray else matlab_y_u8(image)
+    if channel == "luma":
+        return image if is_gray else luma(image)
+    return np.repeat(image[..., None], 3, axis=2) if is_gray else image
+
+
+def score_image(net: Network, path: Path, name: str, protocol: Protocol, channel: str, runtime: Runtime,
+                skipped: Skipped) -> dict[int, dict[str, float]]:
+    """One image's figures at each quality ({} when it cannot be scored: counted in `skipped`)."""
+    try:
+        raw = path.read_bytes()
+        image, is_gray = decode_file(raw)
+        own = jpeg.file_quality(raw)
+    except (ImageDecodeError, OSError) as e:
+        warn(f"skipping {name}: {one_line(e)}")
+        skipped.unreadable += 1
+        return {}
+    clean = reference(centre_crop(image, protocol.max_side) if protocol.max_side else image, is_gray, channel)
+    shift = double_shift(name) if protocol.double is not None else (0, 0)
+    h, w = clean.shape[0] - shift[0], clean.shape[1] - shift[1]  # the size scored
+    if min(h, w) < SSIM_WINDOW:
+        skipped.too_small.append(f"{name} ({max(w, 0)}x{max(h, 0)})")
+        return {}
+    if own is not None and max(protocol.qualities) >= own:
+        skipped.lossy_references.append(f"{name} (q{own})")
+    figures = {}
+    for q in protocol.qualities:
+        data, ref = jpeg.compress(clean[..., None] if clean.ndim == 2 else clean, q, protocol.chroma,
+                                  first=protocol.double, shift=shift)
+        ref = ref[..., 0] if clean.ndim == 2 else ref
+        pixels, tables_q = jpeg.decode(data)
+        pixels = pixels[..., 0] if clean.ndim == 2 else pixels
+        out = _restored(net, pixels, f"{name} at quality {q}", quality=tables_q,
+                        bounds=jpeg.file_bounds(data) if protocol.file_bounds else None, **_tiling(runtime.tile))
+        figures[q] = scored(channel, ref, pixels, out)
+    return figures
+
+
+def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = False, file_bounds: bool = True,
+                   runtime: Runtime = Runtime()) -> dict:
     """Score JPEG files as they are against references matched by stem; the quality key is 'given'.
     Each input's quality (for a conditioned network) is its tables', or what its pixels show."""
     inputs, refs = Path(inputs_dir), Path(references_dir)
     paths = _image_files(inputs, "--inputs")
     references = {p.relative_to(refs).with_suffix("").as_posix(): p for p in _image_files(refs, "--references")}
-    net = _load(ckpt_path, device, precision)
-    kw = _tiling(tile)
+    net = _load(ckpt_path, runtime.device, runtime.precision)
+    kw = _tiling(runtime.tile)
     images: dict[str, dict[str, float]] = {}
     gray_inputs = 0
     too_small: list[str] = []
@@ -251,7 +300,7 @@ def evaluate_pairs(ckpt_path, inputs_dir, references_dir, *, y_channel: bool = F
             jpeg_pixels, is_gray = decode_file(data)
             ref, ref_gray = decode_file(references[stem].read_bytes())
         except (ImageDecodeError, OSError) as e:
-            warn(f"skipping {stem}: {' '.join(str(e).split())}")
+            warn(f"skipping {stem}: {one_line(e)}")
             continue
         if is_gray and not ref_gray:
             ref = matlab_y_u8(ref)
@@ -314,10 +363,12 @@ def _load(ckpt_path, device: str, precision: str) -> Network:
 
 
 def _tiling(tile: Optional[int]) -> dict:
-    tile = tile or TILE
-    if tile < 8 or tile % 8:
-        raise UsageError(f"--tile must be a positive multiple of 8, got {tile}")
-    return {"tile": tile, "overlap": 32, "batch": 4}
+    kw = {"tile": tile or TILE, "overlap": 32, "batch": 4}
+    try:
+        check_tiling(**kw)
+    except TilingError as e:
+        raise UsageError(f"--{e.field}: {e.message}") from None
+    return kw
 
 
 def _result(ckpt_path, channel: str, per_q: dict, chroma: Optional[str] = None, double: Optional[int] = None,
@@ -434,15 +485,17 @@ def main(argv=None) -> int:
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise UsageError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+        runtime = Runtime(args.device, args.precision, args.tile, progress=True)
         if args.inputs:
             result = evaluate_pairs(args.ckpt, args.inputs, args.references, y_channel=args.y_channel,
-                                    device=args.device, precision=args.precision, tile=args.tile,
-                                    file_bounds=args.file_bounds)
+                                    file_bounds=args.file_bounds, runtime=runtime)
         else:
-            result = evaluate(args.ckpt, args.images, SWEEP if args.sweep else args.quality or QUALITIES, gray=args.gray,
-                              y_channel=args.y_channel, chroma=args.chroma, double=args.double, device=args.device,
-                              precision=args.precision, tile=args.tile, max_side=args.max_side, progress=True,
-                              file_bounds=args.file_bounds)
+            protocol = Protocol(tuple(SWEEP if args.sweep else args.quality or QUALITIES), args.gray, args.y_channel,
+                                args.chroma, args.double, args.max_side, args.file_bounds)
+            try:
+                result = evaluate(args.ckpt, args.images, protocol, runtime)
+            except ProtocolError as e:  # the library's words, with the flag that set the field
+                raise UsageError(f"{FLAGS[e.field]}: {e.message}") from None
         print(format_report(result))
         if args.json:
             atomic_write_json(args.json, result)

@@ -51,8 +51,8 @@ from restorer.base.fileio import atomic_open, file_identity
 from restorer.base.errors import RestorerError
 from restorer.infer.pictures import make_compare
 from restorer.base.device import INFERENCE_PRECISIONS, resolve_device
-from restorer.infer.inference import (Network, NonFiniteOutputError, decode_file, find_inputs, input_quality,
-                                load_network, read_image, restore_image, warm_up)
+from restorer.infer.inference import (Network, NonFiniteOutputError, TilingError, check_tiling, decode_file,
+                                      find_inputs, input_quality, load_network, read_image, restore_image, warm_up)
 
 PROG = "restorer restore"
 
@@ -127,12 +127,10 @@ def _checked(args) -> tuple[Network, list[Path], list[str]]:
     cuda = device.type == "cuda"  # bigger tiles and batches: fewer, fuller launches
     args.tile = args.tile if args.tile is not None else (1024 if cuda else 256)
     args.batch = args.batch if args.batch is not None else (4 if cuda else 8)
-    if args.tile < 8 or args.tile % 8:
-        raise UsageError(f"--tile must be a positive multiple of 8, got {args.tile}")
-    if not 0 <= args.overlap <= args.tile // 2:
-        raise UsageError(f"--overlap must be in [0, {args.tile // 2}], got {args.overlap}")
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    try:
+        check_tiling(args.tile, args.overlap, args.batch)
+    except TilingError as e:  # the library's words, with the flag
+        raise UsageError(f"--{e.field}: {e.message}") from None
     if args.quality is not None and not 1 <= args.quality <= 100:
         raise UsageError(f"--quality must be in 1..100, got {args.quality}")
     if args.reference and not Path(args.reference).is_dir():

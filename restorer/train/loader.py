@@ -738,6 +738,11 @@ class EpochLoader:
     def __len__(self) -> int:
         return self.steps
 
+    def on(self, device: torch.device) -> "EpochLoader":
+        """The micro-batches arrive on `device` (before the first iteration)."""
+        self.device = torch.device(device)
+        return self
+
     def state_dict(self) -> dict:
         """The checkpoint's data field: where the stream is (a step), and what it is made of."""
         return {"data": {**self.stream, "step": self.position}}
@@ -832,8 +837,7 @@ class Uploader:
 
 
 def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 grad_accum: int = 1, step: int = 0, steps: Optional[int] = None, device="cpu",
-                 trace: bool = False) -> EpochLoader:
+                 grad_accum: int = 1, step: int = 0, steps: Optional[int] = None) -> EpochLoader:
     """Training batches for this rank, epoch after epoch: each `iter()` yields one epoch's steps, each of
     grad_accum micro-batches of (input, target) uint8 N x C x P x P and the inputs' N qualities
     (float32, from their JPEG's tables), and the next one goes on with the same stream.
@@ -842,7 +846,8 @@ def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
     started at `step`, it gives what an uninterrupted run gives from that step on, whatever the world
     size, the worker count and the split of the global batch into batch_size x grad_accum. From
     train_urls it is streamed (StreamPatches). `steps` (per epoch) defaults to `steps_per_epoch`; it
-    is the same on every rank whatever the shards."""
+    is the same on every rank whatever the shards. The batches come on the CPU (`.on(device)` moves
+    them); with data.trace the loader keeps the numbers of what it gave out (EpochLoader)."""
     workers = cfg.workers
     global_batch = batch_size * grad_accum * world_size
     if uses_lanes(cfg):
@@ -871,7 +876,7 @@ def train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
                         multiprocessing_context=_mp_context(workers))
     if steps is None:
         steps = steps_per_epoch(cfg, batch_size, world_size, grad_accum)
-    return EpochLoader(loader, steps, grad_accum, torch.device(device), trace, stream, step)
+    return EpochLoader(loader, steps, grad_accum, trace=cfg.trace, stream=stream, step=step)
 
 
 def val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,

@@ -51,7 +51,7 @@ from restorer.base.fileio import atomic_open, atomic_write_json
 from restorer.base.urls import mask_secrets
 from restorer.models import count_parameters, describe, load_weights, macs_per_pixel
 from restorer.train.optim import loss_fn, make_optimizer, set_lr
-from restorer.train.reporting import Reporter
+from restorer.train.reporting import Reporter, Schedule
 from restorer.train.trackers import open_trackers
 from restorer.train.stop import StopRequest
 
@@ -553,8 +553,8 @@ class Trainer:
         self.generators = Generators()
         self.loader = train_loader(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
                                    world_size=info.world_size, grad_accum=cfg.train.grad_accum,
-                                   step=checkpoint.step if checkpoint is not None else 0, steps=self.steps_epoch,
-                                   device=info.device, trace=cfg.data.trace)
+                                   step=checkpoint.step if checkpoint is not None else 0,
+                                   steps=self.steps_epoch).on(info.device)
         parts = (self.t, self.state, self.generators, self.loader)
         if checkpoint is not None:
             checkpoint.load_into(parts)
@@ -568,11 +568,8 @@ class Trainer:
         trackers = open_trackers(cfg.log, out_dir, cfg.to_dict(), {
             "name": cfg.model.name, "options": cfg.model.options(), "parameters": count_parameters(self.t.model),
             "macs_per_pixel": macs_per_pixel(self.t.model, self.t.model.in_channels)}) if info.is_main else []
-        self.report = Reporter(out_dir, active=info.is_main, every=cfg.log.every, total_steps=self.total_steps,
-                               budget_s=self.budget_s, start_step=self.state.step,
-                               start_seconds=self.state.train_seconds, steps_per_epoch=self.steps_epoch,
-                               progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, pictures=cfg.log.pictures,
-                               trackers=trackers, val_every=cfg.log.val_every)
+        schedule = Schedule(self.total_steps, self.steps_epoch, self.budget_s, self.state.step, self.state.train_seconds)
+        self.report = Reporter(out_dir, cfg.log, schedule, active=info.is_main, trackers=trackers)
         self.report.say(f"network {describe(self.t.model, cfg.model.name)}")
         start = {"event": "resume" if checkpoint is not None else "start", "step": self.state.step,
                  "world_size": info.world_size, "global_batch": global_batch, "nodes": self.nodes,

@@ -1,5 +1,5 @@
-"""Rank 0's account of a run: metrics.jsonl (one JSON object a line, appended), TensorBoard scalars
-when the package is installed, the experiment trackers asked for (restorer.train.trackers), the
+"""Rank 0's account of a run: metrics.jsonl (one JSON object a line, appended), the trackers
+(restorer.train.trackers: TensorBoard when the package is installed, W&B and MLflow when asked for), the
 validation pictures (RUN/val/step-N.png), and the console (progress, and lines that do not break
 it). Other ranks report nothing (errors excepted, by their own tools).
 
@@ -13,17 +13,18 @@ the steps an epoch count says a run would take are never reached then.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO
 
 import numpy as np
 
 from restorer.base.cli import tool_name
-from restorer.formats.run_folder import METRICS, PICTURES, TENSORBOARD, TRACE, step_picture
+from restorer.formats.config import LogConfig
+from restorer.formats.run_folder import METRICS, PICTURES, TRACE, step_picture
 from restorer.base.fileio import atomic_open
 from restorer.train.trackers import close_trackers
 
@@ -31,42 +32,44 @@ LINE_EVERY_S = 60.0  # a progress line in a log file, once a minute
 RATES = {"patches_s": "patches/s", "steps_s": "steps/s"}  # the bar's figures that a progress line says as rates
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Where the run starts and where it ends: what the epochs and the time left are counted from."""
+
+    total_steps: int
+    steps_per_epoch: int
+    budget_s: float = 0.0  # train.max_minutes in seconds; 0: the steps decide
+    start_step: int = 0
+    start_seconds: float = 0.0  # training seconds spent before (a resumed run)
+
+
 class Reporter:
-    """metrics.jsonl, TensorBoard and the console of one run, on rank 0 (`active`); every method is
-    a no-op elsewhere. `due(step)` says when a training line is written (log.every). `stream`: the
+    """metrics.jsonl, the trackers (TensorBoard among them) and the console of one run, on rank 0
+    (`active`); every method is a no-op elsewhere. `log` is the config's log section (every,
+    val_every, progress, pictures); `due(step)` says when a training line is written. `stream`: the
     console (sys.stderr); `clock`: the seconds the time left is measured with (time.perf_counter)."""
 
-    def __init__(self, out_dir: Path, *, active: bool, every: int, total_steps: int, budget_s: float, start_step: int,
-                 start_seconds: float, steps_per_epoch: int, progress: bool, tensorboard: bool, pictures: int = 0,
-                 trackers: Sequence = (), val_every: int = 0, stream: Optional[TextIO] = None,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.active, self.every, self.steps_epoch, self.val_every = active, every, steps_per_epoch, val_every
-        self.total_steps, self.budget_s = total_steps, budget_s
+    def __init__(self, out_dir: Path, log: LogConfig, schedule: Schedule, *, active: bool, trackers: Sequence = (),
+                 stream: Optional[TextIO] = None, clock: Callable[[], float] = time.perf_counter):
+        self.active, self.every, self.val_every, self.pictures = active, log.every, log.val_every, log.pictures
+        self.steps_epoch, self.total_steps, self.budget_s = schedule.steps_per_epoch, schedule.total_steps, schedule.budget_s
         self.out_dir, self.path = out_dir, out_dir / METRICS
-        self.pictures, self.trackers = pictures, list(trackers)
+        self.trackers = list(trackers)
         self.stream, self.clock = stream if stream is not None else sys.stderr, clock
-        self.tb = self.bar = None
-        self.window = (start_step, clock())  # (step, clock) where the current log window began
+        self.bar = None
+        self.window = (schedule.start_step, clock())  # (step, clock) where the current log window began
         # the time left: training seconds over steps (from the first step on), validations' seconds
         self.step_at: Optional[float] = None  # the clock at the last step (or the end of a validation)
         self.step_seconds, self.steps_timed = 0.0, 0
         self.val_started: Optional[float] = None
         self.val_seconds, self.vals_timed = 0.0, 0
-        self.step, self.seconds = start_step, start_seconds
+        self.step, self.seconds = schedule.start_step, schedule.start_seconds
         self.figures: dict = {}  # the last training line's, for the progress line
         self.lines = False  # progress as plain lines (a log file), not a bar
         self.line_at = clock()
-        if not active:
-            return
-        if tensorboard:
-            with contextlib.suppress(ImportError):  # tensorboard is an optional extra
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / TENSORBOARD))
-        if progress and not _is_terminal(self.stream):
-            self.lines = True
-        elif progress:
-            self.bar = _bar(self, self.stream)
+        if active and log.progress:
+            self.lines = not _is_terminal(self.stream)
+            self.bar = None if self.lines else _bar(self, self.stream)
 
     def due(self, step: int, last: bool = False) -> bool:
         return last or step % self.every == 0
@@ -84,10 +87,6 @@ class Reporter:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(k, v, record["step"])
         for tracker in self.trackers:
             tracker.log(record, record["step"])
 
@@ -184,8 +183,8 @@ class Reporter:
 
     def picture(self, step: int, inp: np.ndarray, out: np.ndarray, target: np.ndarray) -> None:
         """The validation picture of a step: JPEG input | network | original, with a zoomed crop (as
-        restore --compare draws it), as RUN/val/step-N.png (the last log.pictures kept), in
-        TensorBoard and in every tracker."""
+        restore --compare draws it), as RUN/val/step-N.png (the last log.pictures kept), and in every
+        tracker."""
         if not (self.active and self.pictures):
             return
         from restorer.infer.pictures import make_compare
@@ -198,8 +197,6 @@ class Reporter:
             picture.save(f, format="PNG")
         for old in sorted(folder.glob("step-*.png"))[:-self.pictures]:
             old.unlink()
-        if self.tb is not None:
-            self.tb.add_image("val/picture", np.asarray(picture), step, dataformats="HWC")
         for tracker in self.trackers:
             tracker.picture(path, step)
 
@@ -210,8 +207,6 @@ class Reporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
         close_trackers(self.trackers)
 
 

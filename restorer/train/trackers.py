@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from restorer.base.cli import warn
-from restorer.formats.run_folder import TRACKER_IDS  # RUN/trackers.json: {"wandb": run id, "mlflow": run id}
+from restorer.formats.run_folder import TENSORBOARD, TRACKER_IDS  # RUN/trackers.json: {"wandb": run id, ...}
 from restorer.formats.config import flatten
 from restorer.base.errors import one_line
 from restorer.base.fileio import atomic_write_json
@@ -57,8 +57,13 @@ THREAD = "restorer-tracker-"  # the trackers' threads' names: what they log is s
 
 
 def wanted(log) -> list[str]:
-    """The trackers a config's `log` section asks for."""
-    return [name for name, on in (("wandb", log.wandb), ("mlflow", bool(log.mlflow))) if on]
+    """The trackers a config's `log` section asks for (TensorBoard only where it is installed: it is
+    on by default, an optional extra)."""
+    import importlib.util
+
+    tensorboard = log.tensorboard and importlib.util.find_spec("tensorboard") is not None
+    return [name for name, on in (("tensorboard", tensorboard), ("wandb", log.wandb), ("mlflow", bool(log.mlflow)))
+            if on]
 
 
 def tracker_problem(log) -> Optional[str]:
@@ -168,6 +173,33 @@ class WandbTracker(Tracker):
 
     def _close(self) -> None:
         self.run.finish()
+
+
+class TensorBoardTracker(Tracker):
+    """log.tensorboard: scalars and pictures into RUN/tb, when the tensorboard package is installed."""
+
+    name = "tensorboard"
+
+    def __init__(self, log, out_dir: Path, config: dict, network: dict, run_id: Optional[str]):
+        super().__init__()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.id = None  # nothing to continue: a resumed run appends to the same folder
+        self.writer = SummaryWriter(str(out_dir / TENSORBOARD))
+
+    def _log(self, scalars: dict, step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def _picture(self, path: Path, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as picture:
+            self.writer.add_image("val/picture", np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+
+    def _close(self) -> None:
+        self.writer.close()
 
 
 class MlflowTracker(Tracker):
@@ -350,6 +382,8 @@ def open_trackers(log, out_dir: Path, config: dict, network: dict) -> list[Backg
     lock = threading.Lock()
 
     def opened(name: str, tracker: Tracker) -> None:
+        if tracker.id is None:
+            return
         with lock:
             ids[name] = tracker.id
             try:
@@ -358,7 +392,7 @@ def open_trackers(log, out_dir: Path, config: dict, network: dict) -> list[Backg
                 warn(f"cannot write {path} ({cause(e)}): a resumed run will start a new {name} run")
 
     started = []
-    for name, cls in (("wandb", WandbTracker), ("mlflow", MlflowTracker)):
+    for name, cls in (("tensorboard", TensorBoardTracker), ("wandb", WandbTracker), ("mlflow", MlflowTracker)):
         if name in wanted(log):
             started.append(Background(name, functools.partial(cls, log, out_dir, config, network, ids.get(name)),
                                       functools.partial(opened, name), wait_s))
