@@ -58,6 +58,8 @@ from typing import Callable, Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+from restorer.formats.run_folder import LAST, METRICS  # noqa: E402 (it imports no third-party package)
+
 PROG = "gpu_check"
 ONE_GPU = "one GPU"  # the one skip that is no loss
 
@@ -471,7 +473,7 @@ def stage_trainer(c: Check) -> None:
            "train.max_steps=0", "train.epochs=100000", f"train.max_minutes={limit / 60:.2f}", f"log.every={every}",
            "log.val_every=0", "log.progress=false", "checkpoint.every=100000000"]
     c.say(f"the trainer: up to {limit / 60:.1f} min; its log: {log}")
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / METRICS).unlink(missing_ok=True)
     t0 = time.monotonic()
     p = c.spawn(cmd, log)
     stop_margin = 20 if c.dry else 40  # after SIGTERM: the last save
@@ -479,7 +481,7 @@ def stage_trainer(c: Check) -> None:
     try:
         while p.poll() is None:
             time.sleep(0.5)
-            steady = split_windows(windows(read_metrics(out / "metrics.jsonl"), c.batch), skip, min_warm)[1]
+            steady = split_windows(windows(read_metrics(out / METRICS), c.batch), skip, min_warm)[1]
             if sum(w[2] for w in steady) >= seconds:
                 stopped = "measured"
             elif time.monotonic() - t0 > limit - stop_margin:
@@ -496,7 +498,7 @@ def stage_trainer(c: Check) -> None:
     wall = time.monotonic() - t0
     text = log.read_text(errors="replace") if log.exists() else ""
     fell_back = next((x.split("train.compile: ", 1)[1] for x in text.splitlines() if "train.compile: " in x), None)
-    warm, steady = split_windows(windows(read_metrics(out / "metrics.jsonl"), c.batch), skip, min_warm)
+    warm, steady = split_windows(windows(read_metrics(out / METRICS), c.batch), skip, min_warm)
     c.figures.update(trainer_rc=rc, trainer_wall_s=round(wall, 1))
     if fell_back:
         c.figures["trainer_compile_fell_back"] = fell_back
@@ -603,7 +605,7 @@ def stage_ddp(c: Check) -> None:
     c.say(f"torchrun, 2 processes: up to {limit / 60:.1f} min; its log: {log}")
     t0 = time.monotonic()
     rc = c.run(cmd, log, limit)
-    done = [m for m in read_metrics(out / "metrics.jsonl") if m.get("event") == "finished"]
+    done = [m for m in read_metrics(out / METRICS) if m.get("event") == "finished"]
     label = f"torchrun 2 x {'gloo' if c.dry else 'nccl'}, {steps} steps"
     if rc != 0 or not done:
         c.figures["ddp_ok"] = False
@@ -629,7 +631,7 @@ def stage_restore(c: Check) -> None:
         big = np.asarray(Image.open(photos[0]).convert("RGB").resize(size, Image.BICUBIC))
     else:
         big = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    last, weights = c.work / "run" / "last.pt", "the trainer's last.pt"
+    last, weights = c.work / "run" / LAST, f"the trainer's {LAST}"
     try:
         net = load_network(last, device)
     except Exception as e:  # noqa: BLE001 - no trainer run: a fresh network times the same

@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from restorer.tools import demo  # noqa: E402
 from restorer.formats.config import load_config  # noqa: E402
 from restorer.formats.checkpoint import read_checkpoint  # noqa: E402
+from restorer.formats.run_folder import LAST, METRICS  # noqa: E402
 from restorer.models import CONDITIONING, MODELS, build_model, count_parameters, macs_per_pixel  # noqa: E402
 from restorer.train.loop import Training, train_step  # noqa: E402
 
@@ -236,15 +237,15 @@ def quality_rows(work: Path, names: list[str], minutes: float, steps: int, nproc
              "train.resume=false", "train.overwrite=true", "log.progress=false", "log.val_every=0", *budget,
              *RECIPES[name]], work / f"{name}.train.log")
         train_s = time.perf_counter() - t0
-        events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        network = read_checkpoint(out / "last.pt").network
+        events = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+        network = read_checkpoint(out / LAST).network
         model = network.build()
         done = events[-1]["step"]
         row = {"recipe": name, "network": network.name, "conditioning": network.conditioning,
                "params": count_parameters(model), "steps": done, "steps_per_s": done / train_s}
-        rows.append(row | score(out / "last.pt", held_out))
+        rows.append(row | score(out / LAST, held_out))
         if network_alone:
-            rows.append(row | {"recipe": f"{name} (alone)"} | score(out / "last.pt", held_out, file_bounds=False))
+            rows.append(row | {"recipe": f"{name} (alone)"} | score(out / LAST, held_out, file_bounds=False))
     return rows, held
 
 

@@ -102,3 +102,27 @@ def test_an_import_up_a_layer_beside_it_or_in_a_circle_is_found(tmp_path):
         "restorer.models.common imports restorer.data.jpeg: not a lower layer",
         "a circle: restorer.base.fileio -> restorer.base.urls -> restorer.base.fileio",
     ]
+
+
+def test_no_function_is_over_60_lines_or_takes_over_8_parameters():
+    """Small functions with few inputs: a longer one is split, more inputs become an option object."""
+    found = []
+    for path in sorted((REPO / "restorer").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]
+                params = [p for p in params if p.arg not in ("self", "cls")]
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60 or len(params) > 8:
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {lines} lines, {len(params)} parameters")
+    assert found == []
+
+
+def test_the_readmes_layout_shows_the_folders_there_are():
+    readme = (REPO / "README.md").read_text()
+    tree = readme[readme.index("## Layout"):readme.index("## Tests and benchmarks")]
+    folders = sorted(p.name for p in (REPO / "restorer").iterdir() if (p / "__init__.py").is_file())
+    shown = sorted(line.split()[0].rstrip("/") for line in tree.splitlines() if line.startswith("  ") and
+                   line.split() and line.split()[0].endswith("/"))
+    assert shown == folders and sorted(name for layer in LAYERS for name in layer) == folders
