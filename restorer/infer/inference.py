@@ -294,6 +294,18 @@ def _refuse_non_finite(weights: Iterable[tuple[str, torch.Tensor]], source) -> N
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
+def network_weights(path: str | Path) -> tuple[NetworkSpec, dict]:
+    """The network a checkpoint (.pt: its EMA weights when present) or a .safetensors export holds, as
+    (spec, weights): what a training starts from (train.init_from). CheckpointError (one line) for a
+    file that cannot be used."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        model, spec, _ = _safetensors_model(path)
+        return spec, model.state_dict()
+    model, checkpoint = load_checkpoint_network(path)
+    return checkpoint.network, model.state_dict()
+
+
 def load_checkpoint_network(ckpt_path: str | Path) -> tuple[nn.Module, Checkpoint]:
     """The network rebuilt from a checkpoint alone (on the CPU, in eval mode, EMA weights when
     present) and the checkpoint. CheckpointError (one line) for a file that cannot be used."""

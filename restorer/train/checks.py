@@ -6,11 +6,14 @@ ConfigError line (exit 2) on every rank: a rank that sees another disk fails the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import shutil
 import sysconfig
 from typing import Callable, Optional
 
+from restorer.base.errors import RestorerError
 from restorer.cluster import dist
 from restorer.formats.config import Config, ConfigError
 from restorer.data.manifest import ManifestError, check_shards
@@ -74,6 +77,30 @@ def compile_problem(device_type: str, which=shutil.which, include_dir: Optional[
     return None
 
 
+def check_init_from(cfg: Config) -> None:
+    """train.init_from: a file this rank can read, of the network the config trains (one line, exit 2)."""
+    if not cfg.train.init_from:
+        return
+    from restorer.infer.inference import network_weights
+
+    try:
+        spec, _ = network_weights(cfg.train.init_from)
+    except RestorerError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    if _plain(spec) != _plain(cfg.network()):
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} holds {_said(spec)}, but the config trains "
+                          f"{_said(cfg.network())}: set model.* and data.patch to match it")
+
+
+def _plain(spec) -> str:
+    return json.dumps(dataclasses.asdict(spec), sort_keys=True, default=list)  # (tuples and lists alike)
+
+
+def _said(spec) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in sorted(spec.options.items()))
+    return f"{spec.name} ({options}; {'luma' if spec.grayscale else f'{spec.in_channels} channels'})"
+
+
 def check_trackers(cfg: Config) -> None:
     """A tracker asked for but not installed: one line naming its extra (exit 2), before any work."""
     problem = tracker_problem(cfg.log)
@@ -103,7 +130,7 @@ def start_checks(cfg: Config, info: dist.DistInfo) -> None:
     Hashing hundreds of GB on a shared file system takes longer than a collective may wait (NCCL's
     10 minutes): its verdicts are exchanged through the rendezvous store, with no such limit."""
     agreed_check(info, lambda: (check_data(cfg, hash_share=None), check_shared_memory(cfg, local_ranks()),
-                                check_trackers(cfg)))
+                                check_trackers(cfg), check_init_from(cfg)))
     if cfg.data.verify and cfg.data.shards:
         agreed_check(info, lambda: check_data(cfg, hash_share=(info.rank, info.world_size)),
                      gather=lambda error: dist.gather_by_store("restorer/verify", error, VERIFY_WAIT_S))

@@ -144,6 +144,16 @@ class Training:
                 "ema": _to_cpu(self.ema.state_dict()) if self.ema is not None else None,
                 "optimizer": _to_cpu(self.optimizer.state_dict()), "scaler": self.scaler.state_dict()}
 
+    def start_from(self, path: str) -> None:
+        """A fresh run's weights (and its EMA's) from another run's checkpoint or an export (train.init_from);
+        the optimizer starts fresh."""
+        from restorer.infer.inference import network_weights
+
+        weights = network_weights(path)[1]
+        load_weights(self.model, weights, path)
+        if self.ema is not None:
+            load_weights(self.ema, weights, path)
+
     def load_state_dict(self, state: dict) -> None:
         """A checkpoint's weights, EMA, optimizer and scaler. The config the run is started with applies:
         its lr, schedule and other settings replace the checkpoint's (the optimizer keeps its moments);
@@ -558,6 +568,8 @@ class Trainer:
         parts = (self.t, self.state, self.generators, self.loader)
         if checkpoint is not None:
             checkpoint.load_into(parts)
+        elif cfg.train.init_from:  # (checked at start on every rank: it loads, and it is this network)
+            self.t.start_from(cfg.train.init_from)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_epoch
         self.budget_s = cfg.train.max_minutes * 60
         self.state.time_up = bool(self.budget_s) and self.state.train_seconds >= self.budget_s  # spent before a resume
@@ -570,6 +582,16 @@ class Trainer:
             "macs_per_pixel": macs_per_pixel(self.t.model, self.t.model.in_channels)}) if info.is_main else []
         schedule = Schedule(self.total_steps, self.steps_epoch, self.budget_s, self.state.step, self.state.train_seconds)
         self.report = Reporter(out_dir, cfg.log, schedule, active=info.is_main, trackers=trackers)
+        self.announce(checkpoint, notes, global_batch)
+        del checkpoint  # its tensors: the model and optimizer hold their own now
+        self.saver = Checkpointer(self.t, info, self.stop, parts)
+        self.flags = StepFlags(info.device)
+        self.clock = time.perf_counter() - self.state.train_seconds
+
+    def announce(self, checkpoint: Optional[Checkpoint], notes: list[str], global_batch: int) -> None:
+        """The run's first lines: the network, where it starts (a resume and what changed since, or the
+        weights it starts from), and the start or resume event in metrics.jsonl."""
+        cfg, info = self.cfg, self.info
         self.report.say(f"network {describe(self.t.model, cfg.model.name)}")
         start = {"event": "resume" if checkpoint is not None else "start", "step": self.state.step,
                  "world_size": info.world_size, "global_batch": global_batch, "nodes": self.nodes,
@@ -580,11 +602,10 @@ class Trainer:
                             + "".join(f"; {note}" for note in notes)
                             + (f"; settings changed since, applied now: {'; '.join(changes)}" if changes else ""))
             start.update(checkpoint=str(checkpoint.path), changes=changes)
+        elif cfg.train.init_from:
+            self.report.say(f"starting from the weights of {cfg.train.init_from}")
+            start.update(init_from=cfg.train.init_from)
         self.report.write(start)
-        del checkpoint  # its tensors: the model and optimizer hold their own now
-        self.saver = Checkpointer(self.t, info, self.stop, parts)
-        self.flags = StepFlags(info.device)
-        self.clock = time.perf_counter() - self.state.train_seconds
 
     def peers(self) -> str:
         """The other ranks, by node: what a lost connection may be."""
