@@ -58,8 +58,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("BENCH_RESTORER_TREE") or str(REPO))
 from restorer.data import decode_image, jpeg  # noqa: E402
 from restorer.data.patches import training_pair  # noqa: E402
-from restorer.formats.config import DataConfig, load_config  # noqa: E402
-from restorer.train.loader import train_loader  # noqa: E402
+try:
+    from restorer.formats.config import DataConfig, load_config  # noqa: E402
+    from restorer.train.loader import train_loader  # noqa: E402
+except ModuleNotFoundError:  # --against a checkout from before the layer folders (37b8cea, the main)
+    from restorer.config import DataConfig, load_config  # noqa: E402
+    from restorer.data.pipeline import train_loader  # noqa: E402
 from restorer.data.sharding import PackOptions, run  # noqa: E402
 from shards import unique_variant  # noqa: E402  (bench/shards.py: this folder is on sys.path)
 
@@ -248,7 +252,7 @@ def profile_single_process(cfg: DataConfig, batches: int) -> list[str]:
     wanted = [("decode.py", "decode_image", "source decode"),
               ("patches.py", "training_pair", "training_pair (crop, resize, rotate, JPEG)"),
               ("jpeg.py", "encode", "  of which jpeg.encode"),
-              ("pipeline.py", "_batch", "_batch (jpeg.decode, tables, stack)"),
+              ("loader.py", "_batch", "_batch (jpeg.decode, tables, stack)"),
               ("jpeg.py", "decode", "  of which jpeg.decode"),
               ("tariterators.py", "tar_file_iterator", "tar reading")]
     found = {(Path(file).name, func): row for (file, _, func), row in stats.stats.items()}

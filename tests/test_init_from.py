@@ -31,12 +31,14 @@ def test_a_fresh_run_starts_from_a_checkpoints_ema_weights_and_a_resume_ignores_
     assert start["event"] == "start" and start["init_from"] == str(base_run / "last.pt") and start["step"] == 0
     _assert_close(load_state(out / "last.pt")["model"], _weights(base_run / "last.pt"))
     assert load_state(out / "last.pt")["step"] == 2  # its own steps: a fresh optimizer and schedule
-    # the same command again resumes the run: the weights it trained, not the file's again
+    # a requeue resumes the run: its own weights, not the file's again; the file is not even read (it may
+    # be gone, or on a disk the new node does not see), and it is no change of the run
     p = train_here(shards, out, "train.max_steps=3", "optim.lr=1e-30", "optim.schedule=constant", "log.val_every=0",
-                   f"train.init_from={base_run / 'last.pt'}")
+                   f"train.init_from={tmp_path / 'moved-away.pt'}")
     assert_ok(p)
     resumed = [m for m in metrics(out) if m.get("event") == "resume"]
     assert resumed and "init_from" not in resumed[-1] and "starting from the weights" not in p.stderr
+    assert resumed[-1]["changes"] == ["train.max_steps 2 -> 3"]
 
 
 def test_a_run_starts_from_an_exported_safetensors_file(base_run, shards, tmp_path):
@@ -58,3 +60,12 @@ def test_another_network_or_a_missing_file_is_one_line_before_any_work(base_run,
         assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
         assert p.stderr.startswith("restorer train: error: train.init_from: ") and said in p.stderr, p.stderr
         assert not (out / "last.pt").exists()
+
+
+def test_a_file_in_the_runs_own_folder_is_refused_before_anything_is_deleted(base_run, shards):
+    """A fresh start over the run (overwrite) would delete the very file it was to start from."""
+    before = (base_run / "last.pt").read_bytes()
+    p = train_here(shards, base_run, *STILL, f"train.init_from={base_run / 'last.pt'}", "train.resume=false",
+                   "train.overwrite=true")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "is in train.out_dir" in p.stderr and (base_run / "last.pt").read_bytes() == before

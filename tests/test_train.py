@@ -83,7 +83,7 @@ def test_a_config_and_its_shards_are_checked_before_submitting(shards, tmp_path)
                                f"data.shards={data}"], capture_output=True, text=True, cwd=REPO)
 
     ok = check(shards)
-    assert ok.returncode == 0 and "check: the config and its shards are fine" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "restorer slurm: the config and its shards are fine" in ok.stdout, ok.stderr
     bad = check(tmp_path / "typo")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no shard manifest" in bad.stderr
 

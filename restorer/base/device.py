@@ -16,13 +16,14 @@ TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")
 INFERENCE_PRECISIONS = ("fp32", "bf16")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto" (or None): cuda when available, else cpu; "cuda" where there is none is one line."""
+def resolve_device(device: str | torch.device | None, what: str = "device") -> torch.device:
+    """"auto" (or None): cuda when available, else cpu; "cuda" where there is none is one line that
+    names `what` asked for it (train.device, --device)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda, but no CUDA device is available")
+        raise UsageError(f"{what} is cuda, but no CUDA device is available")
     return device
 
 

@@ -72,7 +72,7 @@ def cuda_device_index(local_rank: int, visible: int, sharing: int = 1) -> int:
 def init_distributed(device: str = "auto", timeout_s: float = 600) -> DistInfo:
     """Join the process group (nccl with CUDA, gloo otherwise) and pick this rank's device."""
     rank, world_size, local_rank = rank_env()
-    use_cuda = resolve_device(device).type == "cuda"
+    use_cuda = device == "cuda" or resolve_device(device).type == "cuda"  # (no CUDA: cuda_device_index says so)
     if use_cuda:
         sharing = (env_int(os.environ, "LOCAL_WORLD_SIZE") or 1) if env_int(os.environ, "RANK") is not None else 1
         dev = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count(), sharing))

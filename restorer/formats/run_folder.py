@@ -1,6 +1,6 @@
 """A run folder (train.out_dir), the one owner of what is in it: the names the trainer writes there,
-the records of its metrics.jsonl (their schema, and the one reader), the config keys that are
-bookkeeping, not settings, and which files the trainer may delete or replace (RunFolder).
+the records of its metrics.jsonl (their schema, and the one reader), and which files the trainer may
+delete or replace (RunFolder). (Which config keys are bookkeeping the config says: `bookkeeping(...)`.)
 
     last.pt, best.pt, step-NNNNNNNN.pt   checkpoints (restorer.formats.checkpoint)
     config.yaml                          the resolved config the run trains with

@@ -152,7 +152,7 @@ def _onnx_network(path: Path, device: torch.device, precision: str) -> Network:
     except ImportError:
         raise UsageError("running an .onnx file needs onnxruntime: pip install -e '.[export]'") from None
     if precision != "fp32":
-        raise UsageError("an ONNX file runs in the precision it was exported in: use --precision fp32")
+        raise UsageError(f"an ONNX file runs in the precision it was exported in (fp32), not {precision}")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), providers=providers)

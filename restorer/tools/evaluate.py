@@ -206,7 +206,7 @@ def evaluate(network, images_dir, protocol: Protocol = Protocol(), runtime: Runt
     """Encode every image under `images_dir` by the protocol, restore it with the network (a path, or
     a Network), score both (module docstring). Returns {"checkpoint", "channel", "chroma", "double",
     "qualities": {q: {"images": {name: figures}, "mean"}}}."""
-    protocol = protocol.check()
+    protocol, tiling = protocol.check(), _tiling(runtime.tile)
     root = Path(images_dir)
     paths = _image_files(root, "--images")
     net = _load(network, runtime.device, runtime.precision)
@@ -221,7 +221,7 @@ def evaluate(network, images_dir, protocol: Protocol = Protocol(), runtime: Runt
               leave=False) as bar:
         for path in paths:
             name = path.relative_to(root).as_posix()
-            for q, figures in score_image(net, path, name, protocol, channel, runtime, skipped).items():
+            for q, figures in score_image(net, path, name, protocol, channel, tiling, skipped).items():
                 per_q[str(q)][name] = figures
             bar.update()
     if not any(per_q.values()):
@@ -246,9 +246,10 @@ def reference(image: np.ndarray, is_gray: bool, channel: str) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2) if is_gray else image
 
 
-def score_image(net: Network, path: Path, name: str, protocol: Protocol, channel: str, runtime: Runtime,
+def score_image(net: Network, path: Path, name: str, protocol: Protocol, channel: str, tiling: dict,
                 skipped: Skipped) -> dict[int, dict[str, float]]:
-    """One image's figures at each quality ({} when it cannot be scored: counted in `skipped`)."""
+    """One image's figures at each quality ({} when it cannot be scored: counted in `skipped`);
+    `tiling`: restore_image's tile, overlap and batch."""
     try:
         raw = path.read_bytes()
         image, is_gray = decode_file(raw)
@@ -273,7 +274,7 @@ def score_image(net: Network, path: Path, name: str, protocol: Protocol, channel
         pixels, tables_q = jpeg.decode(data)
         pixels = pixels[..., 0] if clean.ndim == 2 else pixels
         out = _restored(net, pixels, f"{name} at quality {q}", quality=tables_q,
-                        bounds=jpeg.file_bounds(data) if protocol.file_bounds else None, **_tiling(runtime.tile))
+                        bounds=jpeg.file_bounds(data) if protocol.file_bounds else None, **tiling)
         figures[q] = scored(channel, ref, pixels, out)
     return figures
 

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         args = p.parse_args(argv)
         worst = export(args.ckpt, args.format, args.out)
         checked = f"; checked against PyTorch on odd sizes: max difference {worst:.1e}" if args.format != "safetensors" else ""
-        print(f"export: wrote {args.out} ({args.format}){checked}")
+        print(f"{PROG}: wrote {args.out} ({args.format}){checked}")
         return 0
 
     return run(PROG, body)

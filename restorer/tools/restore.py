@@ -123,7 +123,7 @@ def _parser() -> Parser:
 def _checked(args) -> tuple[Network, list[Path], list[str]]:
     """The command's mistakes, before any work (UsageError, one line): the network, the inputs and
     the paths given that do not exist. Sets the device's tile and batch defaults."""
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     cuda = device.type == "cuda"  # bigger tiles and batches: fewer, fuller launches
     args.tile = args.tile if args.tile is not None else (1024 if cuda else 256)
     args.batch = args.batch if args.batch is not None else (4 if cuda else 8)

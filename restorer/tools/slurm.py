@@ -38,7 +38,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def checked(args) -> int:
         check(args.config, args.overrides)
-        print("check: the config and its shards are fine")
+        print(f"{PROG}: the config and its shards are fine")
         return 0
 
     def body() -> int:

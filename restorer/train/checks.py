@@ -77,10 +77,19 @@ def compile_problem(device_type: str, which=shutil.which, include_dir: Optional[
     return None
 
 
+def check_init_from_place(cfg: Config) -> None:
+    """train.init_from may not lie in train.out_dir: a fresh run there (overwrite, or a first attempt
+    started again) deletes the run's files before it would read it. Checked before anything is."""
+    if cfg.train.init_from:
+        source, out = os.path.abspath(cfg.train.init_from), os.path.abspath(cfg.train.out_dir)
+        if os.path.commonpath([source, out]) == out:
+            raise ConfigError(f"train.init_from: {cfg.train.init_from} is in train.out_dir {cfg.train.out_dir}, "
+                              "whose files a fresh run there replaces: copy it out first (or resume that run)")
+
+
 def check_init_from(cfg: Config) -> None:
-    """train.init_from: a file this rank can read, of the network the config trains (one line, exit 2)."""
-    if not cfg.train.init_from:
-        return
+    """train.init_from, for a run that starts fresh: a file this rank can read, of the network the
+    config trains (one line, exit 2). A resume does not read it."""
     from restorer.infer.inference import network_weights
 
     try:
@@ -130,7 +139,7 @@ def start_checks(cfg: Config, info: dist.DistInfo) -> None:
     Hashing hundreds of GB on a shared file system takes longer than a collective may wait (NCCL's
     10 minutes): its verdicts are exchanged through the rendezvous store, with no such limit."""
     agreed_check(info, lambda: (check_data(cfg, hash_share=None), check_shared_memory(cfg, local_ranks()),
-                                check_trackers(cfg), check_init_from(cfg)))
+                                check_trackers(cfg), check_init_from_place(cfg)))
     if cfg.data.verify and cfg.data.shards:
         agreed_check(info, lambda: check_data(cfg, hash_share=(info.rank, info.world_size)),
                      gather=lambda error: dist.gather_by_store("restorer/verify", error, VERIFY_WAIT_S))

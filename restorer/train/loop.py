@@ -389,8 +389,8 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     except ConfigError:  # a checkpoint of another restorer version: compare what can be compared
         old = flatten(saved)
     new = flatten(cfg.to_dict())
-    return [mask_secrets(f"{k} {old.get(k)!r} -> {new[k]!r}")
-            for k in new if k not in bookkeeping_keys() and old.get(k) != new[k]]
+    ignored = bookkeeping_keys() | {"train.init_from"}  # (a resume does not read init_from)
+    return [mask_secrets(f"{k} {old.get(k)!r} -> {new[k]!r}") for k in new if k not in ignored and old.get(k) != new[k]]
 
 
 def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[Checkpoint]:
@@ -398,7 +398,7 @@ def prepare_run_dir(cfg: Config, info: dist.DistInfo) -> Optional[Checkpoint]:
     the checkpoint, None to start fresh, or the same error on every rank. A rank that cannot see the
     run folder (node-local disk, a stale NFS cache) still resumes with the rest.
 
-    Rank 0 then claims the folder before anything is written there (restorer.formats.checkpoint.RunFolder):
+    Rank 0 then claims the folder before anything is written there (restorer.formats.run_folder.RunFolder):
     the trainer deletes only names a run of it recorded as its own. A fresh start in a folder of a
     run that never reached a checkpoint (a requeue, a crash) replaces that run's recorded files;
     with train.resume=false it needs train.overwrite=true to delete a recorded run. A run's name
@@ -568,7 +568,8 @@ class Trainer:
         parts = (self.t, self.state, self.generators, self.loader)
         if checkpoint is not None:
             checkpoint.load_into(parts)
-        elif cfg.train.init_from:  # (checked at start on every rank: it loads, and it is this network)
+        elif cfg.train.init_from:  # a fresh run: every rank reads it, and it is this network (agreed), or one line
+            checks.agreed_check(info, lambda: checks.check_init_from(cfg))
             self.t.start_from(cfg.train.init_from)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_epoch
         self.budget_s = cfg.train.max_minutes * 60

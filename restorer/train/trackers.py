@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import re
 import logging
 import os
 import secrets
@@ -104,7 +105,7 @@ def _silence(library: str) -> None:
     for logger in (logging.getLogger(), logging.getLogger("urllib3.connectionpool")):
         if _QUIET not in logger.filters:
             logger.addFilter(_QUIET)
-    warnings.filterwarnings("ignore", module=rf"({library}|restorer\.trackers)(\.|$)")
+    warnings.filterwarnings("ignore", module=rf"({library}|{re.escape(__name__)})(\.|$)")  # (ours: this module)
 
 
 class Tracker:
