@@ -353,7 +353,7 @@ def stage_shards(c: Check) -> None:
 
 
 def stage_shm(c: Check) -> None:
-    from restorer.train.loader import SPARE_SLOTS, item_patches, prefetch, ring_bytes, shm_problem
+    from restorer.train.loader import item_patches, ring_bytes, ring_slots, shm_problem
 
     cfg = c.config()
     workers = cfg.data.workers
@@ -370,7 +370,7 @@ def stage_shm(c: Check) -> None:
     problem = shm_problem(need, free, workers)
     if problem is None:
         c.row("/dev/shm", f"{mib(free)} free, the loader's rings need {mib(need)} a process "
-              f"(data.workers {workers} x {prefetch(per_item) + SPARE_SLOTS} slots of {per_item} patches): ok")
+              f"(data.workers {workers} x {ring_slots(per_item)} slots of {per_item} patches): ok")
         return
     per_worker = max(need // max(workers, 1), 1)
     c.workers = int(free * 0.9 // per_worker)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
-from restorer.base.errors import RestorerError, UsageError, one_line
+from restorer.base.errors import FieldError, RestorerError, UsageError, one_line
 from restorer.base.urls import mask_secrets
 
 __all__ = ["Parser", "UsageError", "one_line", "run", "tool_name", "warn"]
@@ -23,6 +23,13 @@ _tool = "restorer"  # the tool that is running (run sets it)
 
 def tool_name() -> str:
     return _tool
+
+
+def said_as_option(e: FieldError, options: Optional[dict[str, str]] = None) -> UsageError:
+    """A library's FieldError as the command's mistake: the option that set the field (`options` maps
+    the fields whose option is not --FIELD) instead of the field's name."""
+    option = (options or {}).get(e.field, f"--{e.field}")
+    return UsageError(f"{option}: {e.message}")
 
 
 def warn(text: str) -> None:

@@ -28,6 +28,15 @@ class UsageError(RestorerError):
     """A mistake in the command: an option, a missing file or folder."""
 
 
+class FieldError(UsageError):
+    """A value a library function cannot use, in the library's words: `field` names the parameter, and
+    a command that set it from an option says the option instead (restorer.base.cli.said_as_option)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 class RunError(RestorerError):
     """The work itself failed (the inputs were fine)."""
 

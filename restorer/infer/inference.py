@@ -47,7 +47,7 @@ from PIL import Image
 from torch import nn
 
 from restorer.formats.checkpoint import Checkpoint, CheckpointError, card_qualities, read_checkpoint
-from restorer.base.errors import RunError, UsageError, one_line
+from restorer.base.errors import FieldError, RunError, UsageError, one_line
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, load_image, to_rgb_array
 from restorer.base.colour import luma, rgb, ycbcr
@@ -388,12 +388,8 @@ def _extract(image: np.ndarray, y0: int, x0: int, th: int, tw: int) -> np.ndarra
     return part
 
 
-class TilingError(UsageError):
-    """A tile size, overlap or batch restore_array cannot use; `field` names which (a tool says its flag)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
+class TilingError(FieldError):
+    """A tile size, overlap or batch restore_array cannot use."""
 
 
 def check_tiling(tile: int, overlap: int, batch: int) -> None:

@@ -61,8 +61,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from restorer.base.cli import Parser, UsageError, run, warn
-from restorer.base.errors import RestorerError, one_line
+from restorer.base.cli import Parser, UsageError, run, said_as_option, warn
+from restorer.base.errors import FieldError, one_line
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from restorer.base.colour import luma, matlab_y, matlab_y_u8
@@ -82,8 +82,7 @@ TILE = 1024  # on every device: the same tiles give the same figures
 SSIM_WINDOW = 11  # the Gaussian window of SSIM (restorer.infer.metrics.ssim): the smallest side that can be scored
 MAX_SHIFT = 7  # --double cuts 1..MAX_SHIFT px from the top and the left of each image
 GIVEN = "given"  # the "quality" key of --inputs/--references results
-FLAGS = {"qualities": "--quality", "double": "--double", "chroma": "--chroma", "y_channel": "--y-channel",
-         "max_side": "--max-side"}  # a Protocol field -> the option that sets it
+FLAGS = {"qualities": "--quality", "y_channel": "--y-channel", "max_side": "--max-side"}  # Protocol fields not --FIELD
 
 HEADERS = {
     "rgb": "metrics on RGB (all three channels, data range 1.0)",
@@ -136,12 +135,8 @@ def double_shift(name: str) -> tuple[int, int]:
     return 1 + h % MAX_SHIFT, 1 + (h // MAX_SHIFT) % MAX_SHIFT
 
 
-class ProtocolError(RestorerError):
-    """A protocol that cannot be measured; `field` names the Protocol field (the CLI says its flag)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field, self.message = field, message
+class ProtocolError(FieldError):
+    """A protocol that cannot be measured; `field` names the Protocol field."""
 
 
 @dataclass(frozen=True)
@@ -368,7 +363,7 @@ def _tiling(tile: Optional[int]) -> dict:
     try:
         check_tiling(**kw)
     except TilingError as e:
-        raise UsageError(f"--{e.field}: {e.message}") from None
+        raise said_as_option(e) from None
     return kw
 
 
@@ -496,7 +491,7 @@ def main(argv=None) -> int:
             try:
                 result = evaluate(args.ckpt, args.images, protocol, runtime)
             except ProtocolError as e:  # the library's words, with the flag that set the field
-                raise UsageError(f"{FLAGS[e.field]}: {e.message}") from None
+                raise said_as_option(e, FLAGS) from None
         print(format_report(result))
         if args.json:
             atomic_write_json(args.json, result)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from restorer.base.cli import Parser, UsageError, one_line, run
+from restorer.base.cli import Parser, UsageError, one_line, run, said_as_option
 from restorer.data import jpeg
 from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from restorer.base.fileio import atomic_open, file_identity
@@ -130,7 +130,7 @@ def _checked(args) -> tuple[Network, list[Path], list[str]]:
     try:
         check_tiling(args.tile, args.overlap, args.batch)
     except TilingError as e:  # the library's words, with the flag
-        raise UsageError(f"--{e.field}: {e.message}") from None
+        raise said_as_option(e) from None
     if args.quality is not None and not 1 <= args.quality <= 100:
         raise UsageError(f"--quality must be in 1..100, got {args.quality}")
     if args.reference and not Path(args.reference).is_dir():

@@ -92,7 +92,8 @@ def differing_keys(configs: Sequence[Optional[dict[str, Any]]]) -> list[str]:
     if len(present) < 2:
         return []
     keys = list(dict.fromkeys(k for c in present for k in c))
-    return [k for k in keys if k not in bookkeeping_keys()
+    bookkeeping = bookkeeping_keys()
+    return [k for k in keys if k not in bookkeeping
             and any(c.get(k, MISSING) != present[0].get(k, MISSING) for c in present[1:])]
 
 

@@ -6,8 +6,6 @@ ConfigError line (exit 2) on every rank: a rank that sees another disk fails the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import shutil
 import sysconfig
@@ -87,22 +85,20 @@ def check_init_from_place(cfg: Config) -> None:
                               "whose files a fresh run there replaces: copy it out first (or resume that run)")
 
 
-def check_init_from(cfg: Config) -> None:
-    """train.init_from, for a run that starts fresh: a file this rank can read, of the network the
-    config trains (one line, exit 2). A resume does not read it."""
+def init_weights(cfg: Config) -> dict:
+    """The weights train.init_from names, for a run that starts fresh, read once: ConfigError (one
+    line, exit 2) for a file this rank cannot read, or of another network than the config trains (the
+    comparison a resume makes). A resume does not read it."""
     from restorer.infer.inference import network_weights
 
     try:
-        spec, _ = network_weights(cfg.train.init_from)
+        spec, weights = network_weights(cfg.train.init_from)
     except RestorerError as e:
         raise ConfigError(f"train.init_from: {e}") from None
-    if _plain(spec) != _plain(cfg.network()):
+    if spec != cfg.network():
         raise ConfigError(f"train.init_from: {cfg.train.init_from} holds {_said(spec)}, but the config trains "
                           f"{_said(cfg.network())}: set model.* and data.patch to match it")
-
-
-def _plain(spec) -> str:
-    return json.dumps(dataclasses.asdict(spec), sort_keys=True, default=list)  # (tuples and lists alike)
+    return weights
 
 
 def _said(spec) -> str:

@@ -457,6 +457,11 @@ def prefetch(patches_per_item: int) -> int:
     return max(PREFETCH, -(-LOOKAHEAD_PATCHES // patches_per_item))
 
 
+def ring_slots(patches_per_item: int) -> int:
+    """A worker's slots in the ring: its items in flight and the spares."""
+    return prefetch(patches_per_item) + SPARE_SLOTS
+
+
 def item_patches(cfg: DataConfig, batch_size: int, grad_accum: int = 1) -> int:
     """The patches of one worker's item: its share of the rank's lanes of a step (from a shard folder)
     or a micro-batch (train_urls)."""
@@ -471,7 +476,7 @@ def ring_bytes(cfg: DataConfig, batch_size: int, grad_accum: int = 1) -> int:
     ((input, target) x C x P x P bytes, a float32 quality, three int64 numbers)."""
     p, workers = cfg.patch.size, min(cfg.workers, batch_size * grad_accum)
     per_slot = item_patches(cfg, batch_size, grad_accum)
-    return workers * (prefetch(per_slot) + SPARE_SLOTS) * per_slot * (2 * cfg.patch.channels * p * p + 4 + 24)
+    return workers * ring_slots(per_slot) * per_slot * (2 * cfg.patch.channels * p * p + 4 + 24)
 
 
 def shm_problem(need: int, free: int, workers: int) -> Optional[str]:
@@ -494,8 +499,7 @@ class Ring:
     and the ring has SPARE_SLOTS more slots than that."""
 
     def __init__(self, workers: int, patches: int, size: int, channels: int):
-        self.prefetch = prefetch(patches)
-        self.slots = self.prefetch + SPARE_SLOTS
+        self.prefetch, self.slots = prefetch(patches), ring_slots(patches)
         shape = (workers, self.slots, patches)
         self.pairs = torch.empty((workers, self.slots, 2, patches, size, size, channels), dtype=torch.uint8).share_memory_()
         self.qualities = torch.empty(shape, dtype=torch.float32).share_memory_()
@@ -718,16 +722,17 @@ class EpochLoader:
     iteration ends there and the next one goes on with the same stream (one DataLoader iterator
     for the whole run: a new one would drop the items its workers had made ahead).
 
-    Micro-batches arrive on `device` as (input, target) uint8 N x C x P x P and the N qualities. On
-    CUDA each one is copied once, out of the workers' shared-memory ring into a preallocated pinned
-    buffer, then uploaded on a side stream while the step before it runs: the training step never
-    waits for a copy (it waits on the upload's event on the device). With `trace`, the (lane, image,
-    patch) numbers of the micro-batches given out wait in `traced` (lanes only) until taken.
+    Micro-batches arrive on the CPU (or the device `on` names) as (input, target) uint8 N x C x P x P
+    and the N qualities. On CUDA each one is copied once, out of the workers' shared-memory ring into a
+    preallocated pinned buffer, then uploaded on a side stream while the step before it runs: the
+    training step never waits for a copy (it waits on the upload's event on the device). With `trace`,
+    the (lane, image, patch) numbers of the micro-batches given out wait in `traced` (lanes only)
+    until taken.
     """
 
-    def __init__(self, loader: DataLoader, steps: int, grad_accum: int = 1, device: torch.device = torch.device("cpu"),
-                 trace: bool = False, stream: Optional[dict] = None, step: int = 0):
-        self.loader, self.steps, self.grad_accum, self.device = loader, steps, grad_accum, device
+    def __init__(self, loader: DataLoader, steps: int, grad_accum: int = 1, trace: bool = False,
+                 stream: Optional[dict] = None, step: int = 0):
+        self.loader, self.steps, self.grad_accum, self.device = loader, steps, grad_accum, torch.device("cpu")
         self.trace = trace
         self.traced: list[np.ndarray] = []
         self.stream = stream or {}  # what the stream is a function of (train_loader says)

@@ -144,15 +144,12 @@ class Training:
                 "ema": _to_cpu(self.ema.state_dict()) if self.ema is not None else None,
                 "optimizer": _to_cpu(self.optimizer.state_dict()), "scaler": self.scaler.state_dict()}
 
-    def start_from(self, path: str) -> None:
-        """A fresh run's weights (and its EMA's) from another run's checkpoint or an export (train.init_from);
-        the optimizer starts fresh."""
-        from restorer.infer.inference import network_weights
-
-        weights = network_weights(path)[1]
-        load_weights(self.model, weights, path)
+    def start_from(self, weights: dict, source: str) -> None:
+        """A fresh run's weights (and its EMA's), another run's or an export's (train.init_from, read by
+        checks.init_weights); the optimizer starts fresh."""
+        load_weights(self.model, weights, source)
         if self.ema is not None:
-            load_weights(self.ema, weights, path)
+            load_weights(self.ema, weights, source)
 
     def load_state_dict(self, state: dict) -> None:
         """A checkpoint's weights, EMA, optimizer and scaler. The config the run is started with applies:
@@ -569,8 +566,9 @@ class Trainer:
         if checkpoint is not None:
             checkpoint.load_into(parts)
         elif cfg.train.init_from:  # a fresh run: every rank reads it, and it is this network (agreed), or one line
-            checks.agreed_check(info, lambda: checks.check_init_from(cfg))
-            self.t.start_from(cfg.train.init_from)
+            read: list[dict] = []
+            checks.agreed_check(info, lambda: read.append(checks.init_weights(cfg)))
+            self.t.start_from(read[0], cfg.train.init_from)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_epoch
         self.budget_s = cfg.train.max_minutes * 60
         self.state.time_up = bool(self.budget_s) and self.state.train_seconds >= self.budget_s  # spent before a resume
