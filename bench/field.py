@@ -8,7 +8,7 @@ DIR is laid out like ../shared/benchmarks (the default, beside the repository; i
 LIVE1_color/ is scored in RGB, LIVE1_gray/ and Classic5/ with evaluate's --gray protocol, Real/ (no
 originals) is skipped; qualities 10 20 30 40. The scoring is restorer.tools.evaluate.evaluate itself (the
 same code path as `python -m restorer evaluate --images DIR --quality 10 20 30 40 [--gray]`). Each
-checkpoint (or .onnx / .safetensors network) is one row; "JPEG (measured here)" is evaluate's JPEG-input
+checkpoint (or .onnx / .safetensors network, or a shipped network's name: blind-unet5) is one row; "JPEG (measured here)" is evaluate's JPEG-input
 row, measured with a network that returns its input, so it does not depend on any checkpoint and checks
 that the published JPEG baseline reproduces. --jpeg-only prints only that check. --max-images N scores
 the first N images of each set (evaluate's order) for quick runs. The last line is one JSON object.
@@ -31,53 +31,10 @@ sys.path.insert(0, str(REPO))
 from restorer.tools import evaluate as ev  # noqa: E402
 from restorer.base.cli import Parser, UsageError, run  # noqa: E402
 from restorer.infer.inference import Network, find_inputs  # noqa: E402
+from restorer.infer.shipped import weights_source  # noqa: E402
 
-DEFAULT_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
-QUALITIES = (10, 20, 30, 40)
-SETS = {"LIVE1_color": False, "LIVE1_gray": True, "Classic5": True}  # set -> evaluate's --gray
-SKIPPED = ("Real",)  # real-world JPEGs without originals: nothing to score against
+from restorer.infer.field_table import DEFAULT_BENCHMARKS, METHODS, PUBLISHED, QUALITIES, SETS, SKIPPED  # noqa: E402
 JPEG_ROW = "JPEG (measured here)"
-
-FBCNN_GRAY_TABLE = ("FBCNN paper's gray table (Jiang et al., ICCV 2021; jiaxi-jiang/FBCNN) for JPEG, ARCNN, DnCNN, "
-                    "QGAC, FBCNN; SwinIR and MambaIRv2 (per-quality models) q10 from their papers")
-# The published figures, copied from ../shared/benchmarks/README.md (never recomputed here):
-# set -> quality -> method -> (PSNR dB, SSIM, PSNR-B dB), None where the README gives no figure.
-PUBLISHED = {
-    "LIVE1_gray": {
-        "source": FBCNN_GRAY_TABLE,
-        10: {"JPEG": (27.77, 0.773, 25.33), "ARCNN": (28.96, None, None), "DnCNN": (29.19, None, None),
-             "QGAC": (29.51, None, None), "FBCNN": (29.75, 0.827, 29.40), "SwinIR": (29.86, None, None),
-             "MambaIRv2": (29.91, None, None)},
-        20: {"JPEG": (30.07, 0.851, 27.57), "ARCNN": (31.29, None, None), "DnCNN": (31.59, None, None),
-             "QGAC": (31.83, None, None), "FBCNN": (32.13, 0.889, 31.57)},
-        30: {"JPEG": (31.41, 0.885, 28.92), "ARCNN": (32.67, None, None), "DnCNN": (32.98, None, None),
-             "QGAC": (33.20, None, None), "FBCNN": (33.54, 0.916, 32.83)},
-        40: {"JPEG": (32.35, 0.904, 29.96), "ARCNN": (33.61, None, None), "DnCNN": (33.96, None, None),
-             "QGAC": (34.16, None, None), "FBCNN": (34.53, 0.931, 33.74)},
-    },
-    "Classic5": {
-        "source": FBCNN_GRAY_TABLE,
-        10: {"JPEG": (27.82, 0.760, 25.21), "ARCNN": (29.03, None, None), "DnCNN": (29.40, None, None),
-             "QGAC": (29.84, None, None), "FBCNN": (30.12, 0.822, 29.80), "SwinIR": (30.27, None, None),
-             "MambaIRv2": (30.37, None, None)},
-        20: {"JPEG": (30.12, 0.834, 27.50), "ARCNN": (31.15, None, None), "DnCNN": (31.63, None, None),
-             "QGAC": (31.98, None, None), "FBCNN": (32.31, 0.872, 31.74)},
-        30: {"JPEG": (31.48, 0.867, 28.94), "ARCNN": (32.51, None, None), "DnCNN": (32.91, None, None),
-             "QGAC": (33.22, None, None), "FBCNN": (33.54, 0.894, 32.78)},
-        40: {"JPEG": (32.43, 0.885, 29.92), "ARCNN": (33.32, None, None), "DnCNN": (33.77, None, None),
-             "QGAC": (34.05, None, None), "FBCNN": (34.35, 0.907, 33.48)},
-    },
-    "LIVE1_color": {
-        "source": "README of ../shared/benchmarks: JPEG row measured there (matches the papers' colour tables); "
-                  "SwinIR (one model per quality) from mmagic's SwinIR README; FBCNN q10 'about 27.77' from its "
-                  "paper, not checked",
-        10: {"JPEG": (25.69, None, None), "FBCNN": (27.77, None, None), "SwinIR": (28.07, None, None)},
-        20: {"JPEG": (28.06, None, None), "SwinIR": (30.45, None, None)},
-        30: {"JPEG": (29.37, None, None), "SwinIR": (31.82, None, None)},
-        40: {"JPEG": (30.28, None, None), "SwinIR": (32.76, None, None)},
-    },
-}
-METHODS = ("JPEG", "ARCNN", "DnCNN", "QGAC", "FBCNN", "SwinIR", "MambaIRv2")
 
 
 def identity_network() -> Network:
@@ -116,7 +73,8 @@ def _row(name: str, psnr: Optional[float], ssim: Optional[float], psnrb: Optiona
 
 def build_parser() -> Parser:
     p = Parser(prog="python bench/field.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", nargs="+", help="checkpoints, or networks exported as .onnx / .safetensors")
+    p.add_argument("--ckpt", nargs="+", help="checkpoints, networks exported as .onnx / .safetensors, or the names "
+                   "of networks that ship (restorer.infer.shipped)")
     p.add_argument("--jpeg-only", action="store_true", help="no checkpoint: the measured JPEG rows against the published")
     p.add_argument("--benchmarks", default=str(DEFAULT_BENCHMARKS), help=f"benchmarks folder (default {DEFAULT_BENCHMARKS})")
     p.add_argument("--max-images", type=int, help="score only the first N images of each set")
@@ -131,7 +89,7 @@ def main(argv=None) -> int:
             raise UsageError("give --ckpt CKPT [CKPT ...], or --jpeg-only")
         if args.max_images is not None and args.max_images < 1:
             raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
-        ckpts = list(args.ckpt or [])
+        ckpts = [weights_source(c) for c in args.ckpt or []]
         missing = [c for c in ckpts if not Path(c).is_file()]
         if missing:
             raise UsageError(f"--ckpt file not found: {', '.join(missing)}")

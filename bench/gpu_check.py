@@ -15,7 +15,7 @@ is printed the moment it is measured; a stage that fails says why in its row and
   2 /dev/shm   the loader's batch rings must fit there (a container's 64 MB does not):
                if not, the row says so and the loader and trainer get the workers that fit
   3 loader     gpu.yaml's training loader alone, batches uploaded to the GPU         --seconds + ~15 s
-  4 trainer    launch/train.py --config configs/gpu.yaml on one GPU, bf16 + compile. Its first
+  4 trainer    launch/train.py --config configs/gpu.yaml on one GPU, as it says (bf16). Its first
                50 steps and 10 s (the compile, the loader's warm-up) are not timed; then --seconds
                of its own metrics.jsonl patches/s, and a SIGTERM (it saves). Is the GPU fed?
                                                          --seconds + 1-4 min (the compile: 1-3)
@@ -503,8 +503,10 @@ def stage_trainer(c: Check) -> None:
     if fell_back:
         c.figures["trainer_compile_fell_back"] = fell_back
     if not steady:
+        # a trainer that failed says why, even when the time ran out while it failed (a first compiled
+        # step that raised: an H200 run once read "the compile is slower" here)
         why = (f"no step after the warm-up within {limit:.0f} s (log lines up to step "
-               f"{warm[-1][0] if warm else 0}: the compile is slower)" if stopped == "out of time"
+               f"{warm[-1][0] if warm else 0}: the compile is slower)" if stopped == "out of time" and rc == 0
                else f"exit {rc}: {last_error(log)}")
         raise RuntimeError(f"{why}; see {log}")
     steps, secs = sum(w[1] for w in steady), sum(w[2] for w in steady)

@@ -31,6 +31,35 @@ def require(module: str, extra: str):
         pytest.skip(f"{module} is not installed (the {extra} extra)", allow_module_level=True)
 
 
+BENCHMARKS = REPO.parent / "shared" / "benchmarks"  # the field's sets, beside the repository as in CI
+BENCHMARK_SETS = {"LIVE1_color": "bmp", "LIVE1_gray": "png", "Classic5": "bmp"}  # set -> its files' format
+
+
+def require_benchmarks() -> None:
+    """The field's sets are beside the repository: else the test is skipped, or fails under CI."""
+    import pytest
+
+    if not all((BENCHMARKS / s).is_dir() for s in BENCHMARK_SETS):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run these tests: the benchmarks are not at {BENCHMARKS}", pytrace=False)
+        pytest.skip(f"the benchmarks are not at {BENCHMARKS}")
+
+
+def small_benchmarks(root: Path, images: int = 2, side: int = 96) -> Path:
+    """`images` images of each of the field's sets, side x side centre crops in their own formats and
+    modes, under root (made); and Real/ (no originals). require_benchmarks first."""
+    require_benchmarks()
+    for name, ext in BENCHMARK_SETS.items():
+        (root / name).mkdir(parents=True)
+        for path in sorted((BENCHMARKS / name).glob(f"*.{ext}"))[:images]:
+            im = Image.open(path)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im.crop((left, top, left + side, top + side)).save(root / name / path.name)
+    (root / "Real").mkdir()
+    (root / "Real" / "1.jpg").write_bytes((BENCHMARKS / "Real" / "1.jpg").read_bytes())
+    return root
+
+
 def photo_like(width: int, height: int, seed: int, channels: int = 3) -> np.ndarray:
     """Smooth gradients plus some noise: compresses like a photo, not like flat colour or pure noise."""
     rng = np.random.default_rng(seed)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from helpers import REPO, require
+from helpers import BENCHMARK_SETS, REPO, require, small_benchmarks
 
 require("skimage", "demo")
 
@@ -18,12 +18,20 @@ require("skimage", "demo")
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "restorer", "demo", "--out", str(tmp_path), "--steps", "4"],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
+    bench = small_benchmarks(tmp_path / "benchmarks", images=1, side=64)
+    out = tmp_path / "demo"
+    p = subprocess.run([sys.executable, "-m", "restorer", "demo", "--out", str(out), "--steps", "4",
+                        "--benchmarks", str(bench)], capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "demo finished: one network for every JPEG quality, on astronaut.png" in p.stdout
     assert "PSNR gain" in p.stdout and "at q10: PSNR JPEG" in p.stdout
-    result = json.loads((tmp_path / "evaluation.json").read_text())
+    # where it stands on the field's table: one line a set at q10, its figures evaluate's, the papers' beside
+    for name in BENCHMARK_SETS:
+        m = json.loads((out / f"field_{name}.json").read_text())["qualities"]["10"]["mean"]
+        line = next(x for x in p.stdout.splitlines() if x.strip().startswith(name))
+        assert f"JPEG {m['psnr_jpeg']:.2f} -> ours {m['psnr_model']:.2f}" in line and "FBCNN" in line and "blind-unet5" in line, line
+    assert "DnCNN 29.19" in next(x for x in p.stdout.splitlines() if x.strip().startswith("LIVE1_gray"))
+    result = json.loads((out / "evaluation.json").read_text())
     assert list(result["qualities"]) == ["10", "20", "30", "40", "50", "60", "70", "80", "90", "95"]
     means = [result["qualities"][q]["mean"] for q in result["qualities"]]
     assert set(means[0]) == {"psnr_jpeg", "psnr_model", "ssim_jpeg", "ssim_model", "psnrb_jpeg", "psnrb_model"}
@@ -34,7 +42,7 @@ def test_demo_runs_end_to_end(tmp_path):
     for q, m in result["qualities"].items():
         assert m["mean"]["psnr_model"] - m["mean"]["psnr_jpeg"] >= -0.5, (q, m["mean"])
         assert m["mean"]["ssim_model"] >= m["mean"]["ssim_jpeg"] - 0.002, (q, m["mean"])
-    restored = Image.open(tmp_path / "restored" / "astronaut.png")
+    restored = Image.open(out / "restored" / "astronaut.png")
     assert restored.size == (512, 512)
-    assert (tmp_path / "restored" / "astronaut_compare.png").exists()
-    assert (tmp_path / "run" / "last.pt").exists()
+    assert (out / "restored" / "astronaut_compare.png").exists()
+    assert (out / "run" / "last.pt").exists()

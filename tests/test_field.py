@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
-from PIL import Image
 
-from helpers import REPO, cli_here, save_network
+from helpers import BENCHMARK_SETS as SETS, BENCHMARKS, REPO, cli_here, require_benchmarks, save_network, small_benchmarks
 from restorer.tools.evaluate import main as evaluate_main
 from restorer.models import build_model
 
-BENCHMARKS = REPO.parent / "shared" / "benchmarks"
-SETS = {"LIVE1_color": "bmp", "LIVE1_gray": "png", "Classic5": "bmp"}
 GRAY = {"LIVE1_color": False, "LIVE1_gray": True, "Classic5": True}
 QUALITIES = ("10", "20", "30", "40")
 
@@ -31,27 +27,10 @@ def _field():
 field = _field()
 
 
-def _require_benchmarks():
-    if not all((BENCHMARKS / s).is_dir() for s in SETS):
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run these tests: the benchmarks are not at {BENCHMARKS}", pytrace=False)
-        pytest.skip(f"the benchmarks are not at {BENCHMARKS}")
-
-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """Two images of each set, 96x96 centre crops, in the same formats and modes; and Real/ (skipped)."""
-    _require_benchmarks()
-    root = tmp_path_factory.mktemp("benchmarks")
-    for name, ext in SETS.items():
-        (root / name).mkdir()
-        for path in sorted((BENCHMARKS / name).glob(f"*.{ext}"))[:2]:
-            im = Image.open(path)
-            left, top = (im.width - 96) // 2, (im.height - 96) // 2
-            im.crop((left, top, left + 96, top + 96)).save(root / name / path.name)
-    (root / "Real").mkdir()
-    (root / "Real" / "1.jpg").write_bytes((BENCHMARKS / "Real" / "1.jpg").read_bytes())
-    return root
+    return small_benchmarks(tmp_path_factory.mktemp("benchmarks"))
 
 
 def _ckpt(path, seed: int, zero: bool):
@@ -160,7 +139,7 @@ def test_a_row_of_ours_per_checkpoint_and_gray_sets_use_the_gray_protocol(bench,
 
 
 def test_the_published_table_is_the_readme_s():
-    _require_benchmarks()
+    require_benchmarks()
     readme = (BENCHMARKS / "README.md").read_text()
     jpeg = {"LIVE1_color": (25.69, 28.06, 29.37, 30.28), "LIVE1_gray": (27.77, 30.07, 31.41, 32.35),
             "Classic5": (27.82, 30.12, 31.48, 32.43)}

@@ -123,6 +123,8 @@ def test_the_readmes_layout_shows_the_folders_there_are():
     readme = (REPO / "README.md").read_text()
     tree = readme[readme.index("## Layout"):readme.index("## Tests and benchmarks")]
     folders = sorted(p.name for p in (REPO / "restorer").iterdir() if (p / "__init__.py").is_file())
+    data = sorted(p.name for p in (REPO / "restorer").iterdir()  # folders of files, no code: weights/
+                  if p.is_dir() and not any(p.rglob("*.py")) and p.name != "__pycache__")
     shown = sorted(line.split()[0].rstrip("/") for line in tree.splitlines() if line.startswith("  ") and
                    line.split() and line.split()[0].endswith("/"))
-    assert shown == folders and sorted(name for layer in LAYERS for name in layer) == folders
+    assert shown == sorted(folders + data) and sorted(name for layer in LAYERS for name in layer) == folders

@@ -24,6 +24,11 @@ TINY = {"seed": {"residual": True}, "dncnn": {"depth": 4, "channels": 8},
         "nafnet": {"width": 4, "enc_blocks": [1, 1], "middle_blocks": 1, "dec_blocks": [1, 1]}}
 
 
+def is_nafnet_scale(name: str) -> bool:
+    """NAFNet's per-channel scales: each block's beta and gamma, its LayerNorms' weight and bias."""
+    return name.endswith(("beta", "gamma")) or ".norm" in name
+
+
 def _perturbed(name: str, in_channels: int = 3, std: float = 0.05, **options) -> nn.Module:
     """A network whose output layer is random: clearly not the identity it starts as."""
     torch.manual_seed(0)
@@ -33,8 +38,8 @@ def _perturbed(name: str, in_channels: int = 3, std: float = 0.05, **options) ->
     with torch.no_grad():
         last.weight.normal_(0, std)
         if name == "nafnet":  # the blocks' branches start at zero too
-            for p in model.parameters():
-                if p.dim() == 4 and p.shape[2:] == (1, 1) and p.shape[0] == 1:
+            for n, p in model.named_parameters():
+                if is_nafnet_scale(n):
                     p.normal_(0, 0.5)
     return model.eval()
 
@@ -113,6 +118,23 @@ def test_nafnet_gpu_preset_is_the_papers_width32_and_width64_models():
     assert macs_per_pixel(wide, 3) * 256 * 256 / 1e9 == pytest.approx(65, rel=0.03)
 
 
+def test_nafnet_scales_are_channel_vectors_and_an_earlier_state_of_1xCx1x1_loads_the_same():
+    """torch 2.11's compiled backward on CUDA returned C-vector gradients for 1 x C x 1 x 1 parameters
+    and failed gpu.yaml's first step (bench/gpu_check.py on an H200): the scales are C-vectors now."""
+    model = _perturbed("nafnet", conditioning="decoder")
+    scales = {k for k in model.state_dict() if is_nafnet_scale(k)}
+    assert len(scales) > 8 and all(model.state_dict()[k].dim() == 1 for k in scales)
+    earlier = {k: (v.view(1, -1, 1, 1) if k in scales else v) for k, v in model.state_dict().items()}
+    again = build_model("nafnet", in_channels=3, **TINY["nafnet"], conditioning="decoder")
+    again.load_state_dict(earlier)
+    x, q = torch.rand(1, 3, 40, 40), torch.tensor([30.0])
+    with torch.no_grad():
+        assert torch.equal(again(x, q), model(x, q))
+    out = model(x, q)  # the gradient of every scale has its parameter's shape
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters() if p.dim() == 1)
+
+
 # ----------------------------------------------------------------------------- every network
 
 
@@ -174,7 +196,7 @@ def test_every_network_compiles(name):
     """train.compile: Dynamo captures every network whole (no graph break), conditioned as the blind
     presets train them, through AOT autograd. cpu.yaml's U-Net also goes through Inductor's C++ code
     generation, as the trainer's torch.compile does on a CPU; the others stop before it (Inductor's
-    build is most of a compile's time here, and a GPU, where gpu.yaml compiles NAFNet, generates
+    build is most of a compile's time here, and a GPU, where train.compile=true compiles NAFNet, generates
     Triton instead)."""
     backend = "inductor" if name == "unet" else "aot_eager"
     conditioned = name != "seed"  # as the blind presets train them
@@ -252,7 +274,7 @@ def _conditioned(name: str, conditioning: str) -> nn.Module:
         for n, p in model.named_parameters():
             if "film" in n or "cond" in n or n in ("tail.weight", "ending.weight", "body.11.weight", "last.weight"):
                 p.normal_(0, 0.2)
-            elif name == "nafnet" and p.dim() == 4 and p.shape[2:] == (1, 1) and p.shape[0] == 1:
+            elif name == "nafnet" and is_nafnet_scale(n):
                 p.normal_(0, 0.5)
             elif name == "dncnn" and n == f"body.{len(model.body) - 1}.weight":
                 p.normal_(0, 0.2)

@@ -541,3 +541,26 @@ def test_the_defaults_draw_exactly_the_seeds_random_numbers():
         training_pair(image, PatchSpec(), JpegSpec(), ours)
         _seed_draws(seeds, PatchSpec(), 200, 300)
         assert ours.bit_generator.state == seeds.bit_generator.state, seed
+
+
+def test_gray_pairs_are_grayscale_jpegs_of_the_luma_with_the_luma_in_every_plane():
+    image = photo_like(300, 300, 9)
+    rng = np.random.default_rng(9)
+    spec = JpegSpec(quality=(10, 10), gray_p=0.5, double_p=0.5)
+    kinds = collections.Counter()
+    for _ in range(60):
+        data, target = training_pair(image, PatchSpec(), spec, rng)
+        decoded, quality = jpeg.decode(data)
+        assert target.shape == (128, 128, 3) and quality == 10
+        kinds[decoded.shape[-1]] += 1
+        if decoded.shape[-1] == 1:  # a grayscale file; the target its luma, three times
+            assert (target == target[..., :1]).all()
+            assert 25 < psnr(np.repeat(decoded, 3, axis=-1), target) < 40
+        else:
+            assert not (target == target[..., :1]).all()
+    assert min(kinds[1], kinds[3]) > 15, kinds
+    # a one-plane network's pairs stay one plane; gray_p 0 draws no number (the streams stay as they were)
+    gray = PatchSpec(grayscale=True)
+    assert training_pair(image, gray, spec, np.random.default_rng(1))[1].shape == (128, 128, 1)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert training_pair(image, PatchSpec(), JpegSpec(), a)[0] == training_pair(image, PatchSpec(), JpegSpec(gray_p=0.0), b)[0]

@@ -27,7 +27,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from restorer.base.colour import RGB_TO_YCC, YCC_OFFSET, YCC_TO_RGB
+from restorer.base.colour import RGB_TO_YCC, YCC_OFFSET, YCC_TO_RGB, luma
 from restorer.base.choices import Literal, check_choices
 from restorer.base.ijg import CHROMA_BASE, LUMA_BASE, ijg_table  # noqa: F401 (the data's names for them too)
 
@@ -66,6 +66,7 @@ class JpegSpec:
     chroma: Literal["444", "422", "420", "random"] = "420"  # 420: Pillow's, the seed's; random: one of the three a pair
     double_p: float = 0.0  # share of double JPEGs: a first JPEG at double_quality, a 0-7 px shift, the last
     double_quality: tuple[int, int] = (10, 95)  # the first JPEG's quality, drawn uniformly from [low, high]
+    gray_p: float = 0.0  # share of gray pairs: the patch's luma JPEG'd as a grayscale file, three equal planes
 
     def validate(self) -> None:
         """Raise ValueError naming the field that is wrong ("field: must be ..., got ...")."""
@@ -79,6 +80,8 @@ class JpegSpec:
                              f"not all 0, got {w} (set it with quality; [] is uniform)")
         if not 0.0 <= self.double_p <= 1.0:
             raise ValueError(f"double_p: must be in [0, 1], got {self.double_p}")
+        if not 0.0 <= self.gray_p <= 1.0:
+            raise ValueError(f"gray_p: must be in [0, 1], got {self.gray_p}")
         lo, hi = self.double_quality
         if not 1 <= lo <= hi <= 100:
             raise ValueError(f"double_quality: must be [low, high] with 1 <= low <= high <= 100, got {[lo, hi]}")
@@ -109,7 +112,7 @@ class JpegSpec:
         """What a network's card says of its training's JPEGs."""
         return {"qualities": list(self.qualities), "quality_knots": list(self.quality),
                 "quality_weights": list(self.quality_weights), "chroma": self.chroma,
-                "double_p": self.double_p, "double_quality": list(self.double_quality)}
+                "double_p": self.double_p, "double_quality": list(self.double_quality), "gray_p": self.gray_p}
 
 
 def _draw(bounds: tuple[int, int], rng: np.random.Generator) -> int:
@@ -160,7 +163,16 @@ def compress(target: np.ndarray, quality: int, chroma: str = "420", first: Optio
 def degrade(patch: np.ndarray, spec: JpegSpec, rng: np.random.Generator, double: bool) -> tuple[bytes, np.ndarray]:
     """One training pair from a clean (P, P, C) patch, or (P+8, P+8, C) for a double JPEG (`double`,
     from JpegSpec.draw_double): (the input as JPEG bytes, the (P, P, C) target). FBCNN's double JPEG
-    (Jiang et al. 2021): JPEG at q1, the block grid shifted by (dy, dx) in 0..7, then the last JPEG."""
+    (Jiang et al. 2021): JPEG at q1, the block grid shifted by (dy, dx) in 0..7, then the last JPEG.
+    A gray pair (spec.gray_p of a colour network's): the patch's luma as a grayscale JPEG, the target
+    its luma in every plane, as a gray file reaches a colour network (its one plane in each)."""
+    if spec.gray_p and patch.shape[-1] == 3 and rng.random() < spec.gray_p:
+        data, target = _degrade(luma(patch)[..., None], spec, rng, double)
+        return data, np.repeat(target, 3, axis=-1)
+    return _degrade(patch, spec, rng, double)
+
+
+def _degrade(patch: np.ndarray, spec: JpegSpec, rng: np.random.Generator, double: bool) -> tuple[bytes, np.ndarray]:
     chroma = spec.draw_chroma(rng)
     if not double:
         return encode(patch, spec.draw_quality(rng), chroma), patch

@@ -225,7 +225,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     resume: bool = bookkeeping(True)  # continue from out_dir/last.pt when it exists; false starts fresh
-    init_from: str = ""  # a fresh run starts from these weights (a .pt checkpoint, its EMA; or a .safetensors export)
+    init_from: str = ""  # a fresh run starts from these weights: a .pt (its EMA), a .safetensors or a shipped name
     overwrite: bool = bookkeeping(False)  # fresh start over a run recorded in .restorer-run: deletes its files (never others)
     max_nonfinite: int = 20  # this many non-finite losses in a row stop the run
     stop_grace_s: float = bookkeeping(25.0)  # after SIGTERM/SIGUSR1, exit by force if a step never ends

@@ -188,7 +188,7 @@ def _safetensors_model(path: Path) -> tuple[nn.Module, NetworkSpec, dict]:
     try:
         from safetensors import safe_open
     except ImportError:
-        raise UsageError("reading a .safetensors file needs safetensors: pip install -e '.[export]'") from None
+        raise UsageError("reading a .safetensors file needs safetensors (a requirement of restorer): pip install safetensors") from None
     try:
         with safe_open(str(path), framework="pt") as f:
             text = (f.metadata() or {}).get(ONNX_CARD_KEY)

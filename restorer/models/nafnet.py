@@ -36,19 +36,42 @@ class NAFNetOptions:
                              f"{self.middle_blocks}, {list(self.dec_blocks)}")
 
 
-class LayerNorm2d(nn.Module):
+def per_channel(p: torch.Tensor) -> torch.Tensor:
+    """A C-vector as 1 x C x 1 x 1. The scales are stored as C-vectors: with 1 x C x 1 x 1 parameters
+    torch 2.11's compiled backward (CUDA, bf16, channels_last) returned C-vector gradients and failed
+    the first step ("invalid gradient ... got [32] but expected shape compatible with [1, 32, 1, 1]")."""
+    return p.view(1, -1, 1, 1)
+
+
+class ChannelScales(nn.Module):
+    """A module whose per-channel parameters (`SCALES`) are C-vectors; a state of an earlier restorer
+    (1 x C x 1 x 1) loads as well."""
+
+    SCALES: tuple[str, ...] = ()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        for name in self.SCALES:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.dim() == 4:
+                state_dict[prefix + name] = value.reshape(-1)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class LayerNorm2d(ChannelScales):
     """LayerNorm over the channels of each pixel of N x C x H x W, with a per-channel scale and shift."""
+
+    SCALES = ("weight", "bias")
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mu = x.mean(1, keepdim=True)
         var = (x - mu).pow(2).mean(1, keepdim=True)
-        return (x - mu) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return (x - mu) * torch.rsqrt(var + self.eps) * per_channel(self.weight) + per_channel(self.bias)
 
 
 class SimpleGate(nn.Module):
@@ -57,10 +80,12 @@ class SimpleGate(nn.Module):
         return a * b
 
 
-class NAFBlock(nn.Module):
+class NAFBlock(ChannelScales):
     """y = x + beta * conv(SCA(SG(dwconv(conv(LN(x)))))); out = y + gamma * conv(SG(conv(LN(y)))).
     Expansion 2 in both branches, as in the paper; beta and gamma start at zero (the block starts
     as the identity)."""
+
+    SCALES = ("beta", "gamma")
 
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -73,13 +98,13 @@ class NAFBlock(nn.Module):
         self.norm2 = LayerNorm2d(c)
         self.conv4 = nn.Conv2d(c, 2 * c, 1)
         self.conv5 = nn.Conv2d(c, c, 1)
-        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
-        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(c))
+        self.gamma = nn.Parameter(torch.zeros(c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.sg(self.conv2(self.conv1(self.norm1(x))))
-        y = x + self.conv3(t * self.sca(t)) * self.beta
-        return y + self.conv5(self.sg(self.conv4(self.norm2(y)))) * self.gamma
+        y = x + self.conv3(t * self.sca(t)) * per_channel(self.beta)
+        return y + self.conv5(self.sg(self.conv4(self.norm2(y)))) * per_channel(self.gamma)
 
 
 class NAFNet(nn.Module):

@@ -2,7 +2,11 @@
 network for every JPEG quality -> evaluation at qualities 10 to 95 and a before/after picture on a
 photo the network never saw.
 
-    python -m restorer demo [--out demo] [--minutes 4.5 | --steps N] [--nproc 2]      (make demo runs this)
+    python -m restorer demo [--out demo] [--minutes 4.5 | --steps N] [--nproc 2] [--benchmarks DIR]
+                                                                               (make demo runs this)
+
+With the field's benchmarks beside the repository (../shared/benchmarks, or --benchmarks DIR), it
+also says where its network stands among the papers' at q10: one line a set.
 
 Every step is the real command a user runs: make_shards.py, torchrun launch/train.py,
 python -m restorer evaluate, python -m restorer restore.
@@ -21,6 +25,8 @@ from restorer.formats.run_folder import BEST, LAST
 from restorer.base.cli import Parser, UsageError, run
 from restorer.base.errors import RunError
 from restorer.data import decode_image, jpeg
+from restorer.infer.field_table import DEFAULT_BENCHMARKS, PUBLISHED, SETS
+from restorer.infer.shipped import DEFAULT_MODEL, shipped_card
 
 PROG = "restorer demo"
 
@@ -81,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
     ap.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
     ap.add_argument("--quality", type=int, default=10, help="the JPEG quality of the before/after picture (default 10)")
+    ap.add_argument("--benchmarks", default=str(DEFAULT_BENCHMARKS), help="the field's benchmarks (LIVE1, Classic5) "
+                    f"to place the network among the papers' at q10 (default {DEFAULT_BENCHMARKS}, when there)")
     return run(PROG, lambda: demo(ap.parse_args(argv)))
 
 
@@ -114,6 +122,7 @@ def demo(args) -> int:
           str(out / "restored"), "--compare", "--reference", str(held_out)],
          "4/4 restore its JPEG and draw the before/after picture")
 
+    field = field_lines(py, ckpt, Path(args.benchmarks), out)
     sweep = {int(q): b["mean"] for q, b in json.loads((out / "evaluation.json").read_text())["qualities"].items()}
     gains = {q: m["psnr_model"] - m["psnr_jpeg"] for q, m in sweep.items()}
     first = sweep[min(sweep)]
@@ -127,7 +136,32 @@ demo finished: one network for every JPEG quality, on {HELD_OUT} (never trained 
   evaluation  {out / 'evaluation.json'}
   picture     {out / 'restored' / f'{stem}_compare.png'}  (JPEG | restored | original, with a zoomed crop)
   restored    {out / 'restored' / f'{stem}.png'}""")
+    print("\n".join(field))
     return 0
+
+
+FIELD_METHODS = ("ARCNN", "DnCNN", "FBCNN", "SwinIR")  # the published rows a demo line quotes (field_table.PUBLISHED)
+
+
+def field_lines(py: str, ckpt: Path, benchmarks: Path, out: Path) -> list[str]:
+    """Where the network stands on the field's table at q10: evaluate on each set of `benchmarks` there
+    is (the papers' protocol), one line a set with the published figures beside it."""
+    sets = [name for name in SETS if (benchmarks / name).is_dir()]
+    if not sets:
+        return [f"  field table: no benchmarks in {benchmarks} (--benchmarks DIR: LIVE1_color, LIVE1_gray, Classic5)"]
+    lines = [f"  on the field's table at q10 (PSNR dB; the papers' networks trained for days on GPUs; {DEFAULT_MODEL}, "
+             "the network that ships, 5.5 minutes on one):"]
+    shipped = shipped_card(DEFAULT_MODEL)["field"]["sets"]
+    for name in sets:
+        result = out / f"field_{name}.json"
+        _run([py, "-m", "restorer", "evaluate", "--ckpt", str(ckpt), "--images", str(benchmarks / name), "--quality", "10",
+              *(["--gray"] if SETS[name] else []), "--json", str(result)], f"the field's table: {name} at q10")
+        m = json.loads(result.read_text())["qualities"]["10"]["mean"]
+        published = PUBLISHED[name].get(10, {})
+        papers = ", ".join(f"{k} {published[k][0]:.2f}" for k in FIELD_METHODS if k in published)
+        lines.append(f"  {name:<12} JPEG {m['psnr_jpeg']:.2f} -> ours {m['psnr_model']:.2f} "
+                     f"({m['psnr_model'] - m['psnr_jpeg']:+.2f}); {papers}; {DEFAULT_MODEL} {shipped[name]['10']['psnr']:.2f}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ and of the network's output, on full images, for qualities 10 20 30 40 in one ta
                                 [--precision fp32|bf16] [--tile N] [--max-side N] [--no-file-bounds]
     python -m restorer evaluate --ckpt CKPT --inputs JPEG_DIR --references DIR [--json FILE] [--no-file-bounds]
 
-CKPT is a checkpoint (EMA weights when present) or a network exported as .onnx or .safetensors.
+CKPT is a checkpoint (EMA weights when present) or a network exported as .onnx or .safetensors;
+--model NAME instead scores a network that ships with restorer (restorer.infer.shipped); neither: the default one.
 
 The protocol (the papers': ARCNN, DnCNN, QGAC, FBCNN, SwinIR; KAIR's and FBCNN's test scripts)
 -------------------------------------------------------------------------------------------
@@ -71,6 +72,7 @@ from restorer.base.device import INFERENCE_PRECISIONS
 from restorer.infer.inference import (Network, NonFiniteOutputError, TilingError, check_tiling, decode_file,
                                       find_inputs, input_quality, load_network, restore_image)
 from restorer.infer.metrics import psnr, psnr_b, ssim
+from restorer.infer.shipped import add_network_options, chosen_network
 
 PROG = "restorer evaluate"
 
@@ -439,7 +441,7 @@ def plot(result: dict, path: str) -> None:
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="PSNR / SSIM / PSNR-B of JPEG inputs and network "
                "outputs, the papers' protocol (see the module's documentation).")
-    p.add_argument("--ckpt", required=True, help="checkpoint (EMA weights used when present), .onnx or .safetensors")
+    add_network_options(p, "checkpoint (EMA weights used when present), .onnx or .safetensors")
     p.add_argument("--images", help="folder of clean images (searched recursively), JPEG-encoded at each --quality")
     p.add_argument("--inputs", help="folder of JPEG files to score as they are (with --references)")
     p.add_argument("--references", help="folder of the originals of --inputs, matched by file stem")
@@ -482,14 +484,15 @@ def main(argv=None) -> int:
             except ImportError:
                 raise UsageError("--plot needs matplotlib: pip install -e '.[plot]'") from None
         runtime = Runtime(args.device, args.precision, args.tile, progress=True)
+        source = chosen_network(args)
         if args.inputs:
-            result = evaluate_pairs(args.ckpt, args.inputs, args.references, y_channel=args.y_channel,
+            result = evaluate_pairs(source, args.inputs, args.references, y_channel=args.y_channel,
                                     file_bounds=args.file_bounds, runtime=runtime)
         else:
             protocol = Protocol(tuple(SWEEP if args.sweep else args.quality or QUALITIES), args.gray, args.y_channel,
                                 args.chroma, args.double, args.max_side, args.file_bounds)
             try:
-                result = evaluate(args.ckpt, args.images, protocol, runtime)
+                result = evaluate(source, args.images, protocol, runtime)
             except ProtocolError as e:  # the library's words, with the flag that set the field
                 raise said_as_option(e, FLAGS) from None
         print(format_report(result))

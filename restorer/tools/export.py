@@ -124,7 +124,7 @@ def export_safetensors(model: torch.nn.Module, card: dict, out: Path) -> float:
     try:
         from safetensors.torch import save
     except ImportError:
-        raise ExportError("safetensors export needs safetensors: pip install -e '.[export]'") from None
+        raise ExportError("safetensors export needs safetensors (a requirement of restorer): pip install safetensors") from None
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_open(out, "wb") as f:
         f.write(save(weights, metadata={ONNX_CARD_KEY: json.dumps(card)}))

@@ -1,10 +1,12 @@
-"""Restore JPEG images with a trained checkpoint: tiled, memory-bounded inference.
+"""Restore JPEG images with a trained checkpoint, or the network that ships: tiled, memory-bounded inference.
 
+    python -m restorer restore photo.jpg                   the shipped network, into ./restored/
     python -m restorer restore --ckpt runs/x/best.pt photos/ img.jpg --out restored/ \
-        [--quality N] [--force] [--tile N] [--overlap 32] [--batch N] [--device auto|cpu|cuda]
+        [--model NAME] [--quality N] [--force] [--tile N] [--overlap 32] [--batch N] [--device auto|cpu|cuda]
         [--precision fp32|bf16] [--compare] [--reference DIR] [--no-file-bounds]
 
---ckpt is a checkpoint (best.pt, last.pt) or a network exported as .onnx or .safetensors (restorer.tools.export).
+--ckpt is a checkpoint (best.pt, last.pt) or a network exported as .onnx or .safetensors (restorer.tools.export);
+--model NAME one of the networks that ship with restorer (restorer.infer.shipped); neither: the default one.
 
 Inputs are files or folders (folders are walked recursively for jpg/jpeg/png/webp/bmp/tif/tiff,
 any case). Each input is written as ``OUT/<stem>.png`` (lossless). Grayscale files stay grayscale.
@@ -50,6 +52,7 @@ from restorer.data.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from restorer.base.fileio import atomic_open, file_identity
 from restorer.base.errors import RestorerError
 from restorer.infer.pictures import make_compare
+from restorer.infer.shipped import add_network_options, chosen_network
 from restorer.base.device import INFERENCE_PRECISIONS, resolve_device
 from restorer.infer.inference import (Network, NonFiniteOutputError, TilingError, check_tiling, decode_file,
                                       find_inputs, input_quality, load_network, read_image, restore_image, warm_up)
@@ -100,9 +103,9 @@ def find_reference(ref_dir: Path, stem: str) -> Path | None:
 
 def _parser() -> Parser:
     p = Parser(prog=PROG, description="Remove JPEG artifacts with a trained network.")
-    p.add_argument("--ckpt", required=True, help="checkpoint (best.pt / last.pt), or an exported .onnx or .safetensors")
+    add_network_options(p, "checkpoint (best.pt / last.pt), or an exported .onnx or .safetensors")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (walked recursively)")
-    p.add_argument("--out", required=True, help="output folder: OUT/<stem>.png")
+    p.add_argument("--out", default="restored", help="output folder: OUT/<stem>.png (default: ./restored)")
     p.add_argument("--tile", type=int, help="tile size in px, a multiple of 8 (default 256 on the CPU, 1024 on CUDA)")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in px, at most tile/2 (default 32)")
     p.add_argument("--batch", type=int, help="tiles per forward pass (default 8 on the CPU, 4 on CUDA)")
@@ -138,12 +141,13 @@ def _checked(args) -> tuple[Network, list[Path], list[str]]:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out is not a folder: {out_dir}")
-    if not Path(args.ckpt).is_file():
-        raise UsageError(f"checkpoint not found: {args.ckpt}")
+    source = chosen_network(args)
+    if not Path(source).is_file():
+        raise UsageError(f"checkpoint not found: {source}")
     files, missing = find_inputs(args.inputs, exclude=out_dir)
     if not files:
         raise UsageError(f"no input images found in: {' '.join(args.inputs)}")
-    return load_network(args.ckpt, device, args.precision), files, missing
+    return load_network(source, device, args.precision), files, missing
 
 
 @dataclass

@@ -15,6 +15,7 @@ from restorer.base.errors import RestorerError
 from restorer.cluster import dist
 from restorer.formats.config import Config, ConfigError
 from restorer.data.manifest import ManifestError, check_shards
+from restorer.infer.shipped import weights_source
 from restorer.train.loader import http_settings, ring_bytes, shm_problem, split_urls, steps_per_epoch
 from restorer.train.trackers import tracker_problem
 
@@ -79,7 +80,7 @@ def check_init_from_place(cfg: Config) -> None:
     """train.init_from may not lie in train.out_dir: a fresh run there (overwrite, or a first attempt
     started again) deletes the run's files before it would read it. Checked before anything is."""
     if cfg.train.init_from:
-        source, out = os.path.abspath(cfg.train.init_from), os.path.abspath(cfg.train.out_dir)
+        source, out = os.path.abspath(weights_source(cfg.train.init_from)), os.path.abspath(cfg.train.out_dir)
         if os.path.commonpath([source, out]) == out:
             raise ConfigError(f"train.init_from: {cfg.train.init_from} is in train.out_dir {cfg.train.out_dir}, "
                               "whose files a fresh run there replaces: copy it out first (or resume that run)")
@@ -92,7 +93,7 @@ def init_weights(cfg: Config) -> dict:
     from restorer.infer.inference import network_weights
 
     try:
-        spec, weights = network_weights(cfg.train.init_from)
+        spec, weights = network_weights(weights_source(cfg.train.init_from))
     except RestorerError as e:
         raise ConfigError(f"train.init_from: {e}") from None
     if spec != cfg.network():
