@@ -16,9 +16,9 @@ is printed the moment it is measured; a stage that fails says why in its row and
                if not, the row says so and the loader and trainer get the workers that fit
   3 loader     gpu.yaml's training loader alone, batches uploaded to the GPU         --seconds + ~15 s
   4 trainer    launch/train.py --config configs/gpu.yaml on one GPU, as it says (bf16). Its first
-               50 steps and 10 s (the compile, the loader's warm-up) are not timed; then --seconds
+               50 steps and 10 s (a compile if the config asks, the loader's warm-up) are not timed; then --seconds
                of its own metrics.jsonl patches/s, and a SIGTERM (it saves). Is the GPU fed?
-                                                         --seconds + 1-4 min (the compile: 1-3)
+                                                         --seconds + 1-4 min (with train.compile: 1-3 more)
   5 train step bench/train_step.py at the trainer's batch: fp32 eager, bf16 + channels_last, and
                compiled (the trainer's inductor cache makes this compile short)      1-2 min
   6 torchrun   2 processes on nccl, 30 steps, when there are two GPUs (else skipped) ~1 min
@@ -506,7 +506,7 @@ def stage_trainer(c: Check) -> None:
         # a trainer that failed says why, even when the time ran out while it failed (a first compiled
         # step that raised: an H200 run once read "the compile is slower" here)
         why = (f"no step after the warm-up within {limit:.0f} s (log lines up to step "
-               f"{warm[-1][0] if warm else 0}: the compile is slower)" if stopped == "out of time" and rc == 0
+               f"{warm[-1][0] if warm else 0}: the warm-up, or a compile, is slower)" if stopped == "out of time" and rc == 0
                else f"exit {rc}: {last_error(log)}")
         raise RuntimeError(f"{why}; see {log}")
     steps, secs = sum(w[1] for w in steady), sum(w[2] for w in steady)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from helpers import BENCHMARK_SETS, REPO, require, small_benchmarks
+from helpers import BENCHMARK_SETS, BENCHMARKS, REPO, require, small_benchmarks
 
 require("skimage", "demo")
 
@@ -18,7 +18,8 @@ require("skimage", "demo")
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    bench = small_benchmarks(tmp_path / "benchmarks", images=1, side=64)
+    there = all((BENCHMARKS / s).is_dir() for s in BENCHMARK_SETS) or os.environ.get("CI")  # (CI: must be)
+    bench = small_benchmarks(tmp_path / "benchmarks", images=1, side=64) if there else tmp_path / "none"
     out = tmp_path / "demo"
     p = subprocess.run([sys.executable, "-m", "restorer", "demo", "--out", str(out), "--steps", "4",
                         "--benchmarks", str(bench)], capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
@@ -26,11 +27,13 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "demo finished: one network for every JPEG quality, on astronaut.png" in p.stdout
     assert "PSNR gain" in p.stdout and "at q10: PSNR JPEG" in p.stdout
     # where it stands on the field's table: one line a set at q10, its figures evaluate's, the papers' beside
-    for name in BENCHMARK_SETS:
+    if not there:
+        assert f"field table: no benchmarks in {bench}" in p.stdout
+    for name in BENCHMARK_SETS if there else ():
         m = json.loads((out / f"field_{name}.json").read_text())["qualities"]["10"]["mean"]
         line = next(x for x in p.stdout.splitlines() if x.strip().startswith(name))
         assert f"JPEG {m['psnr_jpeg']:.2f} -> ours {m['psnr_model']:.2f}" in line and "FBCNN" in line and "blind-unet5" in line, line
-    assert "DnCNN 29.19" in next(x for x in p.stdout.splitlines() if x.strip().startswith("LIVE1_gray"))
+    assert not there or "DnCNN 29.19" in next(x for x in p.stdout.splitlines() if x.strip().startswith("LIVE1_gray"))
     result = json.loads((out / "evaluation.json").read_text())
     assert list(result["qualities"]) == ["10", "20", "30", "40", "50", "60", "70", "80", "90", "95"]
     means = [result["qualities"][q]["mean"] for q in result["qualities"]]

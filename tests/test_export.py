@@ -18,7 +18,7 @@ from restorer.infer.inference import load_network, restore_array
 from restorer.tools.restore import main as restore_main
 from restorer.models import build_model
 
-for _module in ("onnx", "onnxscript", "onnxruntime", "safetensors"):
+for _module in ("onnx", "onnxscript", "onnxruntime"):
     require(_module, "export")
 
 TINY = {"seed": {"residual": True}, "dncnn": {"depth": 4, "channels": 8},

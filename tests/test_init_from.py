@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from helpers import assert_ok, cli_here, load_state, metrics, require, train_here
+from helpers import assert_ok, cli_here, load_state, metrics, train_here
 
 # lr so small that the weights do not move in 2 steps: what the run ends with is what it started from
 STILL = ("train.max_steps=2", "optim.lr=1e-30", "optim.schedule=constant", "log.val_every=0")
@@ -42,7 +42,6 @@ def test_a_fresh_run_starts_from_a_checkpoints_ema_weights_and_a_resume_ignores_
 
 
 def test_a_run_starts_from_an_exported_safetensors_file(base_run, shards, tmp_path):
-    require("safetensors", "export")
     from restorer.tools.export import main as export
 
     net = tmp_path / "net.safetensors"

@@ -4,6 +4,8 @@ what every network must do (any size, grayscale, identity at start, bf16/channel
 from __future__ import annotations
 
 import io
+import json
+import types
 
 import numpy as np
 import pytest
@@ -118,19 +120,21 @@ def test_nafnet_gpu_preset_is_the_papers_width32_and_width64_models():
     assert macs_per_pixel(wide, 3) * 256 * 256 / 1e9 == pytest.approx(65, rel=0.03)
 
 
-def test_nafnet_scales_are_channel_vectors_and_an_earlier_state_of_1xCx1x1_loads_the_same():
+def test_nafnet_scales_are_channel_vectors_and_a_checkpoint_of_1xCx1x1_scales_still_restores(tmp_path):
     """torch 2.11's compiled backward on CUDA returned C-vector gradients for 1 x C x 1 x 1 parameters
-    and failed gpu.yaml's first step (bench/gpu_check.py on an H200): the scales are C-vectors now."""
+    and failed gpu.yaml's first step (bench/gpu_check.py on an H200): the scales are C-vectors now, and
+    a checkpoint written before (its weights and its EMA in the old layout) restores the same image."""
     model = _perturbed("nafnet", conditioning="decoder")
     scales = {k for k in model.state_dict() if is_nafnet_scale(k)}
     assert len(scales) > 8 and all(model.state_dict()[k].dim() == 1 for k in scales)
     earlier = {k: (v.view(1, -1, 1, 1) if k in scales else v) for k, v in model.state_dict().items()}
-    again = build_model("nafnet", in_channels=3, **TINY["nafnet"], conditioning="decoder")
-    again.load_state_dict(earlier)
-    x, q = torch.rand(1, 3, 40, 40), torch.tensor([30.0])
-    with torch.no_grad():
-        assert torch.equal(again(x, q), model(x, q))
-    out = model(x, q)  # the gradient of every scale has its parameter's shape
+    path = tmp_path / "old.pt"
+    old = types.SimpleNamespace(state_dict=lambda: earlier)  # what the trainer wrote then
+    save_network(path, old, "nafnet", {**TINY["nafnet"], "conditioning": "decoder"}, ema=earlier)
+    image = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
+    loaded, _ = load_checkpoint_network(path)
+    assert np.array_equal(restore_array(loaded, image, quality=30), restore_array(model, image, quality=30))
+    out = model(torch.rand(1, 3, 40, 40), torch.tensor([30.0]))  # each scale's gradient has its shape
     out.sum().backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters() if p.dim() == 1)
 
@@ -349,3 +353,28 @@ def test_the_quantization_steps_are_the_tables_libjpeg_writes():
     steps = quantization_steps()
     for q in (1, 5, 10, 20, 30, 50, 70, 80, 90, 95, 100):
         assert steps[q - 1].item() == pytest.approx(mean_step(q) / mean_step(10), rel=1e-6), q
+
+
+def test_a_resume_of_nafnet_with_1xCx1x1_scales_and_their_adam_moments_goes_on():
+    """The optimizer's moments of an earlier checkpoint are in the old layout too: a resume reshapes them."""
+    from restorer.train.loop import Training
+
+    overrides = ["model.name=nafnet", "model.nafnet.conditioning=decoder", "optim.name=adamw"] + \
+        [f"model.nafnet.{k}={json.dumps(v)}" for k, v in TINY["nafnet"].items()]
+    cfg = load_config("configs/cpu.yaml", overrides)
+    before = Training.build(cfg, torch.device("cpu"))
+    before.model(torch.rand(1, 3, 16, 16), torch.tensor([30.0])).sum().backward()
+    before.optimizer.step()
+    state = before.state_dict()
+    name_of = {id(p): n for n, p in before.model.named_parameters()}
+    order = [name_of[id(p)] for g in before.optimizer.param_groups for p in g["params"]]  # the state's indices
+    old = lambda k, v: v.view(1, -1, 1, 1) if is_nafnet_scale(k) else v  # noqa: E731
+    state["model"] = {k: old(k, v) for k, v in state["model"].items()}
+    for i, moments in state["optimizer"]["state"].items():
+        moments.update({m: old(order[i], v) for m, v in moments.items() if m != "step"})
+    assert state["optimizer"]["state"][order.index("encoders.0.0.beta")]["exp_avg"].dim() == 4
+    after = Training.build(cfg, torch.device("cpu"))
+    after.load_state_dict(state)
+    after.model(torch.rand(1, 3, 16, 16), torch.tensor([30.0])).sum().backward()
+    after.optimizer.step()  # a moment of another shape would not broadcast here
+    assert all(v.shape == p.shape for p, m in after.optimizer.state.items() for k, v in m.items() if k != "step")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch as safetensors_torch
 import torch
 
 from helpers import cli_here, encode, photo_like, require, save_network, write
@@ -19,7 +20,6 @@ from restorer.tools.restore import main as restore_main
 
 require("onnx", "export")
 require("onnxruntime", "export")
-safetensors_torch = require("safetensors.torch", "export")
 
 
 def _seed(path: Path, damage=None) -> Path:

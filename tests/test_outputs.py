@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli_here, require, save_network
+from helpers import cli_here, save_network
 from restorer.tools import export, plot, runs
 from restorer.models import build_model
 
@@ -109,7 +109,6 @@ def test_export_refuses_outputs_that_clash_or_a_folder(tmp_path, checkpoint, cas
 
 
 def test_export_out_in_a_new_folder_is_written_and_under_a_file_is_one_line(tmp_path, checkpoint):
-    require("safetensors", "export")
     out = tmp_path / "new" / "deeper" / "net.safetensors"
     p = cli_here(export.main, "--ckpt", checkpoint, "--format", "safetensors", "--out", out)
     assert p.returncode == 0, p.stderr

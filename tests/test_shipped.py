@@ -19,7 +19,6 @@ from restorer.tools.evaluate import main as evaluate_main
 from restorer.tools.restore import main as restore_main
 from restorer.train.checks import init_weights
 
-skimage_data = require("skimage.data", "demo")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -28,7 +27,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def astronaut() -> np.ndarray:
-    return np.ascontiguousarray(skimage_data.astronaut()[96:352, 160:416])  # 256 x 256: the face and the suit
+    photo = require("skimage.data", "demo").astronaut()  # never trained on
+    return np.ascontiguousarray(photo[96:352, 160:416])  # 256 x 256: the face and the suit
 
 
 def test_every_shipped_network_is_there_with_its_card_and_loads():
@@ -51,9 +51,10 @@ def test_restore_without_ckpt_uses_the_shipped_network_and_writes_to_restored(as
     restored = np.asarray(Image.open(tmp_path / "restored" / "photo.png"))
     before = jpeg.decode(photo.read_bytes())[0]
     assert psnr(restored, astronaut) > psnr(before, astronaut) + 1.0  # it restores, it does not copy
-    p2 = cli_here(restore_main, "--model", DEFAULT_MODEL, photo, "--out", tmp_path / "named")
-    assert p2.returncode == 0, p2.stderr
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "named" / "photo.png")), restored)
+    for flag in ("--model", "--ckpt"):  # by name either way, as train.init_from takes it
+        p2 = cli_here(restore_main, flag, DEFAULT_MODEL, photo, "--out", tmp_path / flag.strip("-"))
+        assert p2.returncode == 0, p2.stderr
+        assert np.array_equal(np.asarray(Image.open(tmp_path / flag.strip("-") / "photo.png")), restored)
 
 
 def test_the_flags_say_their_mistakes_in_one_line(tmp_path):
@@ -63,6 +64,8 @@ def test_the_flags_say_their_mistakes_in_one_line(tmp_path):
     assert p.returncode == 2 and "not allowed with argument" in p.stderr
     p = cli_here(evaluate_main, "--model", "no-such-net", "--images", tmp_path)
     assert p.returncode == 2 and "invalid choice" in p.stderr
+    p = cli_here(restore_main, "--ckpt", "", tmp_path)  # an unset $CKPT is no request for the shipped network
+    assert p.returncode == 2 and "--ckpt is empty" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 def test_the_default_network_never_makes_a_jpeg_worse_at_any_quality(astronaut):

@@ -33,6 +33,16 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
+@pytest.fixture(autouse=True)
+def no_job_left(cluster):
+    """A test that failed while its job ran cancels the job: the next test gets the nodes, not a queue
+    behind a job that never ends (one held after its requeue once kept a CI run waiting)."""
+    yield
+    jobs = cluster.run("squeue", "--noheader", "--format=%i", check=False).stdout.split()
+    if jobs:
+        cluster.run("scancel", *{j.split("_")[0] for j in jobs}, check=False)
+
+
 def _args(shards: Path, out: Path, *overrides: str) -> list[str]:
     return ["--config", str(REPO / "configs" / "cpu.yaml"), f"data.shards={shards}", f"train.out_dir={out}",
             *TINY, "log.val_every=0", *overrides]

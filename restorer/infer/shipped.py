@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from restorer.base.cli import UsageError
+
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED = {  # name -> what it is (the README's "Weights that ship" has their tables)
     "blind-unet5": "every JPEG quality (10-95), colour and gray files: a five-scale U-Net, 4.3 M parameters",
@@ -30,7 +32,7 @@ def shipped_card(name: str) -> dict:
 
 def weights_source(path_or_name: str) -> str:
     """A weights file as given, or the file of the shipped network of that name (when no file has it)."""
-    return str(shipped_path(path_or_name)) if path_or_name in SHIPPED and not Path(path_or_name).exists() else path_or_name
+    return str(shipped_path(path_or_name)) if path_or_name in SHIPPED and not Path(path_or_name).is_file() else path_or_name
 
 
 def add_network_options(parser: argparse.ArgumentParser, ckpt_help: str) -> None:
@@ -42,6 +44,10 @@ def add_network_options(parser: argparse.ArgumentParser, ckpt_help: str) -> None
 
 
 def chosen_network(args: argparse.Namespace) -> str:
-    """The file add_network_options' flags name."""
-    return args.ckpt if args.ckpt else str(shipped_path(args.model or DEFAULT_MODEL))
+    """The file add_network_options' flags name (--ckpt takes a shipped name too, as train.init_from does)."""
+    if args.ckpt is None:
+        return str(shipped_path(args.model or DEFAULT_MODEL))
+    if not args.ckpt.strip():  # an unset variable in a script: not a request for the shipped network
+        raise UsageError("--ckpt is empty: give a checkpoint or exported file, or leave --ckpt out for the shipped network")
+    return weights_source(args.ckpt)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from restorer.models.common import CONDITIONING, count_parameters, macs_per_pixel
@@ -69,8 +70,11 @@ class NetworkSpec:
 
 
 def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
-    """`model.load_state_dict(state_dict)`, or ValueError in one line that says what does not fit."""
+    """`model.load_state_dict(state_dict)`, or ValueError in one line that says what does not fit. A
+    tensor stored in an earlier layout of the same values (NAFNet's scales were 1 x C x 1 x 1, are C)
+    is reshaped: singleton dimensions are the one layout change networks here have had."""
     own = model.state_dict()
+    state_dict = {k: relaid(v, own[k].shape) if k in own else v for k, v in state_dict.items()}
     missing = [k for k in own if k not in state_dict]
     extra = [k for k in state_dict if k not in own]
     wrong = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
@@ -79,6 +83,14 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
                  (("missing", missing), ("unexpected", extra), ("of another shape", wrong)) if v]
         raise ValueError(f"{source}: the weights do not fit {type(model).__name__}: {', '.join(parts)}")
     model.load_state_dict(state_dict)
+
+
+def relaid(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`t` in `shape` when the two differ only in singleton dimensions (the same values), else `t`."""
+    if not isinstance(t, torch.Tensor) or t.shape == shape:
+        return t
+    same = tuple(d for d in t.shape if d != 1) == tuple(d for d in shape if d != 1)
+    return t.reshape(shape) if same else t
 
 
 def describe(model: nn.Module, name: str) -> str:

@@ -39,28 +39,13 @@ class NAFNetOptions:
 def per_channel(p: torch.Tensor) -> torch.Tensor:
     """A C-vector as 1 x C x 1 x 1. The scales are stored as C-vectors: with 1 x C x 1 x 1 parameters
     torch 2.11's compiled backward (CUDA, bf16, channels_last) returned C-vector gradients and failed
-    the first step ("invalid gradient ... got [32] but expected shape compatible with [1, 32, 1, 1]")."""
+    the first step ("invalid gradient ... got [32] but expected shape compatible with [1, 32, 1, 1]").
+    States of the earlier layout load (restorer.models.load_weights reshapes them)."""
     return p.view(1, -1, 1, 1)
 
 
-class ChannelScales(nn.Module):
-    """A module whose per-channel parameters (`SCALES`) are C-vectors; a state of an earlier restorer
-    (1 x C x 1 x 1) loads as well."""
-
-    SCALES: tuple[str, ...] = ()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        for name in self.SCALES:
-            value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor) and value.dim() == 4:
-                state_dict[prefix + name] = value.reshape(-1)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
-
-class LayerNorm2d(ChannelScales):
+class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of each pixel of N x C x H x W, with a per-channel scale and shift."""
-
-    SCALES = ("weight", "bias")
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -80,12 +65,10 @@ class SimpleGate(nn.Module):
         return a * b
 
 
-class NAFBlock(ChannelScales):
+class NAFBlock(nn.Module):
     """y = x + beta * conv(SCA(SG(dwconv(conv(LN(x)))))); out = y + gamma * conv(SG(conv(LN(y)))).
     Expansion 2 in both branches, as in the paper; beta and gamma start at zero (the block starts
     as the identity)."""
-
-    SCALES = ("beta", "gamma")
 
     def __init__(self, c: int) -> None:
         super().__init__()

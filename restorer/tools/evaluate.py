@@ -1,11 +1,12 @@
 """Evaluate a network the way the JPEG-restoration papers do: PSNR, SSIM and PSNR-B of the JPEG input
 and of the network's output, on full images, for qualities 10 20 30 40 in one table.
 
-    python -m restorer evaluate --ckpt CKPT --images DIR [--quality 10 20 30 40 | --sweep]
+    python -m restorer evaluate [--ckpt CKPT | --model NAME] --images DIR [--quality 10 20 30 40 | --sweep]
                                 [--chroma 420|422|444] [--double Q1] [--gray | --y-channel]
                                 [--json FILE] [--plot FILE.png] [--device auto|cpu|cuda]
                                 [--precision fp32|bf16] [--tile N] [--max-side N] [--no-file-bounds]
-    python -m restorer evaluate --ckpt CKPT --inputs JPEG_DIR --references DIR [--json FILE] [--no-file-bounds]
+    python -m restorer evaluate [--ckpt CKPT | --model NAME] --inputs JPEG_DIR --references DIR [--json FILE]
+                                [--no-file-bounds]
 
 CKPT is a checkpoint (EMA weights when present) or a network exported as .onnx or .safetensors;
 --model NAME instead scores a network that ships with restorer (restorer.infer.shipped); neither: the default one.

@@ -1,11 +1,12 @@
 """Restore JPEG images with a trained checkpoint, or the network that ships: tiled, memory-bounded inference.
 
     python -m restorer restore photo.jpg                   the shipped network, into ./restored/
-    python -m restorer restore --ckpt runs/x/best.pt photos/ img.jpg --out restored/ \
-        [--model NAME] [--quality N] [--force] [--tile N] [--overlap 32] [--batch N] [--device auto|cpu|cuda]
+    python -m restorer restore [--ckpt FILE | --model NAME] photos/ img.jpg [--out restored/] \
+        [--quality N] [--force] [--tile N] [--overlap 32] [--batch N] [--device auto|cpu|cuda]
         [--precision fp32|bf16] [--compare] [--reference DIR] [--no-file-bounds]
 
---ckpt is a checkpoint (best.pt, last.pt) or a network exported as .onnx or .safetensors (restorer.tools.export);
+--ckpt is a checkpoint (best.pt, last.pt), a network exported as .onnx or .safetensors (restorer.tools.export),
+or the name of a network that ships;
 --model NAME one of the networks that ship with restorer (restorer.infer.shipped); neither: the default one.
 
 Inputs are files or folders (folders are walked recursively for jpg/jpeg/png/webp/bmp/tif/tiff,
@@ -97,6 +98,8 @@ def find_reference(ref_dir: Path, stem: str) -> Path | None:
     return None
 
 
+OUT_DEFAULT = "restored"
+
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -105,7 +108,7 @@ def _parser() -> Parser:
     p = Parser(prog=PROG, description="Remove JPEG artifacts with a trained network.")
     add_network_options(p, "checkpoint (best.pt / last.pt), or an exported .onnx or .safetensors")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (walked recursively)")
-    p.add_argument("--out", default="restored", help="output folder: OUT/<stem>.png (default: ./restored)")
+    p.add_argument("--out", default=OUT_DEFAULT, help="output folder: OUT/<stem>.png (default: ./restored)")
     p.add_argument("--tile", type=int, help="tile size in px, a multiple of 8 (default 256 on the CPU, 1024 on CUDA)")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in px, at most tile/2 (default 32)")
     p.add_argument("--batch", type=int, help="tiles per forward pass (default 8 on the CPU, 4 on CUDA)")
@@ -140,7 +143,7 @@ def _checked(args) -> tuple[Network, list[Path], list[str]]:
         raise UsageError(f"--reference folder not found: {args.reference}")
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out is not a folder: {out_dir}")
+        raise UsageError(f"--out is not a folder: {out_dir}" + ("" if args.out != OUT_DEFAULT else " (the default ./restored)"))
     source = chosen_network(args)
     if not Path(source).is_file():
         raise UsageError(f"checkpoint not found: {source}")

@@ -49,7 +49,7 @@ from restorer.base.device import autocast, to_float
 from restorer.infer.metrics import psnr, ssim
 from restorer.base.fileio import atomic_open, atomic_write_json
 from restorer.base.urls import mask_secrets
-from restorer.models import count_parameters, describe, load_weights, macs_per_pixel
+from restorer.models import count_parameters, describe, load_weights, macs_per_pixel, relaid
 from restorer.train.optim import loss_fn, make_optimizer, set_lr
 from restorer.train.reporting import Reporter, Schedule
 from restorer.train.trackers import open_trackers
@@ -169,6 +169,8 @@ class Training:
             for group, base_lr in zip(self.optimizer.param_groups, base_lrs):
                 group["base_lr"] = base_lr  # from this run's config, not the checkpoint's
                 group.update({k: v for k, v in self.optimizer.defaults.items() if k != "lr"})
+            for param, moments in self.optimizer.state.items():  # saved in an earlier layout (load_weights)
+                moments.update({k: relaid(v, param.shape) for k, v in moments.items() if k != "step"})
         if self.scaler.is_enabled() and state.get("scaler"):  # fp16 now but not then: a fresh scaler
             self.scaler.load_state_dict(state["scaler"])
 

@@ -10,7 +10,8 @@ is changed.
     {"hide": "wandb"}                                the package is not installed (its import fails)
     {"rank": 0, "hold_after_step": 6}                that rank stops after step 6 until a stop signal reaches
                                                      it (SIGTERM, SIGUSR1, Ctrl-C): a run that cannot end
-                                                     before the test has signalled it, however slow the machine
+                                                     before the test has signalled it, however slow the machine (a
+                                                     SLURM job: its first start only; a requeued one goes on)
     {"rank": 0, "hold_after_step": 6, "until_file": F}   ... or until the file F exists (the test made its change)
     {"rank": 0, "signal_after_steps": [3, 7]}        that rank sends itself SIGTERM after each of those steps
                                                      that it trains (not one a resumed run starts past)
@@ -44,7 +45,7 @@ if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
             return sha256_file(path)
 
         manifest.sha256_file = slow
-    if fault.get("hold_after_step"):
+    if fault.get("hold_after_step") and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":  # a requeued job goes on
         import time
 
         import restorer.train.loop as train
