@@ -113,8 +113,8 @@ class Training:
     def build(cls, cfg: Config, device: torch.device, world_size: int = 1) -> Training:
         model = cfg.network().build().to(device)
         if cfg.train.channels_last:
-            # the convolutions' weights only: a 1 x C x 1 x 1 scale (NAFNet's) in channels_last has strides its
-            # gradient does not have, which DDP warns of on every rank (and which gains nothing)
+            # the convolutions' weights only: nothing else gains from it (a 1 x C x 1 x 1 parameter in channels_last
+            # has strides its gradient does not have, which DDP warns of on every rank)
             for module in model.modules():
                 if isinstance(module, nn.modules.conv._ConvNd):
                     module.to(memory_format=torch.channels_last)
