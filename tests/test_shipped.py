@@ -20,7 +20,6 @@ from restorer.tools.restore import main as restore_main
 from restorer.train.checks import init_weights
 
 
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
