@@ -8,9 +8,9 @@ DIR is laid out like ../shared/benchmarks (the default, beside the repository; i
 LIVE1_color/ is scored in RGB, LIVE1_gray/ and Classic5/ with evaluate's --gray protocol, Real/ (no
 originals) is skipped; qualities 10 20 30 40. The scoring is restorer.tools.evaluate.evaluate itself (the
 same code path as `python -m restorer evaluate --images DIR --quality 10 20 30 40 [--gray]`). Each
-checkpoint (or .onnx / .safetensors network, or a shipped network's name: blind-unet5) is one row; "JPEG (measured here)" is evaluate's JPEG-input
-row, measured with a network that returns its input, so it does not depend on any checkpoint and checks
-that the published JPEG baseline reproduces. --jpeg-only prints only that check. --max-images N scores
+checkpoint (or .onnx / .safetensors network, or a shipped network's name: blind-unet5) is one row; "JPEG
+(measured here)" is evaluate's JPEG-input row, measured with a network that returns its input, so it does
+not depend on any checkpoint and checks that the published JPEG baseline reproduces. --jpeg-only prints only that check. --max-images N scores
 the first N images of each set (evaluate's order) for quick runs. The last line is one JSON object.
 """
 
@@ -32,7 +32,6 @@ from restorer.tools import evaluate as ev  # noqa: E402
 from restorer.base.cli import Parser, UsageError, run  # noqa: E402
 from restorer.infer.inference import Network, find_inputs  # noqa: E402
 from restorer.infer.shipped import weights_source  # noqa: E402
-
 from restorer.infer.field_table import DEFAULT_BENCHMARKS, METHODS, PUBLISHED, QUALITIES, SETS, SKIPPED  # noqa: E402
 JPEG_ROW = "JPEG (measured here)"
 

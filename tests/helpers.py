@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from restorer.infer.field_table import DEFAULT_BENCHMARKS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -31,7 +33,7 @@ def require(module: str, extra: str):
         pytest.skip(f"{module} is not installed (the {extra} extra)", allow_module_level=True)
 
 
-BENCHMARKS = REPO.parent / "shared" / "benchmarks"  # the field's sets, beside the repository as in CI
+BENCHMARKS = DEFAULT_BENCHMARKS  # the field's sets, beside the repository as in CI
 BENCHMARK_SETS = {"LIVE1_color": "bmp", "LIVE1_gray": "png", "Classic5": "bmp"}  # set -> its files' format
 
 
