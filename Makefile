@@ -18,9 +18,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # Most of a test's time is processes starting (torch's import) or waiting on each other (SLURM, torchrun):
-# the files run in parallel, one worker a core (at most 4); a file's tests stay in one worker (its fixtures).
+# the files run in parallel, one worker a core (at most 4); a file's tests stay in one worker (its fixtures),
+# the files in tests/conftest.py's order, longest first (xdist would put the files of most tests first).
 test: install
-	$(PY) -m pytest -n auto --maxprocesses=4 --dist loadfile
+	$(PY) -m pytest -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not slurm"

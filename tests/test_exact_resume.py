@@ -193,14 +193,15 @@ def test_a_run_resumed_on_another_number_of_ranks_trains_on_the_same_samples(sha
 
 
 @pytest.mark.slow
-def test_two_ranks_stopped_twice_end_bit_identical(shards, tmp_path, whole):
+def test_two_ranks_stopped_and_resumed_end_bit_identical(shards, tmp_path, whole):
+    """Rank 1 signals itself after step 6: every rank stops at the step they agree on, and the run resumed on
+    two ranks (2 workers each, where `whole` had 1) ends as `whole` did. (Several stops in a row: test_three_
+    stops_at_random_steps_end_bit_identical, in one process.)"""
     out = tmp_path / "stopped"
-    for _ in range(3):
-        p = run_cmd(train_cmd(2, shards, out, *WHOLE, "data.workers=2"), fault={"rank": 1, "signal_after_steps": [4, 8]})
+    for _ in range(2):
+        p = run_cmd(train_cmd(2, shards, out, *WHOLE, "data.workers=2"), fault={"rank": 1, "signal_after_steps": [6]})
         assert_ok(p)
-        if "stopped by" not in p.stderr:
-            break
-    assert events(out).count("stopped") == 2
+    assert events(out) == ["start", "stopped", "resume", "finished"]
     assert trace(out) == trace(whole)
     assert_same_state(whole, out)
 
@@ -266,26 +267,21 @@ def test_elastic_torchrun_survives_a_lost_node_and_goes_on_sample_exact_on_fewer
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "elastic"
-    elastic = ("--nnodes=1:2", "--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-               "--rdzv-id=elastic-test", "--rdzv-conf=last_call_timeout=2")
 
-    def agent(name: str, fault: dict | None) -> subprocess.Popen:
+    def agent(name: str, fault: dict | None, hosts_the_store: bool) -> subprocess.Popen:
         cmd = train_cmd(1, shards, out, *WHOLE)
-        cmd[cmd.index("--standalone")] = elastic[0]
-        cmd[cmd.index(elastic[0]) + 1:cmd.index(elastic[0]) + 1] = list(elastic[1:])
+        at = cmd.index("--standalone")
+        cmd[at:at + 1] = ["--nnodes=1:2", "--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                          "--rdzv-id=elastic-test", f"--rdzv-conf=last_call_timeout=4,is_host={hosts_the_store}"]
         return subprocess.Popen(cmd, env=train_env(fault), stdout=open(tmp_path / f"{name}.log", "w"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
-    first = agent("first", None)  # it hosts the rendezvous store (the first to listen on the port) and stays
-    while True:  # the event: the store listens
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    # the second agent's rank holds after step 6 (checkpoints at 2, 4, 6 vouched for) until it is killed
-    second = agent("second", {"rank": 1, "hold_after_step": 6})
+    # The second agent first, waiting for the store: it joins the moment the first hosts the store, so the
+    # two start as one world however slow the machine (a first agent alone for last_call_timeout would
+    # start a world of one: a busy CI machine did). Its rank, whichever the rendezvous gives it, holds
+    # after step 6 (checkpoints at 2, 4, 6 vouched for) until it is killed.
+    second = agent("second", {"rank": "any", "hold_after_step": 6}, hosts_the_store=False)
+    first = agent("first", None, hosts_the_store=True)  # it hosts the rendezvous store and stays
     try:
         while "holding after step 6" not in (tmp_path / "second.log").read_text():
             assert first.poll() is None and second.poll() is None, (tmp_path / "first.log").read_text()[-3000:]

@@ -76,6 +76,24 @@ def test_rescale_and_rotation_follow_the_seed_distribution(ramp_image):
         assert abs(quarters[q] / n - 1 / 6) < 0.04
 
 
+def test_photo_side_sees_a_large_photo_at_that_side_and_leaves_a_smaller_one_alone(ramp_image):
+    """photo_side=80 on the 320 x 300 ramp: each patch is cut from the photo at 80 px (a quarter: the ramp
+    four times as steep), times the rescale drawn; a photo no larger than photo_side is cut as before."""
+    rng = np.random.default_rng(5)
+    plain = PatchSpec(size=32, rescale_p=0.0, rotate_p=0.0)
+    seen = PatchSpec(size=32, rescale_p=0.0, rotate_p=0.0, photo_side=80)
+    for _ in range(20):
+        assert _geometry(random_patch(ramp_image, seen, rng))[0] == pytest.approx(0.25, rel=0.03)
+    both = PatchSpec(size=32, rescale_p=1.0, scales=(0.5,), rotate_p=0.0, photo_side=160)
+    assert _geometry(random_patch(ramp_image, both, rng))[0] == pytest.approx(0.25, rel=0.03)  # 1/2 x 160/320
+    small = PatchSpec(size=32, rescale_p=0.0, rotate_p=0.0, photo_side=320)
+    a, b = np.random.default_rng(6), np.random.default_rng(6)
+    for _ in range(5):
+        assert np.array_equal(random_patch(ramp_image, small, a), random_patch(ramp_image, plain, b))
+    with pytest.raises(ValueError, match="photo_side: must be 0"):
+        PatchSpec(size=32, photo_side=16).validate()
+
+
 def test_crops_cover_the_whole_image(ramp_image):
     rng = np.random.default_rng(1)
     spec = PatchSpec(rescale_p=0.0, rotate_p=0.0)

@@ -42,8 +42,8 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint_and_step_copies(base_run
     out = base_run
     good = load_state(out / "last.pt")
     assert good["step"] == 4
-    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=40", "checkpoint.every=1", "checkpoint.keep=2",
-                          "log.val_every=0", "optim.lr=1e12", "train.max_nonfinite=3"))
+    p = train_here(shards, out, "train.max_steps=40", "checkpoint.every=1", "checkpoint.keep=2", "log.val_every=0",
+                   "optim.lr=1e12", "train.max_nonfinite=3")
     _one_error_line(p, 1, "non-finite steps in a row")
     kept = load_state(out / "last.pt")
     # the blown-up update (step 5, finite itself) is vouched for by no later step: never written
@@ -56,7 +56,7 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint_and_step_copies(base_run
 @pytest.mark.slow
 def test_resume_false_into_a_used_folder_is_refused_unless_overwrite(base_run, shards):
     out = base_run
-    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=2", "train.resume=false"))
+    p = train_here(shards, out, "train.max_steps=2", "train.resume=false")
     _one_error_line(p, 1, "holds another run")
     assert load_state(out / "last.pt")["step"] == 4 and len(list(out.glob("step-*.pt"))) == 2
     assert_ok(train_here(shards, out, "train.max_steps=2", "train.resume=false", "train.overwrite=true",
@@ -118,7 +118,7 @@ def test_a_truncated_last_pt_falls_back_to_the_newest_step_copy_then_best_pt(bas
     assert [m["step"] for m in metrics(out) if m.get("event") == "resume"][-1] == best_step
     for name in ("last.pt", "best.pt", *(p.name for p in out.glob("step-*.pt"))):
         (out / name).write_bytes(b"garbage")
-    _one_error_line(run_cmd(train_cmd(0, shards, out, "train.max_steps=10")), 1, "no checkpoint in")
+    _one_error_line(train_here(shards, out, "train.max_steps=10"), 1, "no checkpoint in")
 
 
 @pytest.mark.slow
@@ -136,7 +136,7 @@ def test_a_failed_save_is_one_line_and_leaves_no_temp_file(base_run, shards):
     out = base_run
     (out / "last.pt").unlink()
     (out / "last.pt" / "x").mkdir(parents=True)  # the final rename cannot replace a folder (it resumes from a step copy)
-    p = run_cmd(train_cmd(0, shards, out, "train.max_steps=6", "log.val_every=0"))
+    p = train_here(shards, out, "train.max_steps=6", "log.val_every=0")
     _one_error_line(p, 1, "cannot write a checkpoint")
     assert not [f for f in out.iterdir() if ".tmp" in f.name]
 
@@ -215,7 +215,7 @@ def test_a_manifest_without_splits_is_one_line(tmp_path, shards):
     m = json.loads((bad / "manifest.json").read_text())
     del m["splits"]
     (bad / "manifest.json").write_text(json.dumps(m))
-    _one_error_line(run_cmd(train_cmd(0, bad, tmp_path / "run")), 2, "has no usable splits.train")
+    _one_error_line(train_here(bad, tmp_path / "run"), 2, "has no usable splits.train")
 
 
 @pytest.mark.slow
@@ -224,13 +224,13 @@ def test_shards_changed_after_the_manifest_are_caught(tmp_path, shards):
     shutil.copytree(shards, bad)
     with open(bad / "train-000001.tar", "ab") as f:
         f.write(b"\0" * 512)
-    _one_error_line(run_cmd(train_cmd(0, bad, tmp_path / "run")), 2, "the shards changed after the manifest")
+    _one_error_line(train_here(bad, tmp_path / "run"), 2, "the shards changed after the manifest")
     shutil.copy(shards / "train-000001.tar", bad / "train-000001.tar")
     data = bytearray((bad / "train-000001.tar").read_bytes())
     data[2000] ^= 0xFF  # same size, other bytes: only the sha256 sees it
     (bad / "train-000001.tar").write_bytes(bytes(data))
     assert_ok(train_here(bad, tmp_path / "ok", "train.max_steps=1", "log.val_every=0"))
-    _one_error_line(run_cmd(train_cmd(0, bad, tmp_path / "run", "data.verify=true")), 2, "does not match the sha256")
+    _one_error_line(train_here(bad, tmp_path / "run", "data.verify=true"), 2, "does not match the sha256")
 
 
 @pytest.mark.slow
@@ -250,17 +250,17 @@ def test_a_stream_whose_shards_are_all_bad_borrows_the_others(tmp_path, shards):
 
 @pytest.mark.slow
 def test_pipe_urls_need_an_explicit_opt_in(tmp_path, shards):
-    p = run_cmd(train_cmd(0, shards, tmp_path / "run", "data.train_urls=pipe:cat x.tar", "data.epoch_samples=8"))
+    p = train_here(shards, tmp_path / "run", "data.train_urls=pipe:cat x.tar", "data.epoch_samples=8")
     _one_error_line(p, 2, "set data.allow_pipe=true")
 
 
 @pytest.mark.slow
-def test_slurm_task_variables_without_srun_are_one_line(tmp_path, shards):
-    env = train_env() | {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}
-    env.pop("SLURM_STEP_ID", None)
-    env.pop("SLURM_STEPID", None)
-    p = subprocess.run(train_cmd(0, shards, tmp_path / "run"), capture_output=True, text=True, env=env, timeout=60)
-    _one_error_line(p, 2, "not started by srun")
+def test_slurm_task_variables_without_srun_are_one_line(tmp_path, shards, monkeypatch):
+    for name, value in {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    monkeypatch.delenv("SLURM_STEPID", raising=False)
+    _one_error_line(train_here(shards, tmp_path / "run"), 2, "not started by srun")
 
 
 # ----------------------------------------------------------------------------- the step never waits for the device
@@ -364,7 +364,8 @@ def test_an_exception_in_validation_ends_every_process_promptly(tmp_path, shards
 @pytest.mark.slow
 def test_rank0_decides_the_resume_for_a_rank_that_sees_another_disk(tmp_path, shards):
     out = tmp_path / "run"
-    assert_ok(run_cmd(train_cmd(2, shards, out, "train.max_steps=6", "log.val_every=0")))
+    # the run so far, in this process: one rank x 4, the global batch of the two ranks x 2 below
+    assert_ok(train_here(shards, out, "train.max_steps=6", "log.val_every=0", "train.batch_size=4"))
     elsewhere = tmp_path / "rank1-disk"  # rank 1's out_dir is empty: it must not start at step 0
     p = run_cmd(train_cmd(2, shards, out, "train.max_steps=10", "log.val_every=0"),
                 fault={"rank": 1, "set": {"train.out_dir": str(elsewhere)}}, timeout=180)

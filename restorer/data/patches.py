@@ -33,6 +33,9 @@ class PatchSpec:
     permute_channels_p: float = 0.0  # probability of permuting the clean patch's R, G, B: more colours
     #                                  from the same photos (the JPEG is encoded after, so it stays real)
     grayscale: bool = False  # train on luma only: (H, W, 1) pairs
+    photo_side: int = 0  # > 0: a photo whose longer side is more is seen at that side (patches cut from it
+    #                      downscaled, before the rescale above): a 4000 px wallpaper's 64 px patch is mostly
+    #                      sky; the photos people restore, and the field's sets, are nearer 500-1000 px. 0: off
 
     def validate(self) -> None:
         """Raise ValueError naming the field that is wrong ("field: must be ..., got ...")."""
@@ -43,6 +46,8 @@ class PatchSpec:
                 raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
         if not self.scales or not all(0.1 <= s <= 4.0 for s in self.scales):
             raise ValueError(f"scales: must be a non-empty list of factors in [0.1, 4], got {list(self.scales)}")
+        if self.photo_side and self.photo_side < self.size:
+            raise ValueError(f"photo_side: must be 0 (off) or at least the patch size {self.size}, got {self.photo_side}")
         if not self.rotations or not all(r in (90, 180, 270) for r in self.rotations):
             raise ValueError(f"rotations: must be a non-empty list of 90, 180, 270, got {list(self.rotations)}")
 
@@ -61,6 +66,8 @@ def random_patch(image: np.ndarray, spec: PatchSpec, rng: np.random.Generator, m
     h, w = image.shape[:2]
     p = spec.size + margin
     scale = float(rng.choice(spec.scales)) if rng.random() < spec.rescale_p else 1.0
+    if spec.photo_side and max(h, w) > spec.photo_side:
+        scale *= spec.photo_side / max(h, w)
     side = min(p / scale, h, w)  # source pixels behind the patch
     if side == p:  # no resampling: a plain crop at a uniform integer position
         y, x = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))

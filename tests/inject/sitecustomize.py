@@ -1,7 +1,7 @@
 """Faults for the integration tests, injected into real trainer processes: tests put this folder on
 PYTHONPATH and describe the fault in RESTORER_TEST_FAULT (JSON). Python imports sitecustomize at start;
 only the process whose RANK matches (torchrun sets it before starting a rank; a plain process is rank 0)
-is changed.
+is changed; "rank": "any" changes each rank started with this environment (one agent's, of several).
 
     {"rank": 1, "raise_in": "validate"}              restorer.train.loop.validate raises (a rank with or without
                                                      validation images of its own: it fails either way)
@@ -25,7 +25,7 @@ if fault and fault.get("hide"):
     import sys
 
     sys.modules[fault["hide"]] = None  # `import wandb` raises ImportError; find_spec finds nothing
-if fault and os.environ.get("RANK", "0") == str(fault.get("rank", 0)):
+if fault and str(fault.get("rank", 0)) in (os.environ.get("RANK", "0"), "any"):
     if fault.get("raise_in") == "validate":
         import restorer.train.loop as train
 
