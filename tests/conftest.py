@@ -37,9 +37,9 @@ def base_run(_base_run, tmp_path) -> Path:
 
 # `make test` hands whole files to its workers in collection order (--no-loadscope-reorder: xdist would put the
 # files of most tests first): the longest go first, so that no worker is left running one of them alone at the
-# end. On 2 cores, two workers, the AVX-512 kind: test_slurm about 2 minutes (mostly waiting on its jobs, while
-# the other worker has the CPU), test_exact_resume and test_train 1.5-2, test_resume 1-1.5, test_trackers and
-# test_export under 1, the others seconds.
+# end. On 2 cores, two workers, the AVX-512 kind: test_slurm, test_exact_resume, test_train and test_resume
+# 1-1.5 minutes each (test_slurm mostly waiting on its jobs, while the other worker has the CPU), test_trackers
+# under 1, test_export and test_http under half, the others seconds.
 LONGEST_FIRST = ("test_train.py", "test_slurm.py", "test_exact_resume.py", "test_resume.py", "test_trackers.py",
                  "test_export.py", "test_http.py")
 

@@ -215,6 +215,37 @@ def run_cmd(cmd: list[str], timeout: float = 240, fault: dict | None = None) -> 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=train_env(fault))
 
 
+def logged_step(out: Path) -> int:
+    """The last step the run in `out` logged (0 before its first line): what a test waits on."""
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        lines = train_lines(out)
+        return lines[-1]["step"] if lines else 0
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    return [c for c, p in _parents().items() if p == pid]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid`: its children, theirs, and so on."""
+    parents = _parents()
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier}
+        found += frontier
+    return found
+
+
+def _parents() -> dict[int, int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    return parents
+
+
 def assert_ok(p: subprocess.CompletedProcess) -> None:
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
 

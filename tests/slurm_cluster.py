@@ -7,6 +7,7 @@ do not resolve, as on clusters whose node names are not host names; SLURM reache
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -71,6 +72,8 @@ SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
+# a job step's credential lives 10 s (a busy machine launches a step well within it), and a requeued
+# job waits as long before it may start again (a real cluster's default: 120 s)
 AuthInfo=socket={sock},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
@@ -83,6 +86,8 @@ JobCompType=jobcomp/none
 MailProg=/bin/true
 MpiDefault=none
 ReturnToService=2
+# the schedulers' passes every second (defaults 30 and 60 s): a requeued job starts once its wait is over
+SchedulerParameters=bf_interval=1,sched_interval=1
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool'}/%n
 SlurmctldPidFile={self.pid_files['slurmctld']}
@@ -131,14 +136,18 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         return pids
 
     def stop(self) -> None:
+        """SIGTERM to every daemon at once, then wait for each (SIGKILL after 20 s): a slurmd takes a
+        few seconds to shut down, and the test cluster's state is thrown away."""
+        pids = []
         for name in (*(f"slurmd-{n}" for n in NODES), "slurmctld", "munged"):
-            pid_file = self.pid_files[name]
             try:
-                pid = int(pid_file.read_text().split()[0])
+                pid = int(self.pid_files[name].read_text().split()[0])
                 os.kill(pid, signal.SIGTERM)
             except (OSError, ValueError, IndexError):
                 continue
-            deadline = time.monotonic() + 20
+            pids.append(pid)
+        deadline = time.monotonic() + 20
+        for pid in pids:
             while time.monotonic() < deadline:
                 try:
                     os.kill(pid, 0)
@@ -146,4 +155,5 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
                     break
                 time.sleep(0.1)
             else:
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)

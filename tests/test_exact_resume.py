@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_ok, events, load_state, metrics, run_cmd, train_cmd, train_env, train_here
+from helpers import assert_ok, descendants, events, load_state, metrics, run_cmd, train_cmd, train_env, train_here
 from restorer.formats.config import DataConfig
 from restorer.data.patches import PatchSpec
 from restorer.train.loader import train_loader
@@ -238,24 +238,6 @@ def test_ctrl_c_during_validation_is_a_stop_every_rank_agrees_on(shards, tmp_pat
     assert seconds < 20, f"{seconds:.0f} s from Ctrl-C to the end"
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process under `pid`, from /proc's parent links."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [c for c, p in parents.items() if p in frontier]
-        found += children
-        frontier = children
-    return found
-
-
 @pytest.mark.slow
 def test_elastic_torchrun_survives_a_lost_node_and_goes_on_sample_exact_on_fewer_ranks(shards, tmp_path, whole):
     """Two torchrun agents (two 'nodes' of one rank each, --nnodes=1:2) on one machine. The second
@@ -286,12 +268,12 @@ def test_elastic_torchrun_survives_a_lost_node_and_goes_on_sample_exact_on_fewer
         while "holding after step 6" not in (tmp_path / "second.log").read_text():
             assert first.poll() is None and second.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.1)
-        for pid in [second.pid, *_descendants(second.pid)]:  # the node is lost: its agent, rank and workers at
+        for pid in [second.pid, *descendants(second.pid)]:  # the node is lost: its agent, rank and workers at
             os.kill(pid, signal.SIGKILL)  # once (torchrun starts its ranks in sessions of their own)
         assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-4000:]
     finally:  # whatever happened: no agent, rank or worker is left (ranks run in sessions of their own)
         for proc in (first, second):
-            for pid in [*_descendants(proc.pid), proc.pid]:
+            for pid in [*descendants(proc.pid), proc.pid]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait()

@@ -4,7 +4,6 @@ stopped by SIGTERM (train.max_steps=400, no validation)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, assert_ok, metrics, require, train_cmd, train_env, train_here, train_lines
+from helpers import REPO, assert_ok, logged_step, metrics, require, train_cmd, train_env, train_here, train_lines
 from restorer.tools import plot, runs
 from restorer.formats.config import flatten
 from restorer.tools.runs import differing_keys, run_labels
@@ -26,28 +25,19 @@ HEADER = ["run", "optim.lr", "train.max_steps", "log.val_every", "state", "steps
           "at step", "loss"]
 
 
-def _logged_step(out: Path) -> int:
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-        lines = train_lines(out)
-        return lines[-1]["step"] if lines else 0
-    return 0
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, shards) -> Path:
-    """root/sweep-0 (lr 1e-3), sweep-1 (lr 2e-3): 4 steps, validated at 2 and 4; sweep-2 stopped at its first log."""
+    """root/sweep-0 (lr 1e-3), sweep-1 (lr 2e-3): 4 steps, validated at 2 and 4; sweep-2 stopped after its
+    first log (it holds there until the signal: it cannot reach its 400 steps first, however slow the machine)."""
     root = tmp_path_factory.mktemp("sweep")
     short = ("train.max_steps=4", "log.val_every=2")
-
-    def start(name: str, *overrides: str) -> subprocess.Popen:
-        return subprocess.Popen(train_cmd(0, shards, root / name, *overrides), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=train_env())
-
-    stopped = start("sweep-2", "train.max_steps=400", "log.val_every=0")
+    stopped = subprocess.Popen(train_cmd(0, shards, root / "sweep-2", "train.max_steps=400", "log.val_every=0"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=train_env({"rank": 0, "hold_after_step": 2}))
     for name, lr in (("sweep-0", "1e-3"), ("sweep-1", "2e-3")):  # (in this process: a new one costs seconds)
         assert_ok(train_here(shards, root / name, *short, f"optim.lr={lr}"))
     deadline = time.monotonic() + 120
-    while _logged_step(root / "sweep-2") < 2:
+    while logged_step(root / "sweep-2") < 2:
         assert stopped.poll() is None, f"ended before its first log: {stopped.communicate()[1][-4000:]}"
         assert time.monotonic() < deadline, "timed out waiting for the first training line"
         time.sleep(0.05)  # polling an observable file, not guessing a duration

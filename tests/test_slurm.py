@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import slurm_cluster
-from helpers import REPO, TINY, load_state, metrics, train_env, train_lines
+from helpers import REPO, TINY, load_state, logged_step, metrics, train_env, train_lines
 
 _metrics, _train_lines = metrics, train_lines
 
@@ -56,14 +55,6 @@ def _sbatch(cluster, out: Path, *args: str, nodes: int = 1, nproc: int = 2, faul
                     f"--export=ALL,NPROC_PER_NODE={nproc},PYTHON={sys.executable},RESTORER_DIR={REPO}",
                     str(REPO / "launch" / "slurm" / "train.sbatch"), *args, env=env)
     return p.stdout.strip().split(";")[0]
-
-
-def _logged_step(out: Path) -> int:
-    try:
-        lines = _train_lines(out)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return lines[-1]["step"] if lines else 0
 
 
 def _log(out: Path) -> str:
@@ -185,7 +176,7 @@ def test_a_lost_node_ends_the_other_in_one_line_and_the_next_job_resumes(cluster
     out = tmp_path / "run"
     args = _args(shards, out, "train.max_steps=400", "checkpoint.every=2", "train.stop_grace_s=10")
     job = _sbatch(cluster, out, *args, nodes=2, nproc=1)
-    _wait(cluster, job, lambda s: _logged_step(out) >= 6, "training to reach step 6", out=out)
+    _wait(cluster, job, lambda s: logged_step(out) >= 6, "training to reach step 6", out=out)
     pids = cluster.job_pids(job, "n2")
     assert pids, "no process of the job on n2"
     for pid in pids:  # the node is lost: every process of the job on it dies at once

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -15,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (REPO, assert_ok, cli_here, load_state, metrics, pack_photos, run_cmd, train_cmd, train_env,
-                     train_here, train_lines)
+from helpers import (REPO, assert_ok, children, cli_here, load_state, logged_step, metrics, pack_photos, run_cmd,
+                     train_cmd, train_env, train_here, train_lines)
 from restorer.__main__ import main as restorer_main
 from restorer.formats.checkpoint import read_checkpoint
 from restorer.formats.config import load_config
@@ -308,29 +307,12 @@ def test_two_ranks_learn_and_only_rank0_writes(tmp_path, shards):
     assert read_checkpoint(out / "last.pt").step == 30
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                kids.append(int(stat.parent.name))
-    return kids
-
-
 def _wait_for(cond, proc: subprocess.Popen, what: str, limit: float = 120) -> None:
     deadline = time.monotonic() + limit
     while not cond():
         assert proc.poll() is None, f"ended before {what}: {proc.communicate()[1][-4000:]}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)  # polling an observable file, not guessing a duration
-
-
-def _logged_step(out: Path) -> int:
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-        lines = train_lines(out)
-        return lines[-1]["step"] if lines else 0
-    return 0
 
 
 @pytest.mark.slow
@@ -361,7 +343,7 @@ def test_sigusr1_to_the_trainer_itself_saves_and_exits_0(tmp_path, shards):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(0, shards, out, "train.max_steps=400", "log.val_every=0", "checkpoint.every=1000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env())
-    _wait_for(lambda: _logged_step(out) >= 4, proc, "step 4")
+    _wait_for(lambda: logged_step(out) >= 4, proc, "step 4")
     proc.send_signal(signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr[-3000:]
@@ -380,10 +362,9 @@ def test_sigterm_saves_now_and_a_restart_resumes_to_the_same_end(tmp_path):
     common = ("train.max_steps=40", "log.val_every=0", "checkpoint.every=1000", "optim.schedule=cosine",
               "optim.warmup_steps=4", "data.workers=2")
     out = tmp_path / "run"
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(train_cmd(2, shards, out, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    _wait_for(lambda: _logged_step(out) >= 10, proc, "step 10")
+                            text=True, env=train_env())
+    _wait_for(lambda: logged_step(out) >= 10, proc, "step 10")
     t = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -411,14 +392,12 @@ def test_sigterm_saves_now_and_a_restart_resumes_to_the_same_end(tmp_path):
 @pytest.mark.slow
 def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, shards):
     out = tmp_path / "run"
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     # stop_grace_s: the surviving rank is stuck in a collective with the dead one; torchrun SIGTERMs it
     proc = subprocess.Popen(train_cmd(2, shards, out, "train.max_steps=30", "checkpoint.every=4", "log.val_every=0",
-                                 "train.stop_grace_s=5",
-                                 torchrun_args=("--max_restarts", "1")),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    _wait_for(lambda: (out / "last.pt").exists() and _logged_step(out) >= 8, proc, "a checkpoint")
-    workers = [pid for pid in _children(proc.pid) if b"launch/train.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+                                      "train.stop_grace_s=5", torchrun_args=("--max_restarts", "1")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env())
+    _wait_for(lambda: (out / "last.pt").exists() and logged_step(out) >= 8, proc, "a checkpoint")
+    workers = [pid for pid in children(proc.pid) if b"launch/train.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=240)

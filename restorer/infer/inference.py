@@ -276,7 +276,7 @@ def _onnx_initializers(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
         except Exception:  # noqa: BLE001 - a tensor onnx cannot decode: onnxruntime judges the file
             continue
         if array.dtype.kind == "f":
-            yield tensor.name, torch.from_numpy(np.ascontiguousarray(array))
+            yield tensor.name, torch.from_numpy(np.array(array))  # a copy: onnx's array is read-only (torch warns)
 
 
 def _refuse_non_finite(weights: Iterable[tuple[str, torch.Tensor]], source) -> None:
