@@ -342,6 +342,7 @@ def file_bounds(data: bytes) -> Optional[FileBounds]:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in ("JPEG", "MPO") or im.mode not in ("L", "RGB") or table_quality(im.quantization) is None:
                 return None
+            # (libjpeg-turbo also refuses to draft an RGB-coded file as YCbCr, below: said here, not left to it)
             if im.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None) or im.info.get("adobe_transform") == 0:
                 return None
             tables, layers = dict(im.quantization), list(im.layer)
