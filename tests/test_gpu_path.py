@@ -5,6 +5,7 @@ torch.compile can work; and the trainer acting on the last two."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,11 @@ def test_a_slurm_job_runs_one_process_per_allocated_gpu_and_shares_its_cpus():
     assert make_plan({"SLURM_CPUS_PER_TASK": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "n1"}).workers == 0
     # job ids 20000 apart used to share a port
     assert len({slurm_port(j) for j in (1000, 21000, 41000, 61000)}) == 4
+    # never among the ports the kernel hands out to other processes (this machine's range, else Linux's default)
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low, high = map(int, ephemeral.read_text().split()) if ephemeral.exists() else (32768, 60999)
+    ports = {slurm_port(j) for j in range(5000)}
+    assert len(ports) > 3500 and all(1024 < p < low or p > high for p in ports), (low, high)
     out = subprocess.run(["bash", "-c", 'eval "$(cat)"; echo $NPROC_PER_NODE $WORKERS_PER_RANK $MASTER_ADDR $MASTER_PORT'],
                          input=shell(gpu), capture_output=True, text=True)
     assert out.stdout.split() == ["4", "7", "n1", str(slurm_port(7))]

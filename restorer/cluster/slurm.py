@@ -86,11 +86,18 @@ def slurm_master_addr(env: Mapping[str, str] = os.environ, run=subprocess.run,
     return addr
 
 
+SLURM_PORTS = range(20000, 32768)  # under Linux's ephemeral ports (32768-60999 by default), which the
+# kernel gives any process's connections and port-0 listeners: a rendezvous port there can be held by
+# another process on the node, and torchrun's agent, failing to bind it, then joins that process as a
+# client and fails (seen in the SLURM tests beside the rest of the suite)
+
+
 def slurm_port(job_id: int) -> int:
-    """A rendezvous port every task of a SLURM job derives alike, in 20000-59999. A hash of the job id,
+    """A rendezvous port every task of a SLURM job derives alike, in SLURM_PORTS. A hash of the job id,
     not the id modulo the range: consecutive or regularly spaced job ids (arrays, requeues of
     neighbours) then rarely share a port on one node."""
-    return 20000 + int.from_bytes(hashlib.sha256(str(job_id).encode()).digest()[:4], "big") % 40000
+    digest = int.from_bytes(hashlib.sha256(str(job_id).encode()).digest()[:4], "big")
+    return SLURM_PORTS[digest % len(SLURM_PORTS)]
 
 
 def allocated_gpus(env: Mapping[str, str]) -> int:
