@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,16 @@ def logged_step(out: Path) -> int:
         lines = train_lines(out)
         return lines[-1]["step"] if lines else 0
     return 0
+
+
+def wait_for(cond, proc: subprocess.Popen, what: str, limit: float = 120) -> None:
+    """Poll `cond()` until it holds (an observable file or line: an event, not a duration); fail if
+    `proc` ends first (with its stderr) or after `limit` seconds (a wait that would hang)."""
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert proc.poll() is None, f"ended before {what}: {proc.communicate()[1][-4000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def children(pid: int) -> list[int]:

@@ -11,12 +11,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, assert_ok, logged_step, metrics, require, train_cmd, train_env, train_here, train_lines
+from helpers import REPO, assert_ok, logged_step, metrics, require, train_cmd, train_env, train_here, train_lines, wait_for
 from restorer.tools import plot, runs
 from restorer.formats.config import flatten
 from restorer.tools.runs import differing_keys, run_labels
@@ -36,11 +35,7 @@ def sweep(tmp_path_factory, shards) -> Path:
                                env=train_env({"rank": 0, "hold_after_step": 2}))
     for name, lr in (("sweep-0", "1e-3"), ("sweep-1", "2e-3")):  # (in this process: a new one costs seconds)
         assert_ok(train_here(shards, root / name, *short, f"optim.lr={lr}"))
-    deadline = time.monotonic() + 120
-    while logged_step(root / "sweep-2") < 2:
-        assert stopped.poll() is None, f"ended before its first log: {stopped.communicate()[1][-4000:]}"
-        assert time.monotonic() < deadline, "timed out waiting for the first training line"
-        time.sleep(0.05)  # polling an observable file, not guessing a duration
+    wait_for(lambda: logged_step(root / "sweep-2") >= 2, stopped, "its first log")
     stopped.send_signal(signal.SIGTERM)
     _, stderr = stopped.communicate(timeout=120)
     assert stopped.returncode == 0, stderr[-4000:]

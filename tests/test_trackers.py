@@ -13,13 +13,12 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from helpers import REPO, assert_ok, metrics, require, run_cmd, train_cmd, train_env, train_here, train_lines
+from helpers import REPO, assert_ok, metrics, require, run_cmd, train_cmd, train_env, train_here, train_lines, wait_for
 
 wandb = require("wandb", "wandb")
 mlflow = require("mlflow", "mlflow")
@@ -119,10 +118,7 @@ def test_a_tracker_that_fails_mid_run_is_one_warning_line_and_the_run_finishes(s
     proc = subprocess.Popen(train_cmd(0, shards, out, "train.max_steps=40", "log.val_every=0", f"log.mlflow={store}"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=train_env({"rank": 0, "hold_after_step": 6, "until_file": str(go)}))
-    deadline = time.monotonic() + 120
-    while not (out / "trackers.json").exists() or not train_lines(out):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)  # polling the run's own files, not guessing a duration
+    wait_for(lambda: (out / "trackers.json").exists() and bool(train_lines(out)), proc, "its trackers and first log")
     run_id = json.loads((out / "trackers.json").read_text())["mlflow"]
     next(store.glob(f"*/{run_id}")).rename(tmp_path / "gone")  # the run's records gone under it (a store cleaned up)
     go.touch()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import (REPO, assert_ok, children, cli_here, load_state, logged_step, metrics, pack_photos, run_cmd,
-                     train_cmd, train_env, train_here, train_lines)
+                     train_cmd, train_env, train_here, train_lines, wait_for)
 from restorer.__main__ import main as restorer_main
 from restorer.formats.checkpoint import read_checkpoint
 from restorer.formats.config import load_config
@@ -307,14 +307,6 @@ def test_two_ranks_learn_and_only_rank0_writes(tmp_path, shards):
     assert read_checkpoint(out / "last.pt").step == 30
 
 
-def _wait_for(cond, proc: subprocess.Popen, what: str, limit: float = 120) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():
-        assert proc.poll() is None, f"ended before {what}: {proc.communicate()[1][-4000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling an observable file, not guessing a duration
-
-
 @pytest.mark.slow
 def test_two_torchrun_agents_make_one_run_across_machines(tmp_path, shards):
     """torchrun on each machine, no SLURM: --nnodes=2 and the same c10d endpoint (here both on this one)."""
@@ -343,7 +335,7 @@ def test_sigusr1_to_the_trainer_itself_saves_and_exits_0(tmp_path, shards):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(0, shards, out, "train.max_steps=400", "log.val_every=0", "checkpoint.every=1000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env())
-    _wait_for(lambda: logged_step(out) >= 4, proc, "step 4")
+    wait_for(lambda: logged_step(out) >= 4, proc, "step 4")
     proc.send_signal(signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr[-3000:]
@@ -364,7 +356,7 @@ def test_sigterm_saves_now_and_a_restart_resumes_to_the_same_end(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(2, shards, out, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=train_env())
-    _wait_for(lambda: logged_step(out) >= 10, proc, "step 10")
+    wait_for(lambda: logged_step(out) >= 10, proc, "step 10")
     t = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -396,7 +388,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, shards):
     proc = subprocess.Popen(train_cmd(2, shards, out, "train.max_steps=30", "checkpoint.every=4", "log.val_every=0",
                                       "train.stop_grace_s=5", torchrun_args=("--max_restarts", "1")),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env())
-    _wait_for(lambda: (out / "last.pt").exists() and logged_step(out) >= 8, proc, "a checkpoint")
+    wait_for(lambda: (out / "last.pt").exists() and logged_step(out) >= 8, proc, "a checkpoint")
     workers = [pid for pid in children(proc.pid) if b"launch/train.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
@@ -419,7 +411,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
 
     subprocess.run(writer(3, 1), check=True)
     proc = subprocess.Popen(writer(150_000_000, 2))
-    _wait_for(lambda: any(p.name.startswith(".last.pt.tmp") and p.stat().st_size > 1_000_000
+    wait_for(lambda: any(p.name.startswith(".last.pt.tmp") and p.stat().st_size > 1_000_000
                           for p in tmp_path.iterdir()), proc, "the temporary file")
     proc.kill()
     proc.wait()
