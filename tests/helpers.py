@@ -224,12 +224,15 @@ def logged_step(out: Path) -> int:
     return 0
 
 
-def wait_for(cond, proc: subprocess.Popen, what: str, limit: float = 120) -> None:
+def wait_for(cond, proc: subprocess.Popen, what: str, limit: float = 120, log: Path | None = None) -> None:
     """Poll `cond()` until it holds (an observable file or line: an event, not a duration); fail if
-    `proc` ends first (with its stderr) or after `limit` seconds (a wait that would hang)."""
+    `proc` ends first (with its stderr, or the end of `log` where its output goes to that file) or after
+    `limit` seconds (a wait that would hang)."""
     deadline = time.monotonic() + limit
     while not cond():
-        assert proc.poll() is None, f"ended before {what}: {proc.communicate()[1][-4000:]}"
+        if proc.poll() is not None:
+            said = log.read_text() if log is not None else proc.communicate()[1]
+            raise AssertionError(f"ended before {what}: {said[-4000:]}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 

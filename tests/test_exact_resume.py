@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_ok, descendants, events, load_state, metrics, run_cmd, train_cmd, train_env, train_here
+from helpers import (assert_ok, descendants, events, load_state, metrics, run_cmd, train_cmd, train_env, train_here,
+                     wait_for)
 from restorer.formats.config import DataConfig
 from restorer.data.patches import PatchSpec
 from restorer.train.loader import train_loader
@@ -223,9 +224,7 @@ def test_ctrl_c_during_validation_is_a_stop_every_rank_agrees_on(shards, tmp_pat
     log = tmp_path / "log"
     with open(log, "w") as f, subprocess.Popen(cmd, env=train_env(), stdout=f, stderr=subprocess.STDOUT,
                                                start_new_session=True) as proc:
-        while "step 4: validating" not in log.read_text():  # the event: a validation under way
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for(lambda: "step 4: validating" in log.read_text(), proc, "a validation under way", log=log)
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
         t = time.monotonic()
         proc.wait(timeout=120)

@@ -91,3 +91,11 @@ def test_train_init_from_takes_a_shipped_name_and_says_what_the_config_must_be()
     assert all(np.array_equal(weights[k].numpy(), v.numpy()) for k, v in net.module.state_dict().items())
     with pytest.raises(ConfigError, match=f"train.init_from: {DEFAULT_MODEL} holds unet .*widths=.16, 32, 64, 128, 256"):
         init_weights(load_config("configs/cpu.yaml", [f"train.init_from={DEFAULT_MODEL}"]))
+
+
+def test_the_card_says_the_recipe_configs_ship_yaml_holds():
+    """configs/ship.yaml is the default network's recipe: its JPEGs, patch size and photo_side are the card's."""
+    cfg = load_config("configs/ship.yaml")
+    training = json.loads(shipped_path(DEFAULT_MODEL).with_suffix(".json").read_text())["training"]
+    assert {k: training[k] for k in cfg.data.jpeg.card()} == cfg.data.jpeg.card()
+    assert (training["patch_size"], training["photo_side"]) == (cfg.data.patch.size, cfg.data.patch.photo_side)

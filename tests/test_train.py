@@ -412,7 +412,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
     subprocess.run(writer(3, 1), check=True)
     proc = subprocess.Popen(writer(150_000_000, 2))
     wait_for(lambda: any(p.name.startswith(".last.pt.tmp") and p.stat().st_size > 1_000_000
-                          for p in tmp_path.iterdir()), proc, "the temporary file")
+                         for p in tmp_path.iterdir()), proc, "the temporary file")
     proc.kill()
     proc.wait()
     checkpoint = read_checkpoint(path)
