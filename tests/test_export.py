@@ -33,7 +33,7 @@ def _checkpoint(path, name: str, channels: int = 3, conditioning: str = "none"):
     with torch.no_grad():  # not the identity it starts as
         for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.2 if p.dim() == 2 else 0.02))  # (the quality's layers: more)
-    config = {"data": {"patch": {"grayscale": channels == 1, "size": 64},
+    config = {"data": {"patch": {"grayscale": channels == 1, "size": 64, "photo_side": 512},
                        "jpeg": {"quality": [10, 60, 95], "quality_weights": [0.75, 0.25], "chroma": "random"},
                        "val_qualities": [10, 50]}}
     save_network(path, model, name, options, channels=channels, grayscale=channels == 1, config=config, step=7,
@@ -90,6 +90,7 @@ def test_safetensors_with_a_card_and_restore_takes_it(tmp_path):
         card = json.loads(f.metadata()["restorer"])
         assert set(f.keys()) == set(model.state_dict())
     assert card == json.loads((tmp_path / "net.json").read_text()) and card["network"] == "unet"
+    assert (card["training"]["patch_size"], card["training"]["photo_side"], card["training"]["steps"]) == (64, 512, 7)
     image = photo_like(70, 50, 3)
     reference = restore_array(load_network(ckpt, "cpu"), image, tile=32, overlap=8)
     got = restore_array(load_network(tmp_path / "net.safetensors", "cpu"), image, tile=32, overlap=8)

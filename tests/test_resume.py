@@ -179,6 +179,8 @@ def test_a_card_says_what_it_can_of_any_config(tmp_path, config):
     card = json.loads(json.dumps(checkpoint.card()))  # plain JSON whatever the config held
     assert checkpoint.training_jpeg() is None and card_qualities(card) is None
     assert card["training"]["patch_size"] is None and card["network"] == "dncnn"
+    patch = config["data"].get("patch") if isinstance(config["data"], dict) else None
+    assert card["training"]["photo_side"] == (0 if isinstance(patch, dict) else None)  # (no photo_side: off)
     photo = write(tmp_path / "in" / "a.jpg", encode(photo_like(64, 48, 1), "JPEG", quality=20))
     p = cli_here(restore_main, "--ckpt", path, photo, "--out", tmp_path / "out")
     assert p.returncode == 0 and (tmp_path / "out" / "a.png").is_file(), p.stderr

@@ -94,8 +94,15 @@ def test_train_init_from_takes_a_shipped_name_and_says_what_the_config_must_be()
 
 
 def test_the_card_says_the_recipe_configs_ship_yaml_holds():
-    """configs/ship.yaml is the default network's recipe: its JPEGs, patch size and photo_side are the card's."""
-    cfg = load_config("configs/ship.yaml")
-    training = json.loads(shipped_path(DEFAULT_MODEL).with_suffix(".json").read_text())["training"]
+    """configs/ship.yaml is the default network's recipe: each stage's command on the card, run on it, trains
+    that stage's batch, and the last one's JPEGs, patch size and photo_side are the card's."""
+    card = json.loads(shipped_path(DEFAULT_MODEL).with_suffix(".json").read_text())
+    for stage in card["recipe"]["stages"]:
+        words = stage["command"].split()
+        assert words[words.index("--config") + 1] == card["recipe"]["config"] == "configs/ship.yaml"
+        cfg = load_config(card["recipe"]["config"], [w for w in words if "=" in w])
+        side = cfg.data.patch.size
+        assert stage["batch"] == f"{cfg.train.batch_size} patches of {side} x {side} a step"
+    training = card["training"]
     assert {k: training[k] for k in cfg.data.jpeg.card()} == cfg.data.jpeg.card()
     assert (training["patch_size"], training["photo_side"]) == (cfg.data.patch.size, cfg.data.patch.photo_side)

@@ -194,7 +194,9 @@ class Checkpoint:
         feed it, and what it was trained on (the qualities restore's guard compares a file with).
         Plain JSON values, whatever the checkpoint's config holds (what it cannot say is null)."""
         data = _section(self.config, "data")
-        patch_size = _section(data, "patch").get("size")
+        patch = _section(data, "patch")
+        # (a config from before photo_side existed trained with it off)
+        patch_size, photo_side = patch.get("size"), patch.get("photo_side", 0 if patch else None)
         qualities = data.get("val_qualities")
         best = self.best_psnr
         trained = self.training_jpeg()
@@ -209,7 +211,8 @@ class Checkpoint:
             **({"quality_input": QUALITY_INPUT} if self.network.takes_quality else {}),
             "file_bounds": FILE_BOUNDS,
             "training": {**(trained.card() if trained is not None else {}),
-                         "patch_size": patch_size if _is_count(patch_size) else None, "steps": self.step},
+                         "patch_size": patch_size if _is_count(patch_size) else None,
+                         "photo_side": photo_side if _is_count(photo_side) else None, "steps": self.step},
             "validation": {"best_psnr_db": best if math.isfinite(best) else None,
                            "qualities": qualities if isinstance(qualities, list) and all(map(_is_number, qualities))
                            else None},
